@@ -1,0 +1,3 @@
+from wavenet.models.wavenet import WaveNet
+
+__all__ = ["WaveNet"]

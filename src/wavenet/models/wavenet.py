@@ -1,0 +1,158 @@
+"""The WaveNet network of van den Oord et al. (2016), "WaveNet: A Generative Model for Raw Audio".
+
+Pure PyTorch: no Lightning, no Hydra, so it can be imported, exported and generated from on its own.
+
+Shapes: B batch, T time, C channels, Q quantization levels. Every layer runs on (B, C, T).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ResidualLayer(nn.Module):
+    """One gated layer: dilated causal conv -> tanh * sigmoid -> 1x1 residual and 1x1 skip.
+
+    The layer runs "valid" convolutions: its output is `dilation * (kernel_size - 1)` steps shorter than
+    its input, and the residual path is cropped to match. Causal padding is done once, at the network's
+    input, so no layer spends work on padding.
+    """
+
+    def __init__(
+        self,
+        residual_channels: int,
+        dilation_channels: int,
+        skip_channels: int,
+        kernel_size: int,
+        dilation: int,
+        bias: bool,
+        has_residual: bool,
+    ) -> None:
+        super().__init__()
+        self.dilation = dilation
+        self.kernel_size = kernel_size
+        # Filter and gate in one convolution: one kernel launch and one read of the input instead of two.
+        self.filter_gate = nn.Conv1d(
+            residual_channels, 2 * dilation_channels, kernel_size, dilation=dilation, bias=bias
+        )
+        # The last layer's residual output would feed nothing, so it has none.
+        self.residual = nn.Conv1d(dilation_channels, residual_channels, 1, bias=bias) if has_residual else None
+        self.skip = nn.Conv1d(dilation_channels, skip_channels, 1, bias=bias)
+
+    @property
+    def context(self) -> int:
+        """How many past samples this layer looks at beyond the current one."""
+        return self.dilation * (self.kernel_size - 1)
+
+    def gated(self, x: Tensor) -> Tensor:
+        """(B, R, T) -> (B, D, T - context): the gated activation tanh(W_f * x) * sigmoid(W_g * x)."""
+        filter_, gate = self.filter_gate(x).chunk(2, dim=1)
+        return torch.tanh(filter_) * torch.sigmoid(gate)
+
+    def forward(self, x: Tensor, skip_length: int) -> tuple[Tensor | None, Tensor]:
+        """Returns the next layer's input and this layer's skip output for the last `skip_length` steps.
+
+        Only the last `skip_length` steps reach the network's output, so the skip 1x1 runs on those alone.
+        """
+        z = self.gated(x)
+        residual = None
+        if self.residual is not None:
+            residual = x[:, :, self.context :] + self.residual(z)
+        return residual, self.skip(z[:, :, z.shape[-1] - skip_length :])
+
+
+class WaveNet(nn.Module):
+    """Autoregressive model of mu-law audio: logits of sample t + 1 given samples up to t.
+
+    Args:
+        layers: Number of residual layers in total.
+        stacks: Number of repeats of the dilation cycle; `layers` must be a multiple of it. Dilations
+            are 1, 2, ..., 2 ** (layers / stacks - 1) in each stack.
+        residual_channels: Width of the residual stream.
+        dilation_channels: Width of the gated activation (filter and gate each).
+        skip_channels: Width of the skip connections and the output head.
+        kernel_size: Taps of each dilated causal convolution (2 in the paper).
+        quantization_channels: Number of mu-law classes, in and out (256 in the paper).
+        bias: Whether convolutions carry a bias.
+    """
+
+    def __init__(
+        self,
+        layers: int,
+        stacks: int,
+        residual_channels: int,
+        dilation_channels: int,
+        skip_channels: int,
+        kernel_size: int = 2,
+        quantization_channels: int = 256,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if layers < 1 or stacks < 1 or layers % stacks:
+            raise ValueError(f"layers ({layers}) must be a positive multiple of stacks ({stacks})")
+        if kernel_size < 2:
+            raise ValueError(f"kernel_size must be at least 2, got {kernel_size}")
+        self.layers_per_stack = layers // stacks
+        self.kernel_size = kernel_size
+        self.quantization_channels = quantization_channels
+        self.dilations = [2**i for _ in range(stacks) for i in range(self.layers_per_stack)]
+
+        # A lookup table is a 1x1 convolution of the one-hot input, without building the one-hot.
+        self.embedding = nn.Embedding(quantization_channels, residual_channels)
+        self.layers = nn.ModuleList(
+            ResidualLayer(
+                residual_channels,
+                dilation_channels,
+                skip_channels,
+                kernel_size,
+                dilation,
+                bias,
+                has_residual=index < layers - 1,
+            )
+            for index, dilation in enumerate(self.dilations)
+        )
+        self.head = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv1d(skip_channels, skip_channels, 1, bias=bias),
+            nn.ReLU(),
+            nn.Conv1d(skip_channels, quantization_channels, 1, bias=bias),
+        )
+
+    @property
+    def receptive_field(self) -> int:
+        """Number of input samples that output t depends on (inputs t - receptive_field + 1 ... t)."""
+        return 1 + sum(layer.context for layer in self.layers)
+
+    @property
+    def silence_class(self) -> int:
+        """The mu-law class of 0.0, used as the past before the first sample."""
+        return self.quantization_channels // 2
+
+    def forward(self, x: Tensor, causal_pad: bool = True) -> Tensor:
+        """Logits of the next sample at every position.
+
+        Args:
+            x: (B, T) mu-law classes, int64.
+            causal_pad: If true, the input is treated as preceded by silence, and the output has one step
+                per input step. If false, only the positions that see a full receptive field of real
+                input are computed: T - receptive_field + 1 steps, the ones training uses.
+
+        Returns:
+            (B, Q, T) logits, or (B, Q, T - receptive_field + 1) without `causal_pad`. Output t is the
+            distribution of the sample after input t.
+        """
+        if causal_pad:
+            x = F.pad(x, (self.receptive_field - 1, 0), value=self.silence_class)
+        output_length = x.shape[-1] - self.receptive_field + 1
+        if output_length < 1:
+            raise ValueError(
+                f"input of {x.shape[-1]} steps is shorter than the receptive field ({self.receptive_field})"
+            )
+        h = self.embedding(x).transpose(1, 2)  # (B, R, T)
+        skips = 0
+        for layer in self.layers:
+            h, skip = layer(h, output_length)
+            skips = skips + skip
+        return self.head(skips)

@@ -1,0 +1,117 @@
+"""The LightningModule: WaveNet trained by negative log-likelihood of the next mu-law sample."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wavenet.models.wavenet import WaveNet
+
+Batch = tuple[Tensor, Tensor]
+
+
+class WaveNetModule(L.LightningModule):
+    """WaveNet with its loss, metrics and optimiser.
+
+    Every argument is a primitive and is saved with `save_hyperparameters()`, so
+    `WaveNetModule.load_from_checkpoint(path)` rebuilds the model without Hydra or the training config.
+
+    Args:
+        layers, stacks, residual_channels, dilation_channels, skip_channels, kernel_size,
+            quantization_channels, bias: the network's shape; see `WaveNet`.
+        sample_rate: Rate of the audio the model is trained on; kept so generation needs only the checkpoint.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay (biases, norms and embeddings are exempt).
+        betas: AdamW's moment decay rates.
+        warmup_steps: Steps of linear warm-up from 0 to `lr`.
+        decay: Learning-rate shape after warm-up: "cosine" (to `min_lr_ratio * lr` at the last step)
+            or "constant".
+        min_lr_ratio: Final learning rate as a fraction of `lr`, for cosine decay.
+    """
+
+    def __init__(
+        self,
+        layers: int,
+        stacks: int,
+        residual_channels: int,
+        dilation_channels: int,
+        skip_channels: int,
+        kernel_size: int = 2,
+        quantization_channels: int = 256,
+        bias: bool = True,
+        sample_rate: int = 16000,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        decay: str = "cosine",
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if decay not in ("cosine", "constant"):
+            raise ValueError(f"decay must be 'cosine' or 'constant', got {decay!r}")
+        self.save_hyperparameters()
+        self.model = WaveNet(
+            layers=layers,
+            stacks=stacks,
+            residual_channels=residual_channels,
+            dilation_channels=dilation_channels,
+            skip_channels=skip_channels,
+            kernel_size=kernel_size,
+            quantization_channels=quantization_channels,
+            bias=bias,
+        )
+
+    @property
+    def receptive_field(self) -> int:
+        return self.model.receptive_field
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _nll(self, batch: Batch) -> Tensor:
+        """Mean cross-entropy (nats/sample) over the targets that see a full receptive field of real input."""
+        inputs, targets = batch  # (B, T) each, targets = inputs shifted by one step
+        logits = self.model(inputs, causal_pad=False)  # (B, Q, T - receptive_field + 1)
+        return F.cross_entropy(logits.float(), targets[:, self.receptive_field - 1 :])
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self._nll(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bits_per_sample", loss / math.log(2))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        loss = self._nll(batch)
+        # Every validation batch has the same number of targets, so the mean of batch means is exact.
+        self.log("val/loss", loss, sync_dist=True)
+        self.log("val/bits_per_sample", loss / math.log(2), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):  # noqa: ANN201 (Lightning's union of return types)
+        hp = self.hparams
+        decayed, exempt = [], []
+        for name, parameter in self.named_parameters():
+            # Weight decay on biases and the embedding table only pulls them towards zero for no benefit.
+            (decayed if parameter.ndim > 1 and "embedding" not in name else exempt).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decayed, "weight_decay": hp.weight_decay}, {"params": exempt, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup_steps = min(hp.warmup_steps, total_steps)
+
+        def lr_factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            if hp.decay == "constant":
+                return 1.0
+            progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

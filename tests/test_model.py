@@ -1,0 +1,126 @@
+"""The network's contract: shapes, causality, receptive field, and mu-law coding."""
+
+import pytest
+import torch
+import torchaudio.functional as AF
+
+from wavenet import WaveNet, mu_law_decode, mu_law_encode
+
+SHAPES = {
+    # name: (constructor kwargs, receptive field)
+    "k2": (dict(layers=6, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16), 15),
+    "k3": (dict(layers=6, stacks=3, residual_channels=8, dilation_channels=6, skip_channels=12, kernel_size=3), 19),
+    "one_stack": (dict(layers=4, stacks=1, residual_channels=4, dilation_channels=4, skip_channels=4), 16),
+}
+
+
+def make(name: str, seed: int = 0) -> WaveNet:
+    torch.manual_seed(seed)
+    return WaveNet(**SHAPES[name][0]).double()
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_receptive_field_formula(name):
+    assert make(name).receptive_field == SHAPES[name][1]
+
+
+def test_paper_sizes_receptive_fields():
+    small = WaveNet(20, 2, 64, 64, 128, kernel_size=2)
+    medium = WaveNet(30, 3, 128, 128, 128, kernel_size=3)
+    large = WaveNet(30, 3, 512, 512, 512, kernel_size=2)
+    assert small.dilations[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert (small.receptive_field, medium.receptive_field, large.receptive_field) == (2047, 6139, 3070)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_output_shape(name):
+    model = make(name)
+    x = torch.randint(0, 256, (3, 50))
+    assert model(x).shape == (3, 256, 50)
+    assert model(x, causal_pad=False).shape == (3, 256, 50 - model.receptive_field + 1)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_causality_gradient_is_zero_after_t(name):
+    model = make(name)
+    x = torch.randint(0, 256, (2, 40))
+    embedded = {}
+
+    def keep_grad(module, inputs, output):
+        output.retain_grad()
+        embedded["h"] = output
+
+    model.embedding.register_forward_hook(keep_grad)
+    logits = model(x)  # the embedding sees the input after receptive_field - 1 steps of padding
+    pad = model.receptive_field - 1
+    t = 25
+    logits[:, :, t].sum().backward()
+    grad = embedded["h"].grad[:, pad:].abs().sum(dim=(0, 2))  # (T,) over the real inputs
+    assert torch.all(grad[t + 1 :] == 0), "output t depends on a later input"
+    assert grad[t] > 0 and grad[t - model.receptive_field + 1] > 0
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_receptive_field_edges(name):
+    model = make(name)
+    rf = model.receptive_field
+    x = torch.randint(0, 256, (1, 3 * rf))
+    t = 2 * rf
+    base = model(x)[0, :, t]
+
+    def changed_at(position: int) -> bool:
+        y = x.clone()
+        y[0, position] = (y[0, position] + 100) % 256
+        return not torch.allclose(model(y)[0, :, t], base, rtol=0, atol=1e-12)
+
+    assert changed_at(t - rf + 1), "output t ignores the oldest input of its receptive field"
+    assert not changed_at(t - rf), "output t depends on an input beyond its receptive field"
+    assert changed_at(t)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_unpadded_forward_is_the_tail_of_the_padded_one(name):
+    model = make(name)
+    x = torch.randint(0, 256, (2, 60))
+    full = model(x)
+    valid = model(x, causal_pad=False)
+    torch.testing.assert_close(valid, full[:, :, model.receptive_field - 1 :])
+
+
+def test_padding_is_silence():
+    model = make("k2")
+    x = torch.randint(0, 256, (1, 30))
+    silence = torch.full((1, 50), model.silence_class)
+    padded_by_hand = model(torch.cat([silence, x], dim=1))[:, :, 50:]
+    torch.testing.assert_close(model(x), padded_by_hand)
+
+
+def test_too_short_input_is_an_error():
+    model = make("k2")
+    with pytest.raises(ValueError, match="receptive field"):
+        model(torch.randint(0, 256, (1, model.receptive_field - 1)), causal_pad=False)
+
+
+def test_bad_shape_arguments():
+    with pytest.raises(ValueError, match="multiple of stacks"):
+        WaveNet(layers=5, stacks=2, residual_channels=4, dilation_channels=4, skip_channels=4)
+
+
+@pytest.mark.parametrize("channels", [256, 64])
+def test_mu_law_matches_torchaudio(channels):
+    audio = torch.cat([torch.linspace(-1, 1, 10001), torch.rand(1000) * 2 - 1, torch.tensor([0.0, 1.0, -1.0])])
+    classes = mu_law_encode(audio, channels)
+    assert torch.equal(classes, AF.mu_law_encoding(audio, channels))
+    assert classes.dtype == torch.int64 and classes.min() == 0 and classes.max() == channels - 1
+    torch.testing.assert_close(mu_law_decode(classes, channels), AF.mu_law_decoding(classes, channels))
+
+
+def test_mu_law_round_trip_and_clipping():
+    audio = torch.rand(10000) * 2 - 1
+    decoded = mu_law_decode(mu_law_encode(audio))
+    # 8-bit mu-law: the step is finest near zero and ~0.03 at full scale.
+    assert (decoded - audio).abs().max() < 0.04
+    assert mu_law_encode(torch.tensor([0.0])).item() == 128
+    assert mu_law_encode(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
+    with pytest.raises(TypeError):
+        mu_law_encode(torch.tensor([1, 2]))
