@@ -1,0 +1,32 @@
+"""Audio data: files -> mono float audio at one sample rate -> mu-law windows -> batches.
+
+The public names load on first use, as in `wavenet`: `wavenet.data.mulaw` (used by generation) does not
+pull in Lightning.
+"""
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "AudioFolderDataModule": "wavenet.data.datamodule",
+    "SyntheticMusicDataModule": "wavenet.data.datamodule",
+    "audio_info": "wavenet.data.audio",
+    "find_audio_files": "wavenet.data.audio",
+    "read_audio": "wavenet.data.audio",
+    "write_wav": "wavenet.data.audio",
+    "mu_law_encode": "wavenet.data.mulaw",
+    "mu_law_decode": "wavenet.data.mulaw",
+    "synthesize_dataset": "wavenet.data.synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wavenet.data' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,157 @@
+"""Audio files in and out: soundfile for I/O (torchaudio.load/save need ffmpeg), torchaudio to resample.
+
+Everything here works on float32 mono at a target sample rate. A region of a file can be read on its own,
+resampled exactly as if the whole file had been resampled and then cut, so datasets read windows from
+disk on demand instead of holding the corpus in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch import Tensor
+from torchaudio.transforms import Resample
+
+from wavenet.errors import UserError
+
+# torchaudio's defaults, passed explicitly because `_resample_margin` must agree with them.
+_LOWPASS_FILTER_WIDTH = 6
+_ROLLOFF = 0.99
+
+
+def audio_info(path: str | Path) -> tuple[int, int]:
+    """Returns `(frames, samplerate)` of an audio file from its header, without decoding it.
+
+    Raises:
+        UserError: If the file cannot be opened as audio; the message names the file and the reason.
+    """
+    try:
+        info = sf.info(str(path))
+    except (sf.SoundFileError, OSError) as error:
+        raise UserError(f"cannot read audio file {path}: {_reason(error)}") from error
+    return info.frames, info.samplerate
+
+
+def resampled_length(frames: int, file_rate: int, sample_rate: int) -> int:
+    """Number of samples `frames` samples at `file_rate` become at `sample_rate` (torchaudio's rounding)."""
+    return -(-frames * sample_rate // file_rate)
+
+
+def read_audio(
+    path: str | Path, sample_rate: int, start: int | None = None, frames: int | None = None
+) -> Tensor:
+    """Reads a file, or a region of it, as float32 mono at `sample_rate`.
+
+    Channels are averaged. A region is resampled on its own with a margin of source samples on each side,
+    so it equals (to float rounding) the same region of the whole file resampled at once. That is exact
+    for PCM and FLAC; libsndfile's Ogg Vorbis seeking can land a little late in the last page of a file
+    (libsndfile issue #885), which shifts such a region by a few hundred samples but keeps it contiguous.
+
+    Args:
+        path: Any format libsndfile reads (wav, flac, ogg, mp3, ...).
+        sample_rate: The rate of the returned samples; the file is resampled if its rate differs.
+        start: First sample to return, counted at `sample_rate`. None reads from the beginning.
+        frames: Number of samples to return, counted at `sample_rate`; past the end of the file they are
+            zeros, as whole-file resampling pads with zeros. None reads to the end of the file.
+
+    Returns:
+        (T,) float32.
+
+    Raises:
+        UserError: If the file cannot be opened or decoded; the message names the file and the reason.
+    """
+    start = 0 if start is None else start
+    if start < 0 or (frames is not None and frames < 0):
+        raise ValueError(f"start ({start}) and frames ({frames}) must not be negative")
+    try:
+        with sf.SoundFile(str(path)) as file:
+            file_rate = file.samplerate
+            total = resampled_length(file.frames, file_rate, sample_rate)
+            frames = max(total - start, 0) if frames is None else frames
+            if file_rate == sample_rate:
+                audio = _read_source(file, start, frames)
+            else:
+                audio = _read_resampled(file, sample_rate, start, frames)
+                # The resampler rings past the last sample; whole-file resampling crops that away.
+                audio[max(total - start, 0) :] = 0.0
+    except (sf.SoundFileError, OSError) as error:
+        raise UserError(f"cannot read audio file {path}: {_reason(error)}") from error
+    return torch.from_numpy(audio)
+
+
+def _read_source(file: sf.SoundFile, start: int, frames: int) -> np.ndarray:
+    """Source samples [start, start + frames) mixed to mono, zeros where that range leaves the file."""
+    audio = np.zeros(frames, dtype=np.float32)
+    begin, end = max(start, 0), min(start + frames, file.frames)
+    if end > begin:
+        file.seek(begin)
+        data = file.read(end - begin, dtype="float32", always_2d=True).mean(axis=1)
+        # A compressed file can decode fewer frames than its header promised: the rest stays silent.
+        audio[begin - start : begin - start + len(data)] = data
+    return audio
+
+
+def _read_resampled(file: sf.SoundFile, sample_rate: int, start: int, frames: int) -> np.ndarray:
+    """Samples [start, start + frames) at `sample_rate` of a file at another rate."""
+    gcd = math.gcd(sample_rate, file.samplerate)
+    target_step, source_step = sample_rate // gcd, file.samplerate // gcd
+    # The resampler's output phase is set by where its input begins: beginning on a multiple of
+    # `source_step` source samples (= `target_step` target samples) puts its outputs on the same grid as
+    # whole-file resampling. The region read is widened down to that grid and cropped afterwards.
+    aligned = start // target_step * target_step
+    offset = start - aligned
+    steps = -(-(offset + frames) // target_step)
+    margin_steps = -(-_resample_margin(file.samplerate, sample_rate) // source_step)
+    source = _read_source(
+        file,
+        (aligned // target_step - margin_steps) * source_step,
+        (steps + 2 * margin_steps) * source_step,
+    )
+    resampled = _resampler(file.samplerate, sample_rate)(torch.from_numpy(source))
+    first = margin_steps * target_step + offset
+    return resampled[first : first + frames].numpy()
+
+
+@functools.lru_cache(maxsize=8)
+def _resampler(file_rate: int, sample_rate: int) -> Resample:
+    """`torchaudio.functional.resample` with its sinc kernel computed once per pair of rates, not per call.
+
+    Building the kernel costs three times as much as applying it to a window.
+    """
+    return Resample(file_rate, sample_rate, lowpass_filter_width=_LOWPASS_FILTER_WIDTH, rolloff=_ROLLOFF)
+
+
+def _resample_margin(file_rate: int, sample_rate: int) -> int:
+    """Source samples on each side that one resampled output depends on (half the sinc kernel, plus one)."""
+    return math.ceil(_LOWPASS_FILTER_WIDTH * file_rate / (min(file_rate, sample_rate) * _ROLLOFF)) + 1
+
+
+def write_wav(path: str | Path, audio: Tensor, sample_rate: int) -> None:
+    """Writes (T,) float audio in [-1, 1] as a 16-bit PCM WAV file; values outside are clipped."""
+    if audio.dim() != 1:
+        raise ValueError(f"write_wav expects mono audio of shape (T,), got {tuple(audio.shape)}")
+    samples = audio.detach().to("cpu", torch.float32).clamp(-1.0, 1.0).numpy()
+    sf.write(str(path), samples, sample_rate, subtype="PCM_16", format="WAV")
+
+
+def find_audio_files(root: str | Path, extensions: Iterable[str]) -> list[Path]:
+    """All files under `root` (recursively) whose extension is one of `extensions`, in sorted order.
+
+    Extensions are matched case-insensitively, with or without their leading dot.
+    """
+    wanted = {extension.lower().lstrip(".") for extension in extensions}
+    return sorted(
+        path for path in Path(root).rglob("*") if path.suffix.lower().lstrip(".") in wanted and path.is_file()
+    )
+
+
+def _reason(error: Exception) -> str:
+    """The useful part of a soundfile error ("Format not recognised."), without the repeated file name."""
+    message = str(error)
+    return message.split(": ", 1)[1] if message.startswith("Error opening") and ": " in message else message
