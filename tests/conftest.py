@@ -18,12 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 # W&B must never reach for the network in tests; a test that checks offline runs sets its own mode.
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-# A run of seconds: tiny model, a small built-in dataset, CPU, validation twice.
+# A run of seconds: tiny model, CPU, validation twice, every step logged; with BUILTIN_SMALL, a small
+# built-in dataset.
+BUILTIN_SMALL = ["data.num_files=6", "data.seconds_per_file=2"]
 TINY = [
     "model=tiny",
     "trainer=cpu",
-    "data.num_files=6",
-    "data.seconds_per_file=2",
+    "trainer.log_every_n_steps=1",
     "data.chunk_length=256",
     "data.batch_size=4",
     "data.num_workers=0",
@@ -49,6 +50,7 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
+        del cfg["hydra"]  # the task function never sees it either
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
         cfg.paths.root_dir = str(REPO)

@@ -98,7 +98,11 @@ class WaveNetModule(L.LightningModule):
             # Weight decay on biases and the embedding table only pulls them towards zero for no benefit.
             (decayed if parameter.ndim > 1 and "embedding" not in name else exempt).append(parameter)
         optimizer = torch.optim.AdamW(
-            [{"params": decayed, "weight_decay": hp.weight_decay}, {"params": exempt, "weight_decay": 0.0}],
+            [
+                # Named, so the LR monitor logs lr-AdamW/decayed and lr-AdamW/exempt rather than pg1, pg2.
+                {"params": decayed, "weight_decay": hp.weight_decay, "name": "decayed"},
+                {"params": exempt, "weight_decay": 0.0, "name": "exempt"},
+            ],
             lr=hp.lr,
             betas=tuple(hp.betas),
         )

@@ -17,6 +17,10 @@ from wavenet.config import check_required, instantiate_group, print_config_tree
 
 log = logging.getLogger(__name__)
 
+# `lightning` gives itself a console handler and also propagates to the root logger, which Hydra has set up
+# (console and the run's log file): without this every Lightning message would print twice.
+logging.getLogger("lightning").handlers.clear()
+
 
 def auto_precision(accelerator: str) -> str:
     """bf16-mixed where training will run on a GPU that has bf16 (Ampere and later), else full fp32."""

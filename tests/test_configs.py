@@ -1,0 +1,79 @@
+"""Every option of every config group composes, and the parts it names can be built."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config
+from wavenet import WaveNetModule
+from wavenet.train import auto_precision
+
+CONF = REPO / "conf"
+# Files starting with "_" are bases that options inherit, not options.
+GROUPS = {
+    group.name: sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_"))
+    for group in CONF.iterdir()
+    if group.is_dir()
+}
+OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for option in options]
+REQUIRED = {("data", "folder"): ["data.root=/some/wavs"]}
+
+
+def test_expected_groups_exist():
+    for group in ["model", "data", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug"]:
+        assert GROUPS.get(group), f"conf/{group}/ has no options"
+    assert {"tiny", "small", "medium", "large"} <= set(GROUPS["model"])
+    assert {"default", "cpu", "gpu", "ddp", "ddp_sim"} <= set(GROUPS["trainer"])
+    assert {"csv", "tensorboard", "wandb", "many"} <= set(GROUPS["logger"])
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_option_composes_and_resolves(group, option, tmp_path):
+    overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
+    cfg = compose_config("train", overrides, tmp_path)
+    assert not OmegaConf.missing_keys(cfg.model) and not OmegaConf.missing_keys(cfg.trainer)
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert container["model"]["sample_rate"] == container["data"]["sample_rate"]
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "medium", "large"])
+def test_model_sizes_instantiate(size, tmp_path):
+    cfg = compose_config("train", [f"model={size}"], tmp_path)
+    module = instantiate(cfg.model)
+    assert isinstance(module, WaveNetModule)
+    assert module.model.quantization_channels == cfg.data.quantization_channels == 256
+    assert module.model.layers[0].filter_gate.in_channels == cfg.model.residual_channels
+    # Hyperparameters are plain Python, so checkpoints load without OmegaConf.
+    assert type(module.hparams.betas) is list
+
+
+def test_loggers_and_callbacks_instantiate(tmp_path):
+    cfg = compose_config("train", [*TINY, *BUILTIN_SMALL, "logger=many"], tmp_path)
+    loggers = [instantiate(entry) for entry in cfg.logger.values()]
+    assert {type(logger).__name__ for logger in loggers} == {"CSVLogger", "TensorBoardLogger", "WandbLogger"}
+    callbacks = [instantiate(entry) for entry in cfg.callbacks.values() if entry is not None]
+    assert {type(c).__name__ for c in callbacks} == {"ModelCheckpoint", "LearningRateMonitor"}
+
+
+def test_audio_settings_are_defined_once(tmp_path):
+    cfg = compose_config("train", ["data.sample_rate=22050", "data.quantization_channels=64"], tmp_path)
+    assert cfg.model.sample_rate == 22050 and cfg.model.quantization_channels == 64
+
+
+def test_auto_precision():
+    assert auto_precision("cpu") == "32-true"
+    if not torch.cuda.is_available():
+        assert auto_precision("auto") == "32-true"
+
+
+def test_config_tree_lists_every_group(tmp_path):
+    from wavenet.config import print_config_tree
+
+    cfg = compose_config("train", TINY, tmp_path)
+    print_config_tree(cfg, save_to=Path(tmp_path) / "tree.log")
+    text = (Path(tmp_path) / "tree.log").read_text()
+    for key in ["data", "model", "trainer", "callbacks", "logger", "paths"]:
+        assert key in text

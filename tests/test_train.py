@@ -1,0 +1,84 @@
+"""`python train.py ...` end to end, as users run it: single runs, resuming, DDP on CPU, multirun, errors."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import BUILTIN_SMALL, TINY, run_script
+
+pytestmark = pytest.mark.slow
+
+
+def train(run_dir: Path, data_dir: Path, *overrides: str):
+    result = run_script(
+        "train.py", *TINY, *BUILTIN_SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "csv" / "metrics.csv").open() as file:
+        return list(csv.DictReader(file))
+
+
+def test_train_writes_checkpoints_logs_and_config(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    train(run_dir, data_dir)
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in checkpoints and len(checkpoints) == 2, checkpoints  # last + best on val/loss
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "WaveNetModule" in (run_dir / "config_tree.log").read_text()
+    rows = read_metrics(run_dir)
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/loss", "val/loss", "val/bits_per_sample", "lr-AdamW/decayed"} <= logged
+    assert not (Path.cwd() / "outputs" / "train" / "runs" / run_dir.name).exists()  # never chdir, nothing stray
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(first, data_dir)
+    last = first / "checkpoints" / "last.ckpt"
+    train(second, data_dir, f"ckpt_path={last}", "trainer.max_steps=9")
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 9
+    steps = [int(row["step"]) for row in read_metrics(second) if row.get("train/loss")]
+    assert steps and min(steps) >= 6, steps
+
+
+def test_ddp_sim_trains_on_two_cpu_processes(tmp_path, data_dir):
+    run_dir = tmp_path / "ddp"
+    result = train(run_dir, data_dir, "trainer=ddp_sim")
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        "train.py", "-m", *TINY, *BUILTIN_SMALL, "model=tiny,small", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+    layers = [(sweep_dir / job / ".hydra" / "config.yaml").read_text().count("layers: 20") for job in "01"]
+    assert layers == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["data=folder"], "data.root"),
+        (["data=folder", "data.root=/nonexistent/wavs"], "/nonexistent/wavs"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, data_dir, overrides, expected):
+    result = run_script("train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}", *overrides)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
