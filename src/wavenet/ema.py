@@ -1,0 +1,80 @@
+"""Exponential moving average of the weights: validated with, checkpointed, and generated from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+# Where the averaged weights sit in a checkpoint, beside the training weights in "state_dict".
+EMA_STATE_KEY = "ema_state_dict"
+
+
+class EMA(L.Callback):
+    """Keeps `ema = d * ema + (1 - d) * weights` after every optimiser step, in fp32.
+
+    The decay warms up as `min(decay, (1 + n) / (10 + n))` after n updates, so short runs average over
+    their own steps instead of staying near the initial weights. Validation runs on the averaged weights
+    (so `val/loss` and the best checkpoint are those of the EMA model); the training weights are swapped
+    back before anything is saved, and the average is stored under `ema_state_dict` in every checkpoint.
+
+    Args:
+        decay: Final decay per update; 0.9999 averages over about the last 10,000 steps.
+        validate_with_ema: Whether validation uses the averaged weights.
+    """
+
+    def __init__(self, decay: float = 0.9999, validate_with_ema: bool = True) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.validate_with_ema = validate_with_ema
+        self.updates = 0
+        self.averaged: dict[str, Tensor] = {}
+        self._training_weights: dict[str, Tensor] | None = None
+
+    def _float_state(self, module: L.LightningModule) -> dict[str, Tensor]:
+        return {name: p for name, p in module.state_dict().items() if p.is_floating_point()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.averaged:  # fresh run; a resumed one has it from the checkpoint already
+            self.averaged = {k: v.detach().float().clone() for k, v in self._float_state(pl_module).items()}
+        self.averaged = {k: v.to(pl_module.device) for k, v in self.averaged.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = self._float_state(pl_module)
+        names = list(self.averaged)
+        torch._foreach_lerp_(
+            [self.averaged[k] for k in names], [current[k].float() for k in names], 1.0 - decay
+        )
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.validate_with_ema and self.averaged and not trainer.sanity_checking:
+            self._training_weights = {k: v.detach().clone() for k, v in self._float_state(pl_module).items()}
+            pl_module.load_state_dict(self.averaged, strict=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning runs checkpoint callbacks after all others, so they save the training weights.
+        if self._training_weights is not None:
+            pl_module.load_state_dict(self._training_weights, strict=False)
+            self._training_weights = None
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[EMA_STATE_KEY] = {k: v.detach().cpu() for k, v in self.averaged.items()}
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.averaged = {k: v.float() for k, v in checkpoint.get(EMA_STATE_KEY, {}).items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.updates = state_dict["updates"]

@@ -1,0 +1,87 @@
+"""EMA of the weights: the update rule, validation on the average, checkpoints and resuming."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.test_module import TINY, sine_batch
+from wavenet import WaveNetModule
+from wavenet.ema import EMA, EMA_STATE_KEY
+
+
+def test_update_rule_with_warm_up():
+    module = WaveNetModule(**TINY)
+    ema = EMA(decay=0.9)
+    ema.on_fit_start(None, module)
+    weight = module.model.head[-1].weight
+    expected = weight.detach().clone()
+    for step in range(1, 30):
+        with torch.no_grad():
+            weight.add_(1.0)
+        ema.on_train_batch_end(None, module)
+        decay = min(0.9, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * weight.detach()
+    torch.testing.assert_close(ema.averaged["model.head.3.weight"], expected)
+
+
+def fit(module, callbacks, tmp_path, ckpt_path=None, **kwargs):
+    batch = sine_batch(module.receptive_field)
+    loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        check_val_every_n_epoch=None,
+        callbacks=callbacks,
+        **kwargs,
+    )
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader, ckpt_path=ckpt_path)
+    return trainer, batch
+
+
+def test_validation_uses_the_average_and_training_weights_survive(tmp_path):
+    L.seed_everything(0)
+    module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=1, decay="constant")
+    ema = EMA(decay=0.5)
+    trainer, batch = fit(module, [ema], tmp_path, max_steps=20, val_check_interval=20, enable_checkpointing=False)
+    training_weights = {k: v.clone() for k, v in module.state_dict().items()}
+    val_loss = trainer.callback_metrics["val/loss"].item()
+    averaged_model = WaveNetModule(**TINY)
+    averaged_model.load_state_dict(ema.averaged)
+    with torch.no_grad():
+        assert averaged_model._nll(batch).item() == pytest.approx(val_loss, rel=1e-5)
+        assert module._nll(batch).item() != pytest.approx(val_loss, rel=1e-3)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, training_weights[name])
+
+
+def test_checkpoint_holds_both_and_resume_restores_the_average(tmp_path):
+    L.seed_everything(0)
+    module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=1, decay="constant")
+    trainer, _ = fit(module, [EMA(decay=0.9)], tmp_path, max_steps=10, val_check_interval=10)
+    path = tmp_path / "resume.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    averaged = checkpoint[EMA_STATE_KEY]
+    assert set(averaged) == set(checkpoint["state_dict"])
+    assert not torch.equal(averaged["model.head.3.weight"], checkpoint["state_dict"]["model.head.3.weight"])
+
+    resumed_ema = EMA(decay=0.9)
+    seen = {}
+
+    class Peek(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["updates"] = resumed_ema.updates
+            seen["weight"] = resumed_ema.averaged["model.head.3.weight"].clone()
+
+    fit(WaveNetModule(**TINY), [resumed_ema, Peek()], tmp_path, max_steps=12, val_check_interval=12, ckpt_path=path)
+    assert seen["updates"] == 10
+    torch.testing.assert_close(seen["weight"], averaged["model.head.3.weight"])
+
+
+def test_bad_decay():
+    with pytest.raises(ValueError, match="decay"):
+        EMA(decay=1.0)
