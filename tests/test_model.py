@@ -124,3 +124,9 @@ def test_mu_law_round_trip_and_clipping():
     assert mu_law_encode(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
     with pytest.raises(TypeError):
         mu_law_encode(torch.tensor([1, 2]))
+
+
+def test_flops_per_step_counts_every_matmul():
+    model = WaveNet(layers=2, stacks=1, residual_channels=4, dilation_channels=3, skip_channels=5, kernel_size=2)
+    # layer 1: conv 2*4*6 + residual 3*4 + skip 3*5; layer 2 (no residual): 2*4*6 + 3*5; head 5*5 + 5*256
+    assert model.flops_per_step() == 2 * (48 + 12 + 15 + 48 + 15 + 25 + 1280)

@@ -125,6 +125,16 @@ class WaveNet(nn.Module):
         """Number of input samples that output t depends on (inputs t - receptive_field + 1 ... t)."""
         return 1 + sum(layer.context for layer in self.layers)
 
+    def flops_per_step(self) -> int:
+        """Multiply-add FLOPs (2 per MAC) of one output step of the forward pass; x3 for a training step."""
+        macs = 0
+        for layer in self.layers:
+            conv = layer.filter_gate
+            macs += conv.kernel_size[0] * conv.in_channels * conv.out_channels
+            macs += sum(c.in_channels * c.out_channels for c in (layer.residual, layer.skip) if c is not None)
+        macs += sum(c.in_channels * c.out_channels for c in self.head if isinstance(c, nn.Conv1d))
+        return 2 * macs
+
     @property
     def silence_class(self) -> int:
         """The mu-law class of 0.0, used as the past before the first sample."""
