@@ -9,6 +9,7 @@ from typing import Any
 _EXPORTS = {
     "WaveNet": "wavenet.models.wavenet",
     "WaveNetModule": "wavenet.module",
+    "generate": "wavenet.generation",
     "mu_law_encode": "wavenet.data.mulaw",
     "mu_law_decode": "wavenet.data.mulaw",
 }

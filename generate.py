@@ -1,0 +1,24 @@
+"""Sample audio from a trained WaveNet: python generate.py ckpt_path=<checkpoint> [key=value ...]."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from wavenet.errors import UserError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    # Imported here so `--help` and `--cfg job` answer without loading torch.
+    from wavenet.tasks.generate import run
+
+    try:
+        run(cfg)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

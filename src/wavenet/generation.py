@@ -1,0 +1,293 @@
+"""Fast autoregressive generation (Fast WaveNet, Paine et al. 2016): O(layers) work per sample.
+
+A full forward pass spends `receptive_field` steps of work on every new sample. Generating one sample at a
+time only needs, for each layer, the inputs it saw `dilation`, `2 * dilation`, ... steps ago: each layer
+keeps its last `dilation * (kernel_size - 1)` inputs in a ring buffer, written in place, never shifted.
+
+A step is a fixed sequence of `out=` / in-place ops on preallocated buffers with pre-transposed weights:
+nothing is allocated per step and every buffer keeps its address. Ring positions are picked in Python,
+by `t % length`; a CUDA-graph path would read them from a device-side step counter instead.
+
+Pure PyTorch: no Lightning, no Hydra.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wavenet.models.wavenet import WaveNet
+
+# Steps between progress reports and draws of Gumbel noise: at most this many, and at most as many as keep
+# one draw under _NOISE_ELEMENTS (step, stream, class) values, to bound its memory at large batch.
+_CHUNK_STEPS = 256
+_NOISE_ELEMENTS = 1 << 22
+# Activations per tensor when `reset` runs the network over a context: about 256 MB in float32.
+_RESET_ELEMENTS = 1 << 26
+
+
+class _Layer(NamedTuple):
+    """What one layer's part of a step touches, looked up once so that a step is only tensor calls."""
+
+    pre: Tensor  # (B, 2D) filter|gate pre-activation, past taps already added
+    filter_: Tensor  # (B, D) view of `pre`
+    gate: Tensor  # (B, D) view of `pre`
+    current_weight: Tensor  # (R, 2D) the current tap
+    gated: Tensor  # (B, D) this layer's slice of the skip matmul's input
+    residual_weight: Tensor | None  # (D, R); None on the last layer
+    next_slots: list[Tensor]  # (B, R) views of the next layer's ring columns, where the residual goes
+
+
+class IncrementalWaveNet:
+    """A WaveNet's weights rearranged for one-sample-at-a-time inference, and the cached past of B streams.
+
+    Rows are streams, so every matmul is `(B, in) @ (in, out)` with the weight pre-transposed. Three
+    rewrites make a step cheaper without changing its output beyond float rounding:
+
+    - Every layer's past taps are known when a step starts, so all of them are gathered from the ring
+      buffers with one `index_select` and multiplied with one batched matmul. Only the current tap, which
+      needs the layer below, is left to the sequential per-layer loop.
+    - tanh(f) * sigmoid(g) = tanh(f) * (1 + tanh(g / 2)) / 2: the gate's weights are halved so that one
+      tanh covers filter and gate, and the / 2 is folded into the residual and skip weights.
+    - Residual biases add a constant to every later layer's input. The rings hold inputs minus that
+      constant, and its product with the filter/gate weights is folded into their bias, so the residual
+      update is one `addmm` that writes the next layer's input straight into its ring.
+
+    Usage: `reset(context)` once, then `step(sample)` per sample, under `torch.inference_mode()`.
+
+    Args:
+        model: The network. Its parameters are copied here; later changes to them are not seen.
+        batch_size: Number of independent streams B.
+    """
+
+    def __init__(self, model: WaveNet, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.position = 0  # time of the next input; only its value modulo each ring length matters
+        layers = list(model.layers)
+        embedding = model.embedding.weight.detach()
+        device, dtype = embedding.device, embedding.dtype
+        taps = model.kernel_size - 1  # past taps of each layer
+        residual_channels = embedding.shape[1]
+        dilation_channels = layers[0].filter_gate.out_channels // 2
+        lengths = [layer.context for layer in layers]
+        starts = [sum(lengths[:index]) for index in range(len(layers))]
+
+        self.embedding = embedding
+        current, past, biases, residuals, skips = [], [], [], [], []
+        offset = torch.zeros(residual_channels, device=device, dtype=dtype)  # residual biases so far
+        self.offsets = []
+        for layer in layers:
+            kernel = layer.filter_gate.weight.detach().clone()  # (2D, R, K)
+            bias = _bias(layer.filter_gate)
+            kernel[dilation_channels:] *= 0.5  # the gate half: sigmoid(g) from tanh(g / 2)
+            bias[dilation_channels:] *= 0.5
+            current.append(kernel[:, :, -1].T.contiguous())  # (R, 2D)
+            past.append(kernel[:, :, :-1].permute(2, 1, 0).reshape(taps * residual_channels, -1))  # tap-major
+            biases.append(bias + offset @ kernel.sum(dim=2).T)
+            self.offsets.append(offset)
+            skips.append(0.5 * layer.skip.weight.detach()[:, :, 0].T)  # (D, S)
+            if layer.residual is not None:
+                residuals.append(0.5 * layer.residual.weight.detach()[:, :, 0].T.contiguous())  # (D, R)
+                offset = offset + _bias(layer.residual)
+        self.past_weight = torch.stack(past)  # (L, (K-1) R, 2D)
+        self.past_bias = torch.stack(biases).unsqueeze(1)  # (L, 1, 2D)
+        self.skip_weight = torch.cat(skips)  # (L D, S): all layers' skips summed by one matmul
+        self.skip_bias = sum(_bias(layer.skip) for layer in layers)
+        head = [conv for conv in model.head if isinstance(conv, nn.Conv1d)]
+        self.head_weights = [conv.weight.detach()[:, :, 0].T.contiguous() for conv in head]
+        self.head_biases = [_bias(conv) for conv in head]
+
+        # The rings of all layers side by side, so that one index_select gathers every past tap:
+        # layer l's input at time t is in column starts[l] + t % lengths[l].
+        self.rings = torch.zeros(batch_size, sum(lengths), residual_channels, device=device, dtype=dtype)
+        self.ring_views = [self.rings[:, start : start + length] for start, length in zip(starts, lengths)]
+        # Tap k of layer l at time t reads the input at t - (K - 1 - k) * dilation. Per phase of the step
+        # counter, the columns to gather; the pattern repeats with the lcm of the ring lengths.
+        self.period = math.lcm(*lengths)
+        time = torch.arange(self.period)
+        self.tap_columns = torch.stack(
+            [
+                start + (time - (taps - k) * layer.dilation) % length
+                for start, length, layer in zip(starts, lengths, layers)
+                for k in range(taps)
+            ],
+            dim=1,
+        ).to(device)  # (period, L (K-1))
+        self.past = torch.empty(batch_size, len(layers) * taps, residual_channels, device=device, dtype=dtype)
+        self.past_by_layer = self.past.view(batch_size, len(layers), -1).transpose(0, 1)  # (L, B, (K-1) R)
+        self.pre = torch.empty(len(layers), batch_size, 2 * dilation_channels, device=device, dtype=dtype)
+        self.gated = torch.empty(batch_size, len(layers) * dilation_channels, device=device, dtype=dtype)
+        self.skip = torch.empty(batch_size, self.skip_weight.shape[1], device=device, dtype=dtype)
+        self.hidden = torch.empty(batch_size, self.head_weights[0].shape[1], device=device, dtype=dtype)
+        self.logits = torch.empty(batch_size, model.quantization_channels, device=device, dtype=dtype)
+
+        # The (B, R) view of every ring column: layer l's input at time t goes to slots[l][t % lengths[l]].
+        slots = [list(ring.unbind(1)) for ring in self.ring_views]
+        self.first_slots = slots[0]
+        self.layers = [
+            _Layer(
+                pre=self.pre[index],
+                filter_=self.pre[index, :, :dilation_channels],
+                gate=self.pre[index, :, dilation_channels:],
+                current_weight=current[index],
+                gated=self.gated[:, index * dilation_channels : (index + 1) * dilation_channels],
+                residual_weight=residuals[index] if index < len(residuals) else None,
+                next_slots=slots[index + 1] if index + 1 < len(layers) else [],
+            )
+            for index in range(len(layers))
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return self.rings.device
+
+    def reset(self, context: Tensor | None = None) -> None:
+        """Sets the cached past as if `step` had consumed `context`, preceded by silence.
+
+        The state comes from the network's own convolutions over the last `receptive_field - 1` samples
+        of the context (older ones cannot reach any later output), not from stepping through them.
+
+        Args:
+            context: (T,) mu-law classes shared by every stream (computed once), or (B, T) per stream;
+                T >= 0. None or T = 0 is silence: the next steps then give the full forward's logits
+                (`model(x)`, which pads with silence) from its first position.
+        """
+        model = self.model
+        if context is None:
+            context = torch.empty(0, dtype=torch.long)
+        if context.dim() == 1:
+            context = context.unsqueeze(0)
+        elif context.dim() != 2 or context.shape[0] != self.batch_size:
+            raise ValueError(f"context must be (T,) or (B={self.batch_size}, T), got {tuple(context.shape)}")
+        span = model.receptive_field - 1  # the rings are filled from the last `span` inputs
+        context = context[:, max(context.shape[1] - span, 0) :].to(self.device)
+        x = F.pad(context, (span - context.shape[1], 0), value=model.silence_class)
+        # A few streams at a time, so that the activations of the whole span stay within bounds at large B.
+        rows = max(1, _RESET_ELEMENTS // (span * self.rings.shape[2]))
+        with torch.inference_mode():
+            for first in range(0, x.shape[0], rows):
+                streams = slice(first, first + rows) if x.shape[0] > 1 else slice(None)  # shared: broadcast
+                h = model.embedding(x[first : first + rows]).transpose(1, 2)  # (rows, R, span)
+                for layer, ring, offset in zip(model.layers, self.ring_views, self.offsets):
+                    # Column i holds the input at time i - length, the next step being time 0.
+                    inputs = h[:, :, h.shape[2] - ring.shape[1] :] - offset[:, None]
+                    ring[streams].copy_(inputs.transpose(1, 2))
+                    if layer.residual is not None:
+                        h = h[:, :, layer.context :] + layer.residual(layer.gated(h))
+        self.position = 0
+
+    def step(self, classes: Tensor) -> Tensor:
+        """Consumes one input sample per stream and returns the logits of the next one.
+
+        Args:
+            classes: (B,) int64 mu-law classes on the model's device.
+
+        Returns:
+            (B, Q) logits, in a buffer that the next step overwrites: clone it to keep it.
+        """
+        t = self.position
+        # Every layer's past taps at once: all of them were written before this step began.
+        torch.index_select(self.rings, 1, self.tap_columns[t % self.period], out=self.past)
+        torch.baddbmm(self.past_bias, self.past_by_layer, self.past_weight, out=self.pre)
+        h = torch.index_select(self.embedding, 0, classes, out=self.first_slots[t % len(self.first_slots)])
+        for layer in self.layers:
+            layer.pre.addmm_(h, layer.current_weight).tanh_()
+            torch.addcmul(layer.filter_, layer.filter_, layer.gate, out=layer.gated)  # 2 tanh(f) sigmoid(g)
+            if layer.residual_weight is not None:
+                slot = layer.next_slots[t % len(layer.next_slots)]
+                h = torch.addmm(h, layer.gated, layer.residual_weight, out=slot)
+        torch.addmm(self.skip_bias, self.gated, self.skip_weight, out=self.skip).relu_()
+        torch.addmm(self.head_biases[0], self.skip, self.head_weights[0], out=self.hidden).relu_()
+        torch.addmm(self.head_biases[1], self.hidden, self.head_weights[1], out=self.logits)
+        self.position = t + 1
+        return self.logits
+
+
+@torch.inference_mode()
+def generate(
+    model: WaveNet | nn.Module,
+    num_samples: int,
+    batch_size: int = 1,
+    temperature: float = 1.0,
+    prime: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Samples `num_samples` mu-law classes per stream, one at a time, on the model's device.
+
+    Decode with `wavenet.mu_law_decode(classes, model.quantization_channels)`.
+
+    Args:
+        model: A `WaveNet`, or a module holding one as `.model` (a `WaveNetModule`).
+        num_samples: Samples to generate per stream.
+        batch_size: Number of independent streams B.
+        temperature: Softmax temperature; 0 picks the most likely class (greedy), 1 samples the model.
+        prime: (T,) or (B, T) mu-law classes, T >= 1, that the generated samples continue: a (T,) prime is
+            shared by all streams. Only its last `receptive_field` samples matter; a shorter one is
+            preceded by silence. None starts from silence.
+        generator: Random source on the model's device; seed it for reproducible output on that device.
+        progress: Called with the number of new samples per stream, every 256 steps or fewer.
+
+    Returns:
+        (B, num_samples) int64 classes, without the prime.
+    """
+    if isinstance(getattr(model, "model", None), WaveNet):
+        model = model.model
+    if num_samples < 0:
+        raise ValueError(f"num_samples must not be negative, got {num_samples}")
+    if temperature < 0:
+        raise ValueError(f"temperature must not be negative, got {temperature}")
+    stepper = IncrementalWaveNet(model, batch_size)
+    device = stepper.device
+    prime = _check_prime(prime, model, batch_size).to(device)
+    stepper.reset(prime[..., :-1])
+
+    samples = torch.empty(num_samples, batch_size, dtype=torch.long, device=device)  # (N, B): rows contiguous
+    classes = prime[..., -1].expand(batch_size).contiguous()
+    chunk = min(_CHUNK_STEPS, max(1, _NOISE_ELEMENTS // (batch_size * model.quantization_channels)))
+    for start in range(0, num_samples, chunk):
+        steps = min(chunk, num_samples - start)
+        if temperature > 0:
+            # Gumbel-max: argmax(logits / T + G) is a sample of softmax(logits / T); scaled by T, no division.
+            noise = torch.rand(
+                steps, batch_size, model.quantization_channels, generator=generator, device=device
+            )
+            noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_().neg_().log_().neg_().mul_(temperature)
+        for index in range(steps):
+            logits = stepper.step(classes)
+            if temperature > 0:
+                logits.add_(noise[index])
+            classes = torch.argmax(logits, dim=1, out=samples[start + index])
+        if progress is not None:
+            progress(steps)
+    return samples.T.contiguous()
+
+
+def _check_prime(prime: Tensor | None, model: WaveNet, batch_size: int) -> Tensor:
+    """The prime, checked; one sample of silence when None."""
+    if prime is None:
+        return torch.full((1,), model.silence_class, dtype=torch.long)
+    if prime.dtype != torch.long or prime.dim() not in (1, 2) or prime.shape[-1] < 1:
+        raise ValueError(
+            f"prime must be int64 classes, (T,) or (B, T) with T >= 1, got {prime.dtype} {tuple(prime.shape)}"
+        )
+    if prime.dim() == 2 and prime.shape[0] != batch_size:
+        raise ValueError(f"prime has {prime.shape[0]} streams, batch_size is {batch_size}")
+    if prime.min() < 0 or prime.max() >= model.quantization_channels:
+        raise ValueError(f"prime classes must be in [0, {model.quantization_channels})")
+    return prime
+
+
+def _bias(conv: nn.Conv1d) -> Tensor:
+    """A convolution's bias (a copy), or zeros when it has none."""
+    if conv.bias is None:
+        return torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
+    return conv.bias.detach().clone()

@@ -1,0 +1,1 @@
+"""Entry-point tasks: `run(cfg)` for train.py and generate.py."""

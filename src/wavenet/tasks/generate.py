@@ -1,0 +1,178 @@
+"""`generate.py`'s task: load a checkpoint, sample audio with incremental generation, write WAV files."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TimeRemainingColumn
+from rich.text import Text
+
+from wavenet.config import check_required
+from wavenet.data.audio import read_audio, write_wav
+from wavenet.data.mulaw import mu_law_decode, mu_law_encode
+from wavenet.ema import EMA_STATE_KEY
+from wavenet.errors import UserError
+from wavenet.generation import generate
+from wavenet.module import WaveNetModule
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    """Writes `cfg.batch_size` files `sample_000.wav`, ... of `cfg.num_samples` samples to the run folder.
+
+    Returns:
+        The paths of the files written.
+
+    Raises:
+        UserError: For a missing or unreadable checkpoint or prime file, or a setting out of range.
+    """
+    check_required(cfg)
+    _check_settings(cfg)
+    device = _device(str(cfg.device))
+    module = _load_checkpoint(Path(cfg.ckpt_path), device, use_ema=bool(cfg.use_ema))
+    model = module.model.eval()
+    sample_rate = int(module.hparams.sample_rate)
+    levels = model.quantization_channels
+    prime = None
+    if cfg.prime is not None:
+        audio = _read_prime(Path(cfg.prime), sample_rate)
+        prime = mu_law_encode(audio[-model.receptive_field :], levels)  # older samples cannot matter
+    generator = None if cfg.seed is None else torch.Generator(device).manual_seed(int(cfg.seed))
+    log.info(
+        "Generating %d x %d samples (%.2f s at %d Hz) on %s, temperature %g%s; receptive field %d samples",
+        cfg.batch_size,
+        cfg.num_samples,
+        cfg.num_samples / sample_rate,
+        sample_rate,
+        device,
+        cfg.temperature,
+        "" if prime is None else f", continuing {cfg.prime}",
+        model.receptive_field,
+    )
+
+    started = time.perf_counter()
+    with _progress_bar(cfg.num_samples, cfg.batch_size, sample_rate) as advance:
+        classes = generate(
+            model,
+            cfg.num_samples,
+            batch_size=cfg.batch_size,
+            temperature=cfg.temperature,
+            prime=prime,
+            generator=generator,
+            progress=advance,
+        )
+    seconds = time.perf_counter() - started
+    rate = cfg.num_samples * cfg.batch_size / seconds
+
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, stream in enumerate(mu_law_decode(classes.cpu(), levels)):
+        paths.append(output_dir / f"sample_{index:03d}.wav")
+        write_wav(paths[-1], stream, sample_rate)
+    log.info(
+        "Wrote %d file(s) to %s in %.1f s: %s samples/s, %.2fx real time",
+        len(paths),
+        output_dir,
+        seconds,
+        f"{rate:,.0f}",
+        rate / sample_rate,
+    )
+    return paths
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Raises `UserError` for a value the generator would refuse, naming the key."""
+    if cfg.num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.temperature < 0:
+        raise UserError(f"temperature must be 0 (greedy) or positive, got {cfg.temperature}")
+
+
+def _device(name: str) -> torch.device:
+    """`auto` is CUDA when there is a GPU, else the CPU; other names are torch's (`cpu`, `cuda`, `cuda:1`)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"device must be auto, cpu or cuda[:index], got {name!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return device
+
+
+def _load_checkpoint(path: Path, device: torch.device, use_ema: bool) -> WaveNetModule:
+    """The trained module, with the EMA weights in place of the training weights where there are some."""
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        module = WaveNetModule.load_from_checkpoint(path, map_location=device)
+        averaged = torch.load(path, map_location=device, weights_only=True).get(EMA_STATE_KEY) if use_ema else None
+        if averaged:
+            module.load_state_dict(averaged)
+            log.info("Using the EMA weights of %s", path)
+        return module
+    except pickle.UnpicklingError as error:
+        # torch.load's own message here is a paragraph about weights_only, misleading for a non-checkpoint.
+        reason = "not a PyTorch checkpoint, or it holds objects torch.load will not unpickle (weights_only)"
+        raise UserError(f"cannot read checkpoint {path}: {reason}") from error
+    except Exception as error:  # noqa: BLE001
+        # torch.load and Lightning raise many types (zip, missing keys, shape mismatch); all of them mean
+        # the file is not a checkpoint of this model.
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(error)}") from error
+
+
+def _read_prime(path: Path, sample_rate: int) -> torch.Tensor:
+    """The prime file as float audio at the model's rate; read_audio raises UserError if it is unreadable."""
+    if not path.is_file():
+        raise UserError(f"prime file not found: {path}")
+    audio = read_audio(path, sample_rate)
+    if audio.numel() == 0:
+        raise UserError(f"prime file {path} has no samples")
+    return audio
+
+
+def _first_line(error: Exception) -> str:
+    """`KeyError: 'state_dict'`: the type tells what went wrong when the message is only a name."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+class _SpeedColumn(ProgressColumn):
+    """Samples per second over all streams, and how many seconds of audio that makes per second."""
+
+    def __init__(self, batch_size: int, sample_rate: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.sample_rate = sample_rate
+
+    def render(self, task: Task) -> Text:
+        if not task.elapsed or not task.completed:
+            return Text("? samples/s", style="progress.data.speed")
+        rate = task.completed * self.batch_size / task.elapsed  # the mean since the start: steady enough
+        text = f"{rate:,.0f} samples/s, {rate / self.sample_rate:.2f}x real time"
+        return Text(text, style="progress.data.speed")
+
+
+@contextmanager
+def _progress_bar(num_samples: int, batch_size: int, sample_rate: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar over the steps of generation; yields the function that advances it."""
+    with Progress(
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        _SpeedColumn(batch_size, sample_rate),
+        TimeRemainingColumn(),
+    ) as progress:
+        task = progress.add_task("generate", total=num_samples)
+        yield lambda steps: progress.advance(task, steps)

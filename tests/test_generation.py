@@ -1,0 +1,227 @@
+"""Incremental generation equals the full forward; sampling is seeded and greedy is argmax; generate.py."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from tests.conftest import run_script
+from wavenet.data.mulaw import mu_law_decode
+from wavenet.generation import IncrementalWaveNet, generate
+from wavenet.models.wavenet import WaveNet
+from wavenet.module import WaveNetModule
+
+LEVELS = 32  # fewer mu-law classes than 256 keep the tests fast and the softmax check well populated
+
+
+def random_wavenet(kernel_size: int = 2, layers: int = 6, stacks: int = 2, bias: bool = True) -> WaveNet:
+    """A small WaveNet with weights large enough that every layer, bias and gate moves the logits."""
+    torch.manual_seed(kernel_size * 100 + layers * 10 + stacks)
+    # Dilation width differs from the residual width, so a transposed weight cannot go unnoticed.
+    model = WaveNet(layers, stacks, 8, 6, 12, kernel_size=kernel_size, quantization_channels=LEVELS, bias=bias)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    return model
+
+
+def teacher_forced(model: WaveNet, x: torch.Tensor, context: int = 0) -> torch.Tensor:
+    """(B, Q, T - context) logits of the incremental model stepping through x after resetting to x[:, :context]."""
+    stepper = IncrementalWaveNet(model, x.shape[0])
+    with torch.inference_mode():
+        stepper.reset(x[:, :context])
+        return torch.stack([stepper.step(x[:, t]).clone() for t in range(context, x.shape[1])], dim=2)
+
+
+def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
+    scale = expected.abs().max().item()
+    assert scale > 1.0  # the outputs are not trivially small
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "layers", "stacks", "bias"),
+    [(2, 6, 2, True), (2, 8, 1, True), (3, 6, 3, True), (3, 8, 2, True), (2, 6, 2, False), (3, 4, 2, False)],
+)
+def test_teacher_forced_incremental_logits_equal_the_full_forward(kernel_size, layers, stacks, bias):
+    model = random_wavenet(kernel_size, layers, stacks, bias)
+    # Long enough for every ring buffer to wrap around more than once.
+    x = torch.randint(0, LEVELS, (3, 2 * model.receptive_field + 7))
+    with torch.inference_mode():
+        expected = model(x)
+    assert_relative_close(teacher_forced(model, x), expected)
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3])
+@pytest.mark.parametrize("context", [1, 10, 100])
+def test_state_reset_to_a_context_equals_the_full_forward_after_it(kernel_size, context):
+    model = random_wavenet(kernel_size)  # receptive field 15 (kernel 2) or 29 (kernel 3): contexts below/above
+    x = torch.randint(0, LEVELS, (2, context + 40))
+    with torch.inference_mode():
+        expected = model(x)[:, :, context:]
+    assert_relative_close(teacher_forced(model, x, context), expected)
+
+
+def test_reset_in_groups_of_streams_equals_reset_at_once(monkeypatch):
+    model = random_wavenet(3)
+    x = torch.randint(0, LEVELS, (3, 60))
+    with torch.inference_mode():
+        expected = model(x)[:, :, 20:]
+    monkeypatch.setattr("wavenet.generation._RESET_ELEMENTS", 1)  # one stream at a time
+    assert_relative_close(teacher_forced(model, x, 20), expected)
+
+
+def test_seeded_sampling_is_reproducible():
+    model = random_wavenet(3)
+    prime = torch.randint(0, LEVELS, (50,))
+
+    def sample(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return generate(model, 300, batch_size=4, temperature=0.9, prime=prime, generator=generator)
+
+    first = sample(1)
+    assert first.shape == (4, 300) and first.dtype == torch.long
+    assert torch.equal(first, sample(1))
+    assert not torch.equal(first, sample(2))
+    assert not torch.equal(first[0], first[1])  # streams are independent
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3])
+def test_greedy_generation_is_the_argmax_of_the_full_forward_on_its_own_output(kernel_size):
+    model = random_wavenet(kernel_size)
+    batch, steps = 3, 200
+    unprimed = generate(model, steps, batch_size=batch, temperature=0.0)
+    silence = torch.full((batch, 1), model.silence_class)
+    with torch.inference_mode():
+        # Output t of the full forward predicts input t + 1; without a prime the first input is silence.
+        expected = model(torch.cat([silence, unprimed[:, :-1]], dim=1)).argmax(dim=1)
+    assert torch.equal(unprimed, expected)
+
+    prime = torch.randint(0, LEVELS, (batch, 40))
+    primed = generate(model, steps, batch_size=batch, temperature=0.0, prime=prime)
+    with torch.inference_mode():
+        expected = model(torch.cat([prime, primed[:, :-1]], dim=1))[:, :, prime.shape[1] - 1 :].argmax(dim=1)
+    assert torch.equal(primed, expected)
+    assert not torch.equal(primed, unprimed)
+
+
+def test_sampling_follows_the_softmax_at_the_temperature():
+    model, temperature, streams = random_wavenet(), 0.7, 20_000
+    first = generate(model, 1, batch_size=streams, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = model(torch.full((1, 1), model.silence_class))[0, :, 0]
+    expected = torch.softmax(logits / temperature, dim=0)
+    observed = torch.bincount(first[:, 0], minlength=LEVELS) / streams
+    # 5 standard deviations of a frequency estimated from 20,000 draws, at the largest probability.
+    assert (observed - expected).abs().max() < 5 * math.sqrt(expected.max() / streams)
+
+
+def test_a_shared_prime_equals_the_same_prime_per_stream():
+    model = random_wavenet()
+    prime = torch.randint(0, LEVELS, (30,))
+    shared = generate(model, 50, batch_size=2, temperature=0.0, prime=prime)
+    per_stream = generate(model, 50, batch_size=2, temperature=0.0, prime=prime.expand(2, -1))
+    assert torch.equal(shared, per_stream)
+
+
+def test_a_lightning_module_generates_like_its_network():
+    module = WaveNetModule(layers=4, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=8)
+    assert torch.equal(generate(module, 30, temperature=0.0), generate(module.model, 30, temperature=0.0))
+
+
+@pytest.mark.parametrize(
+    "prime",
+    [torch.zeros(0, dtype=torch.long), torch.zeros(5), torch.full((7,), LEVELS), torch.zeros(3, 5, dtype=torch.long)],
+    ids=["empty", "float", "out-of-range", "wrong-batch"],
+)
+def test_bad_primes_are_refused(prime):
+    with pytest.raises(ValueError, match="prime"):
+        generate(random_wavenet(), 10, batch_size=2, prime=prime)
+
+
+# --- generate.py, as users run it -------------------------------------------------------------------------
+
+SAMPLE_RATE = 8000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained model saved the way Lightning saves one, without running a Trainer."""
+    module = WaveNetModule(
+        layers=6, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16, sample_rate=SAMPLE_RATE
+    )
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.ckpt"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_generate_script_writes_pcm_wavs_at_the_models_rate(tmp_path, checkpoint):
+    # A prime at another rate than the model's, so that it goes through resampling.
+    prime = tmp_path / "prime.wav"
+    sf.write(prime, 0.5 * np.sin(np.linspace(0, 200 * np.pi, 11025)).astype(np.float32), 22050)
+    run_dir = tmp_path / "run"
+    result = run_script(
+        "generate.py",
+        f"ckpt_path={checkpoint}",
+        "num_samples=1234",
+        "batch_size=2",
+        "seed=1",
+        f"prime={prime}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted(run_dir.glob("*.wav"))
+    assert [file.name for file in files] == ["sample_000.wav", "sample_001.wav"]
+    for file in files:
+        info = sf.info(file)
+        assert (info.frames, info.samplerate, info.channels) == (1234, SAMPLE_RATE, 1)
+        assert (info.format, info.subtype) == ("WAV", "PCM_16")
+    assert "Wrote 2 file(s)" in (run_dir / "generate.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", ["checkpoint", "prime"])
+def test_generate_script_names_a_missing_file_in_one_line(tmp_path, checkpoint, problem):
+    missing = tmp_path / "missing.file"
+    ckpt_path, prime = (missing, "null") if problem == "checkpoint" else (checkpoint, missing)
+    result = run_script("generate.py", f"ckpt_path={ckpt_path}", f"prime={prime}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], result.stderr
+
+
+def test_generate_task_uses_the_ema_weights_when_the_checkpoint_has_them(tmp_path, checkpoint):
+    from tests.conftest import compose_config
+    from wavenet.ema import EMA_STATE_KEY
+    from wavenet.tasks.generate import run
+
+    saved = torch.load(checkpoint, weights_only=False)
+    averaged = WaveNetModule(**saved["hyper_parameters"])  # other random weights: the "average"
+    saved[EMA_STATE_KEY] = averaged.state_dict()
+    path = tmp_path / "with_ema.ckpt"
+    torch.save(saved, path)
+
+    def greedy(use_ema: bool) -> np.ndarray:
+        overrides = [f"ckpt_path={path}", "num_samples=300", "temperature=0", f"use_ema={use_ema}", "device=cpu"]
+        cfg = compose_config("generate", overrides, tmp_path / f"ema_{use_ema}")
+        (wav,) = run(cfg)
+        return sf.read(wav, dtype="float32")[0]
+
+    expected = mu_law_decode(generate(averaged.model.eval(), 300, temperature=0))[0].numpy()
+    np.testing.assert_allclose(greedy(True), expected, atol=1 / 16384)  # up to 16-bit PCM rounding
+    assert np.abs(greedy(True) - greedy(False)).max() > 0.01
