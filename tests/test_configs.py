@@ -12,11 +12,11 @@ from wavenet import WaveNetModule
 from wavenet.train import auto_precision
 
 CONF = REPO / "conf"
-# Files starting with "_" are bases that options inherit, not options.
+# Files starting with "_" are bases that options inherit, not options; conf/sweeps/ holds `wandb sweep` files.
 GROUPS = {
     group.name: sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_"))
     for group in CONF.iterdir()
-    if group.is_dir()
+    if group.is_dir() and group.name != "sweeps"
 }
 OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for option in options]
 REQUIRED = {("data", "folder"): ["data.root=/some/wavs"]}
@@ -55,7 +55,13 @@ def test_loggers_and_callbacks_instantiate(tmp_path):
     loggers = [instantiate(entry) for entry in cfg.logger.values()]
     assert {type(logger).__name__ for logger in loggers} == {"CSVLogger", "TensorBoardLogger", "WandbLogger"}
     callbacks = [instantiate(entry) for entry in cfg.callbacks.values() if entry is not None]
-    assert {type(c).__name__ for c in callbacks} == {"ModelCheckpoint", "LearningRateMonitor"}
+    assert {type(c).__name__ for c in callbacks} == {
+        "ModelCheckpoint",
+        "LearningRateMonitor",
+        "EMA",
+        "TrainingMonitor",
+        "AudioSampleLogger",
+    }
 
 
 def test_audio_settings_are_defined_once(tmp_path):

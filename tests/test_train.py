@@ -82,3 +82,19 @@ def test_bad_input_is_one_clear_error(tmp_path, data_dir, overrides, expected):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path, data_dir):
+    # Plain `ddp` starts ranks by re-running the script: they must re-run their own job, not the sweep
+    # (which, with the default time-stamped sweep folder, would land in a second folder).
+    log_dir = tmp_path / "outputs"
+    result = run_script(
+        "train.py", "-m", *TINY, *BUILTIN_SMALL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.precision=32-true", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "model.residual_channels=4,8", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (log_dir / "train" / "multiruns").iterdir()
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    for job in ("0", "1"):
+        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2

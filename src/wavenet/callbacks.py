@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import deque
+from typing import Any, NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchaudio.transforms import MelSpectrogram
+
+from wavenet.data.mulaw import mu_law_decode
+from wavenet.errors import UserError
+from wavenet.generation import generate
+
+log = logging.getLogger(__name__)
+
+# Log-mel spectrograms as commonly drawn for 16-24 kHz speech and music: 64 ms windows, 16 ms hops at 16 kHz.
+_N_FFT = 1024
+_HOP = 256
+_N_MELS = 80
+_DYNAMIC_RANGE_DB = 80.0
 
 
 class StepProgressBar(RichProgressBar):
@@ -12,3 +38,292 @@ class StepProgressBar(RichProgressBar):
         if self.trainer.max_epochs == -1:
             return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
         return super()._get_train_description(current_epoch)
+
+
+class TrainingMonitor(L.Callback):
+    """Logs the gradient norm and the training throughput, at the trainer's `log_every_n_steps`.
+
+    - `train/grad_norm`: L2 norm of all gradients before clipping; above `trainer.gradient_clip_val`, the
+      step was clipped.
+    - `train/samples_per_sec`: scored audio samples (targets) per second over all processes, as
+      `bench/train.py` counts them, measured over the last `log_every_n_steps` steps. Data loading is
+      included, validation and sample logging are not.
+    """
+
+    def __init__(self) -> None:
+        self._marks: deque[tuple[float, int]] = deque()  # (time, samples so far) at the latest batch ends
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self._marks:
+            self._marks.append((time.perf_counter(), 0))
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Lightning calls this after unscaling the gradients (fp16) and before clipping them.
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            pl_module.log("train/grad_norm", torch.nn.utils.get_total_norm(grads, foreach=True))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        inputs, _ = batch  # (B, receptive_field + chunk_length - 1)
+        scored = inputs.shape[0] * (inputs.shape[1] - pl_module.receptive_field + 1) * trainer.world_size
+        self._marks.append((time.perf_counter(), self._marks[-1][1] + scored))
+        while len(self._marks) > trainer.log_every_n_steps + 1:
+            self._marks.popleft()
+        (start, first), (end, last) = self._marks[0], self._marks[-1]
+        pl_module.log("train/samples_per_sec", (last - first) / max(end - start, 1e-9))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._marks.clear()  # the next window starts at the next training batch
+
+
+class AudioSampleLogger(L.Callback):
+    """Logs generated audio beside real validation audio, with log-mel spectrograms of both.
+
+    At the end of every `every_n_validations`-th validation, on rank zero, each of `num_samples` streams
+    is primed with the start of a validation window (its first receptive field of samples) and continues
+    it for `seconds` with the fast incremental sampler (`wavenet.generate`). The real `seconds` that follow
+    the same prime in its file are logged as the reference, so the two clips start from the same point
+    and should sound alike once the model is good. The streams' windows are spread evenly over the
+    validation set (at 1/4 and 3/4 of it for two), away from the silence that often opens a recording;
+    the same primes and the same random draws are used every time, so only the model changes between
+    logged samples. The model generates with the weights validation used (the EMA's when the EMA callback
+    validates with them).
+
+    Media go to every TensorBoard and Weights & Biases logger of the trainer:
+
+    - TensorBoard: audio `samples/generated_<i>` and `samples/real_<i>`, image `samples/spectrogram_<i>`.
+    - W&B: `samples/generated`, `samples/real` (lists of `wandb.Audio`, captioned with the validation
+      window of the prime) and `samples/spectrogram` (`wandb.Image`).
+
+    Without such a logger (CSV alone, `fast_dev_run`, `WANDB_MODE=disabled`) nothing is generated.
+
+    Generation runs one sample at a time, so it is kept to a small share of training: besides the cadence,
+    a validation is skipped while the time spent generating exceeds `max_time_fraction` of the time since
+    training started. That bound matters on a GPU, which speeds training up far more than sampling.
+
+    Args:
+        every_n_validations: Log at every n-th validation (validations come every
+            `trainer.val_check_interval` steps, so this counts in the same unit whatever the epoch length).
+        seconds: Length of each generated and real clip.
+        num_samples: Number of streams, primed from different places of the validation set (generated
+            as one batch: two streams cost about 1.3 times one).
+        temperature: Softmax temperature of the sampler; 1 samples the model as trained.
+        max_time_fraction: Largest share of the training time spent generating; None for no limit.
+        seed: Seed of the sampler's random draws.
+    """
+
+    def __init__(
+        self,
+        every_n_validations: int = 5,
+        seconds: float = 2.0,
+        num_samples: int = 2,
+        temperature: float = 1.0,
+        max_time_fraction: float | None = 0.1,
+        seed: int = 0,
+    ) -> None:
+        key = "callbacks.audio_samples"
+        if every_n_validations < 1:
+            raise UserError(f"{key}.every_n_validations must be a positive integer, got {every_n_validations}")
+        if not seconds > 0:
+            raise UserError(f"{key}.seconds must be positive, got {seconds}")
+        if num_samples < 1:
+            raise UserError(f"{key}.num_samples must be a positive integer, got {num_samples}")
+        if not temperature >= 0:
+            raise UserError(f"{key}.temperature must not be negative, got {temperature}")
+        if max_time_fraction is not None and not 0 < max_time_fraction <= 1:
+            raise UserError(f"{key}.max_time_fraction must be in (0, 1] or null, got {max_time_fraction}")
+        self.every_n_validations = every_n_validations
+        self.seconds = float(seconds)
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.max_time_fraction = max_time_fraction
+        self.seed = seed
+        self.validations = 0  # kept in checkpoints, so a resumed run keeps its cadence
+        self._loggers: list[Logger] = []
+        self._clips: _Clips | None = None
+        self._fit_start = 0.0
+        self._generating = 0.0  # seconds spent in this fit
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start, self._generating = time.monotonic(), 0.0
+        if trainer.is_global_zero:
+            self._loggers = [logger for logger in trainer.loggers if _takes_media(logger)]
+            if self._loggers:
+                self._clips = self._read_clips(trainer, pl_module.receptive_field)
+            else:
+                log.info("Audio samples are not logged: no TensorBoard logger, no enabled W&B logger")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before on_validation_end, where the EMA callback puts the training weights back.
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if not self._loggers or self.validations % self.every_n_validations:
+            return
+        elapsed = time.monotonic() - self._fit_start
+        if self.max_time_fraction is not None and self._generating > self.max_time_fraction * elapsed:
+            log.info(
+                "Audio samples skipped at step %d: generating took %.1f s of %.1f s (max_time_fraction=%g)",
+                trainer.global_step, self._generating, elapsed, self.max_time_fraction,
+            )  # fmt: skip
+            return
+        clips = self._clips
+        assert clips is not None, "read in on_fit_start"
+        start = time.monotonic()
+        self._log_samples(trainer, pl_module, clips)
+        spent = time.monotonic() - start
+        self._generating += spent
+        log.info(
+            "Logged %d audio samples of %.2f s at step %d in %.1f s",
+            self.num_samples, clips.real.shape[1] / clips.sample_rate, trainer.global_step, spent,
+        )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = state_dict["validations"]
+
+    def _log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, clips: _Clips) -> None:
+        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        classes = generate(
+            pl_module,
+            num_samples=clips.real.shape[1],
+            batch_size=self.num_samples,
+            temperature=self.temperature,
+            prime=clips.prime,
+            generator=generator,
+        )  # (B, N)
+        generated = mu_law_decode(classes.cpu(), clips.quantization_channels)
+        images = [_spectrograms(real, fake, clips.sample_rate) for real, fake in zip(clips.real, generated)]
+        for logger in self._loggers:
+            if isinstance(logger, TensorBoardLogger):
+                _log_to_tensorboard(logger, trainer.global_step, clips, generated, images)
+            elif isinstance(logger, WandbLogger):
+                _log_to_wandb(logger, trainer.global_step, clips, generated, images)
+
+    def _read_clips(self, trainer: L.Trainer, receptive_field: int) -> _Clips:
+        """The primes and reference clips, read once from the validation set, spread over it."""
+        val_set = getattr(trainer.datamodule, "val_set", None)
+        if val_set is None:
+            raise UserError(
+                "callbacks.audio_samples needs a datamodule with a val_set (wavenet.data's), to prime from; "
+                "set callbacks.audio_samples=null to train without it"
+            )
+        rate, levels = val_set.sample_rate, val_set.quantization_channels
+        length = round(self.seconds * rate)
+        firsts = [(2 * i + 1) * len(val_set) // (2 * self.num_samples) for i in range(self.num_samples)]
+        stretches = [_contiguous(val_set, first, receptive_field, receptive_field + length) for first in firsts]
+        available = min(stretch.numel() for stretch in stretches) - receptive_field
+        if available < length:
+            log.warning(
+                "Audio samples are %.2f s, not %g s: no longer stretch of validation audio follows a prime",
+                available / rate, self.seconds,
+            )  # fmt: skip
+            length = available
+        if length < _N_FFT:
+            raise UserError(
+                f"callbacks.audio_samples.seconds={self.seconds:g} gives clips shorter than one spectrogram "
+                f"window ({_N_FFT} samples, {_N_FFT / rate:.3f} s at {rate} Hz)"
+            )
+        return _Clips(
+            prime=torch.stack([stretch[:receptive_field] for stretch in stretches]),
+            # The reference as the model hears it: mu-law quantized, like the generated clip.
+            real=torch.stack([mu_law_decode(s[receptive_field : receptive_field + length], levels) for s in stretches]),
+            captions=[f"after validation window {first}" for first in firsts],
+            sample_rate=rate,
+            quantization_channels=levels,
+        )
+
+
+class _Clips(NamedTuple):
+    """The fixed inputs of sample logging, read once."""
+
+    prime: Tensor  # (B, receptive_field) mu-law classes
+    real: Tensor  # (B, N) float in [-1, 1]: what follows the prime
+    captions: list[str]
+    sample_rate: int
+    quantization_channels: int
+
+
+def _contiguous(val_set: Dataset[tuple[Tensor, Tensor]], first: int, receptive_field: int, samples: int) -> Tensor:
+    """The first `samples` consecutive mu-law classes of one validation file, from window `first` on.
+
+    The search goes round the validation set, and gives the longest stretch there is if none is as long.
+    Validation windows tile each file with their scored chunks, so consecutive windows of one file overlap
+    by exactly `receptive_field` samples: a window that does not continue the one before starts another
+    file, and the stretch starts over from it.
+    """
+    inputs, targets = val_set[first]
+    stretch = longest = torch.cat([inputs, targets[-1:]])  # the whole window, (receptive_field + chunk,)
+    for step in range(1, len(val_set)):
+        if stretch.numel() >= samples:
+            break
+        inputs, targets = val_set[(first + step) % len(val_set)]
+        window = torch.cat([inputs, targets[-1:]])
+        continues = torch.equal(window[:receptive_field], stretch[-receptive_field:])
+        stretch = torch.cat([stretch, window[receptive_field:]]) if continues else window
+        longest = max(longest, stretch, key=len)
+    return longest[:samples]
+
+
+def _takes_media(logger: Logger) -> bool:
+    """Whether `logger` can show audio and images (a disabled W&B run shows nothing)."""
+    if isinstance(logger, TensorBoardLogger):
+        return True
+    return isinstance(logger, WandbLogger) and not getattr(logger.experiment, "disabled", False)
+
+
+def _log_to_tensorboard(
+    logger: TensorBoardLogger, step: int, clips: _Clips, generated: Tensor, images: list[np.ndarray]
+) -> None:
+    writer = logger.experiment
+    for i, (real, fake, image) in enumerate(zip(clips.real, generated, images)):
+        writer.add_audio(f"samples/generated_{i}", fake, step, sample_rate=clips.sample_rate)
+        writer.add_audio(f"samples/real_{i}", real, step, sample_rate=clips.sample_rate)
+        writer.add_image(f"samples/spectrogram_{i}", image, step, dataformats="HWC")
+
+
+def _log_to_wandb(
+    logger: WandbLogger, step: int, clips: _Clips, generated: Tensor, images: list[np.ndarray]
+) -> None:
+    import wandb  # only with a W&B logger, which has imported it already
+
+    def audio(clip: Tensor, caption: str) -> wandb.Audio:
+        return wandb.Audio(clip.numpy(), sample_rate=clips.sample_rate, caption=caption)
+
+    captions = clips.captions
+    media = {
+        "samples/generated": [audio(clip, caption) for clip, caption in zip(generated, captions)],
+        "samples/real": [audio(clip, caption) for clip, caption in zip(clips.real, captions)],
+        "samples/spectrogram": [wandb.Image(image, caption=caption) for image, caption in zip(images, captions)],
+    }
+    logger.log_metrics(media, step=step)  # one W&B step for all, at trainer/global_step = step
+
+
+def _spectrograms(real: Tensor, generated: Tensor, sample_rate: int) -> np.ndarray:
+    """(H, W, 3) uint8 image of the log-mel spectrograms of a real clip (top) and a generated one."""
+    mel_spectrogram = MelSpectrogram(sample_rate, n_fft=_N_FFT, hop_length=_HOP, n_mels=_N_MELS)
+    mel = mel_spectrogram(torch.stack([real, generated]))
+    decibels = 10 * mel.clamp_min(1e-10).log10()  # (2, n_mels, frames)
+    # One colour scale for both, so that louder and quieter read the same in the two panels.
+    top = float(decibels.max())
+    figure = Figure(figsize=(8, 5), dpi=80, layout="constrained")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 1, sharex=True)
+    extent = (0.0, real.shape[0] / sample_rate, 0.0, float(_N_MELS))
+    for ax, spectrogram, title in zip(axes, decibels, ["real", "generated"]):
+        image = ax.imshow(
+            spectrogram.numpy(), origin="lower", aspect="auto", cmap="magma",
+            vmin=top - _DYNAMIC_RANGE_DB, vmax=top, extent=extent,
+        )  # fmt: skip
+        ax.set_title(title)
+        ax.set_ylabel("mel band")
+    axes[-1].set_xlabel("seconds")
+    figure.colorbar(image, ax=list(axes), label="dB")
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

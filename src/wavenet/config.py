@@ -1,13 +1,17 @@
-"""Helpers for the Hydra entry points: checking, printing and instantiating composed configs."""
+"""Helpers for the Hydra entry points: checking, printing and instantiating composed configs; sweep summaries."""
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import rich.syntax
 import rich.tree
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -41,8 +45,93 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
             Console(file=file, width=120, color_system=None).print(tree)
 
 
+def instantiate_checked(config: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, letting a `UserError` of the target through as it is.
+
+    Hydra wraps whatever the target raises in an `InstantiationException` with its traceback; a user's
+    mistake (a bad value of a setting) should reach the entry point as the one clear message it is.
+    """
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiates each entry of a config group that maps names to `_target_` configs (callbacks, loggers)."""
     if not group:
         return []
-    return [instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+    return [
+        instantiate_checked(entry)
+        for entry in group.values()
+        if isinstance(entry, DictConfig) and "_target_" in entry
+    ]
+
+
+class SweepSummary(Callback):
+    """Hydra callback that ends a multirun with a list of its jobs, their values and the best.
+
+    Logs a table and writes `<sweep dir>/multirun_summary.yaml`: for every job, the value the task function
+    returned, the overrides that differ between jobs, and its run folder. Values are collected as jobs end,
+    so this needs a launcher that runs jobs in this process, like Hydra's basic launcher (the default, and
+    what the Optuna sweeper launches trials with).
+
+    Args:
+        metric: Name of the value the task function returns, for the table.
+        direction: "minimize" or "maximize": which value is the best.
+    """
+
+    def __init__(self, metric: str, direction: str = "minimize") -> None:
+        if direction not in ("minimize", "maximize"):
+            raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
+        self.metric = metric
+        self.direction = direction
+        self.jobs: list[dict[str, Any]] = []
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.jobs = []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        # A failed job's return_value re-raises its exception; the launcher reports that failure itself.
+        value = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
+        hydra_cfg = job_return.hydra_cfg.hydra
+        self.jobs.append(
+            {
+                "job": int(hydra_cfg.job.num),
+                "value": None if value is None else float(value),
+                "overrides": dict(override.split("=", 1) for override in job_return.overrides or []),
+                "output_dir": str(hydra_cfg.runtime.output_dir),
+            }
+        )
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.jobs:
+            return
+        keys = sorted({key for job in self.jobs for key in job["overrides"]})
+        varying = [key for key in keys if len({job["overrides"].get(key) for job in self.jobs}) > 1]
+        trials = [
+            {
+                "job": job["job"],
+                "value": job["value"],
+                "params": {key: job["overrides"].get(key) for key in varying},
+                "output_dir": job["output_dir"],
+            }
+            for job in self.jobs
+        ]
+        scored = [trial for trial in trials if trial["value"] is not None and not math.isnan(trial["value"])]
+        pick = min if self.direction == "minimize" else max
+        best = pick(scored, key=lambda trial: trial["value"]) if scored else None
+        path = Path(config.hydra.sweep.dir) / "multirun_summary.yaml"
+        summary = {"metric": self.metric, "direction": self.direction, "best": best, "trials": trials}
+        OmegaConf.save(OmegaConf.create(summary), path)
+
+        lines = [f"Multirun summary ({self.metric}, {self.direction}), saved to {path}:"]
+        for trial in trials:
+            value = "failed" if trial["value"] is None else f"{trial['value']:.4f}"
+            params = " ".join(f"{key}={setting}" for key, setting in trial["params"].items())
+            lines.append(f"  job {trial['job']:>3}  {value:>9}  {params}")
+        if best is not None:
+            lines.append(f"Best: job {best['job']}, {self.metric} = {best['value']:.4f}, in {best['output_dir']}")
+        log.info("\n".join(lines))

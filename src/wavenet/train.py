@@ -5,21 +5,27 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from wavenet.config import check_required, instantiate_group, print_config_tree
+from wavenet.config import check_required, instantiate_checked, instantiate_group, print_config_tree
+from wavenet.errors import UserError
+from wavenet.launch import ddp_job
 
 log = logging.getLogger(__name__)
 
 # `lightning` gives itself a console handler and also propagates to the root logger, which Hydra has set up
 # (console and the run's log file): without this every Lightning message would print twice.
 logging.getLogger("lightning").handlers.clear()
+
+WANDB_SERVER = "https://api.wandb.ai"  # W&B's own default, when WANDB_BASE_URL does not name another
 
 
 def auto_precision(accelerator: str) -> str:
@@ -32,51 +38,112 @@ def wandb_logged_in() -> bool:
     """Whether W&B has credentials on this machine, looked up without touching the network."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    host = urlparse(os.environ.get("WANDB_BASE_URL", WANDB_SERVER)).hostname
     try:
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
 
 
-def _resolve_auto_settings(cfg: DictConfig) -> None:
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether the W&B server accepts a connection within `timeout` seconds."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", WANDB_SERVER))
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    answered = threading.Event()
+
+    def connect() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answered.set()
+        except OSError:
+            pass
+
+    # In a thread that is not waited for beyond `timeout`: the name lookup has no time-out of its own.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answered.is_set()
+
+
+def wandb_offline(setting: bool | str) -> bool:
+    """What `logger.wandb.offline` (true, false or auto) means here: whether W&B logs offline.
+
+    auto follows WANDB_MODE where it is set (online or disabled: not offline, so that Lightning leaves the
+    variable alone). Otherwise it is online only when logged in and the server answers within seconds, so
+    that a run never waits for a login prompt or a network time-out.
+    """
+    if setting not in (True, False, "auto"):
+        raise UserError(f"logger.wandb.offline must be true, false or auto, got {setting!r}")
+    if setting != "auto":
+        return bool(setting)
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun"):
+        return True
+    if mode in ("online", "run", "disabled"):
+        return False
+    if not wandb_logged_in():
+        return True
+    if not wandb_reachable():
+        server = os.environ.get("WANDB_BASE_URL", WANDB_SERVER)
+        log.warning("W&B: %s does not answer, logging offline (upload later with `wandb sync`)", server)
+        return True
+    return False
+
+
+def resolve_auto_settings(cfg: DictConfig) -> None:
     """Replaces the `auto` values Lightning and W&B do not understand by what they mean on this machine."""
     with open_dict(cfg):
         if cfg.trainer.get("precision") == "auto":
             cfg.trainer.precision = auto_precision(str(cfg.trainer.get("accelerator", "auto")))
         wandb_cfg = (cfg.get("logger") or {}).get("wandb")
-        if wandb_cfg is not None and wandb_cfg.get("offline") == "auto":
-            # Offline rather than a hanging login prompt or a network time-out.
-            wandb_cfg.offline = not wandb_logged_in()
+        if wandb_cfg is None:
+            return
+        setting = wandb_cfg.get("offline", False)
+        wandb_cfg.offline = wandb_offline(setting)
+        if wandb_cfg.offline and wandb_cfg.get("log_model"):
+            # Lightning refuses to log artifacts offline.
+            if setting is True:
+                raise UserError(
+                    "logger.wandb.log_model uploads checkpoints, which needs W&B online, but "
+                    "logger.wandb.offline=true: set one of them to false"
+                )
+            log.warning("W&B is offline: checkpoints stay in the run folder and are not logged as artifacts")
+            wandb_cfg.log_model = False
 
 
 def run(cfg: DictConfig) -> float | None:
     """Trains as the config says and returns `cfg.optimized_metric` (for sweepers), if it was logged."""
     check_required(cfg)
-    _resolve_auto_settings(cfg)
+    resolve_auto_settings(cfg)
     output_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 
     L.seed_everything(cfg.seed, workers=True)
-    module = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data, receptive_field=module.receptive_field)
+    module = instantiate_checked(cfg.model)
+    datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
-    )
-    log.info(
-        "WaveNet: %s parameters, receptive field %d samples (%.0f ms)",
-        f"{sum(p.numel() for p in module.parameters()):,}",
-        module.receptive_field,
-        1000 * module.receptive_field / module.hparams.sample_rate,
-    )
     try:
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                # The whole composed config, resolved, as the run's config (log_hyperparams is rank-zero only).
+                # Lightning adds the module's hyperparameters at the top level when fit starts.
+                logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer: L.Trainer = instantiate_checked(
+            cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
+        )
+        log.info(
+            "WaveNet: %s parameters, receptive field %d samples (%.0f ms)",
+            f"{sum(p.numel() for p in module.parameters()):,}",
+            module.receptive_field,
+            1000 * module.receptive_field / module.hparams.sample_rate,
+        )
         if cfg.train:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            with ddp_job():
+                trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
                 log.info("Best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
     finally:
-        if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
+        if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
 
             # Each multirun job must end its own W&B run, or the next job logs into it.

@@ -1,0 +1,233 @@
+"""Dashboards: what TensorBoard and W&B (offline) receive, when W&B runs offline, the sample logger's settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import AUDIO, IMAGES, EventAccumulator
+from torch.utils.data import Dataset
+from wandb.proto import wandb_internal_pb2
+
+from tests.conftest import BUILTIN_SMALL, TINY, compose_config, run_script
+from wavenet.callbacks import _contiguous
+from wavenet.config import instantiate_checked, instantiate_group
+from wavenet.errors import UserError
+from wavenet.train import resolve_auto_settings, run, wandb_offline
+
+SCALARS = {"train/loss", "val/loss", "val/bits_per_sample", "train/grad_norm", "train/samples_per_sec"}
+# Samples at every validation, short, never skipped for time.
+SAMPLES = [
+    "callbacks.audio_samples.every_n_validations=1",
+    "callbacks.audio_samples.seconds=0.25",
+    "callbacks.audio_samples.max_time_fraction=null",
+]
+
+
+def wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    """The records of a `.wandb` file: a LevelDB-style log of protobuf records in 32 KiB blocks."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    records, position, pending = [], 7, b""
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # full/first start a record
+        if kind in (1, 4):  # full/last end it
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+@pytest.fixture(scope="module")
+def logged_sweep(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A multirun of two tiny jobs with every logger, W&B offline, audio samples at every validation."""
+    sweep_dir = tmp_path_factory.mktemp("logged")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")  # for the subprocess: conftest disables W&B everywhere else
+        result = run_script(
+            "train.py", "-m", *TINY, *BUILTIN_SMALL, *SAMPLES, "logger=many", "seed=1,2",
+            f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}",
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir
+
+
+def offline_run(job_dir: Path) -> Path:
+    runs = list((job_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_scalars_config_audio_and_images(logged_sweep):
+    run_dir = offline_run(logged_sweep / "0")
+    (wandb_file,) = run_dir.glob("run-*.wandb")
+    records = wandb_records(wandb_file)
+    history = [item for record in records if record.HasField("history") for item in record.history.item]
+    logged = {item.key or "/".join(item.nested_key) for item in history}
+    assert SCALARS | {"lr-AdamW/decayed"} <= logged
+    assert {"samples/generated/_type", "samples/real/_type", "samples/spectrogram/_type"} <= logged
+    # The composed config, resolved, is the run's config.
+    config = {u.key: u.value_json for r in records if r.HasField("config") for u in r.config.update}
+    config |= {u.key: u.value_json for r in records if r.HasField("run") for u in r.run.config.update}
+    assert {"model", "data", "trainer", "callbacks"} <= set(config)
+    assert json.loads(config["model"])["layers"] == 6
+    assert "${" not in config["paths"]
+
+    media = run_dir / "files" / "media"
+    generated = list((media / "audio").rglob("generated*.wav"))
+    assert generated and list((media / "audio").rglob("real*.wav"))
+    info = sf.info(str(generated[0]))
+    assert (info.samplerate, info.frames) == (16000, 4000)  # 0.25 s
+    assert list((media / "images").rglob("spectrogram*.png"))
+
+
+@pytest.mark.slow
+def test_multirun_logs_one_wandb_run_per_job(logged_sweep):
+    runs = [offline_run(logged_sweep / job) for job in ("0", "1")]
+    assert runs[0].name.split("-")[-1] != runs[1].name.split("-")[-1]  # the run ids differ
+    for run_dir in runs:
+        records = wandb_records(next(run_dir.glob("run-*.wandb")))
+        assert any(r.HasField("exit") for r in records)  # each finished
+
+
+@pytest.mark.slow
+def test_tensorboard_events_have_audio_and_image_summaries(logged_sweep):
+    events = EventAccumulator(str(logged_sweep / "0" / "tensorboard"), size_guidance={AUDIO: 0, IMAGES: 0})
+    events.Reload()
+    tags = events.Tags()
+    assert SCALARS <= set(tags["scalars"])
+    assert {"samples/generated_0", "samples/real_0", "samples/generated_1"} <= set(tags["audio"])
+    assert {"samples/spectrogram_0", "samples/spectrogram_1"} <= set(tags["images"])
+    audio = events.Audio("samples/generated_0")
+    assert [event.step for event in audio] == [3, 6]  # every validation
+    assert (audio[0].sample_rate, audio[0].length_frames) == (16000, 4000)
+
+
+class Tiles(Dataset):
+    """Windows of `receptive_field + chunk` samples whose scored chunks tile each file, as validation sets do."""
+
+    def __init__(self, files: list[torch.Tensor], receptive_field: int, chunk: int) -> None:
+        self.window = receptive_field + chunk
+        self.tiles = [(file, tile * chunk) for file in files for tile in range((len(file) - receptive_field) // chunk)]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        file, start = self.tiles[index]
+        window = file[start : start + self.window]
+        return window[:-1], window[1:]
+
+
+def test_sample_audio_is_contiguous_audio_of_one_file():
+    files = [torch.arange(0, 100), torch.arange(1000, 1050)]  # 12 and 5 tiles of 8 after 4 samples of context
+    tiles = Tiles(files, receptive_field=4, chunk=8)
+    assert torch.equal(_contiguous(tiles, 0, 4, 60), torch.arange(0, 60))
+    assert torch.equal(_contiguous(tiles, 3, 4, 20), torch.arange(24, 44))
+    # From the last tile of the first file, too short: the next file starts over.
+    assert torch.equal(_contiguous(tiles, 11, 4, 30), torch.arange(1000, 1030))
+    # From the last file, too short: round to the first.
+    assert torch.equal(_contiguous(tiles, 14, 4, 30), torch.arange(0, 30))
+    # Nothing as long as asked: the longest stretch.
+    assert torch.equal(_contiguous(tiles, 13, 4, 500), torch.arange(0, 100))
+
+
+def test_nothing_is_generated_without_a_media_logger(tmp_path, data_dir, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("generated audio that no logger takes")
+
+    monkeypatch.setattr("wavenet.callbacks.generate", fail)
+    cfg = compose_config("train", [*TINY, *BUILTIN_SMALL, *SAMPLES, f"paths.data_dir={data_dir}"], tmp_path)
+    assert run(cfg) is not None
+    with (tmp_path / "csv" / "metrics.csv").open() as file:
+        logged = {key for row in csv.DictReader(file) for key, value in row.items() if value}
+    assert SCALARS <= logged
+
+
+@pytest.mark.parametrize(
+    "setting,value",
+    [
+        ("seconds", 0),
+        ("seconds", -1.5),
+        ("every_n_validations", 0),
+        ("num_samples", 0),
+        ("temperature", -0.1),
+        ("max_time_fraction", 0),
+        ("max_time_fraction", 1.5),
+    ],
+)
+def test_bad_sample_logger_setting_is_an_error_naming_it(tmp_path, setting, value):
+    cfg = compose_config("train", [f"callbacks.audio_samples.{setting}={value}"], tmp_path)
+    with pytest.raises(UserError, match=rf"^callbacks\.audio_samples\.{setting} must"):
+        instantiate_group(cfg.callbacks)
+
+
+def test_user_errors_of_config_targets_are_not_wrapped_by_hydra(tmp_path):
+    cfg = compose_config("train", ["data.batch_size=0"], tmp_path)
+    with pytest.raises(UserError, match=r"^data\.batch_size must"):
+        instantiate_checked(cfg.data, receptive_field=15)
+
+
+@pytest.mark.slow
+def test_bad_sample_logger_setting_is_one_error_line(tmp_path, data_dir):
+    result = run_script(
+        "train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}",
+        "callbacks.audio_samples.seconds=0",
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: callbacks.audio_samples.seconds must be positive, got 0"], result.stderr[-2000:]
+
+
+@pytest.fixture
+def no_wandb_environment(monkeypatch, tmp_path):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+
+def test_wandb_offline_auto_follows_login_server_and_wandb_mode(no_wandb_environment, monkeypatch, caplog):
+    assert wandb_offline(True) is True and wandb_offline(False) is False
+    assert wandb_offline("auto") is True  # not logged in
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with socket.socket() as closed:  # a local port nobody listens on: the server does not answer
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    with caplog.at_level(logging.WARNING):
+        assert wandb_offline("auto") is True
+    assert "does not answer" in caplog.text
+    with socket.create_server(("127.0.0.1", 0)) as server:  # logged in, and the server answers
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert wandb_offline("auto") is False
+    for mode, offline in [("offline", True), ("dryrun", True), ("online", False), ("disabled", False)]:
+        monkeypatch.setenv("WANDB_MODE", mode)
+        assert wandb_offline("auto") is offline, mode
+    with pytest.raises(UserError, match="logger.wandb.offline"):
+        wandb_offline("sometimes")
+
+
+def test_wandb_log_model_needs_online(no_wandb_environment, tmp_path, caplog):
+    cfg = compose_config("train", ["logger=wandb", "logger.wandb.log_model=true"], tmp_path)
+    with caplog.at_level(logging.WARNING):
+        resolve_auto_settings(cfg)  # auto, not logged in: offline, without artifacts
+    assert cfg.logger.wandb.offline is True and cfg.logger.wandb.log_model is False
+    assert "not logged as artifacts" in caplog.text
+    with open_dict(cfg):
+        cfg.logger.wandb.offline, cfg.logger.wandb.log_model = True, True
+    with pytest.raises(UserError, match="logger.wandb.log_model"):
+        resolve_auto_settings(cfg)

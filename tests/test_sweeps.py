@@ -1,0 +1,100 @@
+"""Recipes: every experiment config runs, an Optuna search reports its best trial, the W&B sweep file's trials
+are valid train.py command lines."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+from omegaconf import OmegaConf
+
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config, run_script
+from wavenet.train import run
+
+EXPERIMENTS = sorted(path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def write_speech_like(root: Path, files: int = 3, seconds: float = 1.0, rate: int = 16000) -> None:
+    """Vowel-like buzz: harmonics of a gliding pitch shaped by three formants, in syllables of ~4 Hz."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * rate)) / rate
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(files):
+        pitch = 110 + 30 * index + 15 * np.sin(2 * np.pi * 2 * t)  # (T,) Hz
+        phase = 2 * np.pi * np.cumsum(pitch) / rate
+        formants = rng.uniform([300, 900, 2200], [800, 1800, 3000])
+        voice = np.zeros_like(t)
+        for k in range(1, 40):
+            gain = sum(np.exp(-(((k * pitch - f) / 150) ** 2)) for f in formants)
+            voice += gain * np.sin(k * phase) * (k * pitch < rate / 2)
+        syllables = np.abs(np.sin(2 * np.pi * 4 * t + rng.uniform(0, np.pi))) ** 0.5
+        audio = syllables * voice / np.abs(voice).max() + 0.01 * rng.standard_normal(t.shape)
+        sf.write(root / f"speaker{index}.wav", (0.5 * audio).astype(np.float32), rate, subtype="PCM_16")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_runs_fast_dev_run(name, tmp_path, data_dir):
+    recipe = compose_config("train", [f"experiment={name}"], tmp_path)
+    assert recipe.tags and list(recipe.tags) != ["dev"], "an experiment tags its runs"
+    OmegaConf.to_container(recipe, resolve=True)  # every interpolation of the recipe itself resolves
+    if OmegaConf.is_missing(recipe.data, "root"):  # a folder of the user's audio
+        write_speech_like(tmp_path / "audio")
+        data = [f"data.root={tmp_path / 'audio'}"]
+    else:
+        data = [*BUILTIN_SMALL, f"paths.data_dir={data_dir}"]
+    # Tiny and on the CPU, whatever the recipe's size and device: this checks that it runs, not how well.
+    cfg = compose_config("train", [f"experiment={name}", *TINY, *data, "trainer.fast_dev_run=true"], tmp_path)
+    assert cfg.tags == recipe.tags
+    assert math.isfinite(run(cfg))
+
+
+@pytest.mark.slow
+def test_optuna_search_of_three_trials_reports_the_best(tmp_path, data_dir):
+    sweep_dir = tmp_path / "optuna"
+    result = run_script(
+        "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *TINY, *BUILTIN_SMALL,
+        # The search space's channels and layers, scaled down to the tiny model (chunk_length is fixed by TINY).
+        "model.residual_channels=choice(4,8)", "model.layers=choice(4,6)", "logger=many",
+        f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    optuna = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert set(optuna["best_params"]) == {"model.lr", "model.residual_channels", "model.layers"}
+    summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
+    assert summary["metric"] == "val/bits_per_sample"
+    values = [trial["value"] for trial in summary["trials"]]
+    assert [trial["job"] for trial in summary["trials"]] == [0, 1, 2] and all(map(math.isfinite, values))
+    assert optuna["best_value"] == summary["best"]["value"] == min(values)
+    assert "Best: job" in result.stdout + result.stderr
+    for job in ("0", "1", "2"):  # each trial logged on its own
+        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+        assert len(list((sweep_dir / job / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_wandb_sweep_trials_are_train_py_overrides(tmp_path):
+    sweep = yaml.safe_load((REPO / "conf" / "sweeps" / "wandb.yaml").read_text())
+    train_cfg = yaml.safe_load((REPO / "conf" / "train.yaml").read_text())
+    assert sweep["metric"] == {"name": train_cfg["optimized_metric"], "goal": "minimize"}
+    assert sweep["program"] == "train.py" and (REPO / sweep["program"]).is_file()
+
+    # One trial, expanded as `wandb agent` expands the command's macros.
+    values = {}
+    for name, space in sweep["parameters"].items():
+        values[name] = space["values"][-1] if "values" in space else space["max"]
+    macros = {
+        "${env}": [],
+        "${program}": [sweep["program"]],
+        "${args_no_hyphens}": [f"{name}={value}" for name, value in values.items()],
+    }
+    command = [part for chunk in sweep["command"] for part in macros.get(chunk, [chunk])]
+    assert command[:2] == ["python", "train.py"]
+    cfg = compose_config("train", command[2:], tmp_path)
+    assert "wandb" in cfg.logger
+    for name, value in values.items():
+        assert OmegaConf.select(cfg, name) == pytest.approx(value), name
+    assert cfg.model.dilation_channels == cfg.model.residual_channels == 128
