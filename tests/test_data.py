@@ -1,4 +1,8 @@
-"""Tests of the data package on audio synthesised into `tmp_path`: I/O, resampling, windows, split, cache."""
+"""Tests of audio I/O and of the folder data module on audio synthesised into `tmp_path`: windows,
+sampling, split, errors, the built-in dataset.
+
+Preparation itself is tested in test_data_prepare.py, streaming in test_data_streaming.py.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import itertools
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -26,6 +31,7 @@ from wavenet.data import (
     write_wav,
 )
 from wavenet.data.audio import resampled_length
+from wavenet.data.datasets import ChunkSampler
 from wavenet.errors import UserError
 
 RATE = 16000
@@ -45,9 +51,14 @@ def chirp(seconds: float, rate: int, channels: int = 1, seed: int = 0) -> np.nda
     return np.stack(columns, axis=1).astype(np.float32)
 
 
-def write(path: Path, audio: np.ndarray, rate: int) -> Path:
+def noise(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
+    """(T, 1) float32 white noise: every window of it is different, so a window tells where it came from."""
+    return (0.3 * np.random.default_rng(seed).standard_normal((round(seconds * rate), 1))).astype(np.float32)
+
+
+def write(path: Path, audio: np.ndarray, rate: int, subtype: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), audio, rate)  # format from the extension
+    sf.write(str(path), audio, rate, subtype=subtype)  # format from the extension
     return path
 
 
@@ -60,16 +71,36 @@ def folder(tmp_path: Path) -> Path:
     write(root / "nested" / "deeper" / "mono22k.wav", chirp(0.5, 22050, seed=3), 22050)
     write(root / "UPPER16K.WAV", chirp(0.6, RATE, seed=4), RATE)
     write(root / "short.wav", chirp(0.01, RATE, seed=5), RATE)  # 160 samples < one window
+    write(root / "silent.wav", np.zeros((RATE, 1), np.float32), RATE)
     (root / "corrupt.wav").write_bytes(np.random.default_rng(6).bytes(4000))
     (root / "notes.txt").write_text("not audio")
     return root
 
 
 def make_module(root: Path, **overrides) -> AudioFolderDataModule:
+    """A module on `root` with its cache next to it, prepared in this process."""
     args = dict(
-        receptive_field=RECEPTIVE_FIELD, chunk_length=CHUNK, batch_size=2, num_workers=0, val_fraction=0.3
+        receptive_field=RECEPTIVE_FIELD,
+        chunk_length=CHUNK,
+        batch_size=2,
+        num_workers=0,
+        val_fraction=0.3,
+        cache_dir=root.parent / "cache",
+        prepare_workers=1,
     )
     return AudioFolderDataModule(root, **{**args, **overrides})
+
+
+def ready(root: Path, **overrides) -> AudioFolderDataModule:
+    module = make_module(root, **overrides)
+    module.prepare_data()
+    module.setup("fit")
+    return module
+
+
+def simulate_rank(module: L.LightningDataModule, rank: int, world_size: int) -> None:
+    """What the data module sees of a DDP trainer: its rank and the world size."""
+    module.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
 
 
 # Audio I/O
@@ -85,6 +116,7 @@ def test_find_audio_files_is_recursive_sorted_and_case_insensitive(folder: Path)
         "nested/deeper/mono22k.wav",
         "nested/stereo44k.flac",
         "short.wav",
+        "silent.wav",
         "stereo44k.wav",
     }
 
@@ -147,13 +179,12 @@ def test_mu_law_is_exported_and_round_trips() -> None:
 # AudioFolderDataModule
 
 
-def test_setup_indexes_usable_files_and_warns_about_the_rest(folder: Path, caplog) -> None:
+def test_setup_lists_every_left_out_file_in_one_warning(folder: Path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="wavenet.data")
-    module = make_module(folder)
-    module.setup("fit")
+    module = ready(folder)
 
     files = module.train_files + module.val_files
-    indexed = {file.path.relative_to(folder).as_posix(): file.frames for file in files}
+    indexed = {file.relative: file.frames for file in files}
     assert indexed == {
         "stereo44k.wav": 16000,
         "nested/stereo44k.flac": resampled_length(round(0.8 * 44100), 44100, RATE),
@@ -161,15 +192,18 @@ def test_setup_indexes_usable_files_and_warns_about_the_rest(folder: Path, caplo
         "UPPER16K.WAV": round(0.6 * RATE),
     }
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
-    assert len(warnings) == 2
-    unreadable, short = warnings
-    assert "corrupt.wav" in unreadable and "Format not recognised" in unreadable
-    assert "short.wav" in short and "corrupt.wav" not in short
+    assert len(warnings) == 1
+    lines = warnings[0].splitlines()
+    assert "Leaving out 3 of 7 audio files" in lines[0]
+    assert sorted(line.strip() for line in lines[1:]) == [
+        "corrupt.wav: unreadable (Format not recognised.)",
+        f"short.wav: shorter than one window ({WINDOW} samples = 0.020 s at 16000 Hz)",
+        "silent.wav: silent (every sample is zero)",
+    ]
 
 
-def test_examples_are_windows_with_targets_shifted_by_one(folder: Path) -> None:
-    module = make_module(folder)
-    module.setup("fit")
+def test_examples_are_windows_of_the_mu_law_audio_with_targets_shifted_by_one(folder: Path) -> None:
+    module = ready(folder)
     assert module.val_set is not None and module.train_set is not None
 
     for dataset in (module.train_set, module.val_set):
@@ -179,73 +213,119 @@ def test_examples_are_windows_with_targets_shifted_by_one(folder: Path) -> None:
         assert torch.equal(inputs[1:], targets[:-1])
         assert 0 <= int(inputs.min()) and int(inputs.max()) < 256
 
-    # Validation tile 1 of the first validation file starts one chunk in.
+    # Validation tile 1 of the first validation file starts one chunk in; train index p is the p-th start.
     first = module.val_files[0]
     inputs, targets = module.val_set[1]
     expected = mu_law_encode(read_audio(first.path, RATE, start=CHUNK, frames=WINDOW))
     assert torch.equal(inputs, expected[:-1]) and torch.equal(targets, expected[1:])
+    last = module.train_files[-1]
+    inputs, _ = module.train_set[sum(module.train_set.starts[:-1]) + 5]
+    assert torch.equal(inputs, mu_law_encode(read_audio(last.path, RATE, start=5, frames=WINDOW))[:-1])
 
 
-def test_dataset_lengths_count_non_overlapping_chunks(folder: Path) -> None:
-    module = make_module(folder)
-    module.setup("fit")
+def test_dataset_lengths_count_starts_and_validation_tiles(folder: Path) -> None:
+    module = ready(folder)
     assert module.train_set is not None and module.val_set is not None
-    assert len(module.train_set) == sum((f.frames - RECEPTIVE_FIELD) // CHUNK for f in module.train_files)
-    assert len(module.val_set) == sum((f.frames - RECEPTIVE_FIELD) // CHUNK for f in module.val_files)
+    assert len(module.train_set) == sum(f.frames - WINDOW + 1 for f in module.train_files)
+    assert len(module.val_set) == sum((f.frames - WINDOW) // CHUNK + 1 for f in module.val_files)
     # Validation is fixed: the same windows every pass, whatever the RNG does.
     first_pass = [module.val_set[i][0] for i in range(len(module.val_set))]
     torch.manual_seed(123)
     assert all(torch.equal(a, module.val_set[i][0]) for i, a in enumerate(first_pass))
 
 
-def test_train_windows_are_reproducible_from_the_torch_seed(folder: Path) -> None:
-    module = make_module(folder)
-    module.setup("fit")
+def level_corpus(root: Path, seconds: list[float]) -> Path:
+    """Files that each hold one constant level, so a window tells which file it came from."""
+    for index, length in enumerate(seconds):
+        write(
+            root / f"level{index}.wav",
+            np.full((round(length * RATE), 1), 0.1 * (index + 1), np.float32),
+            RATE,
+        )
+    return root
+
+
+def test_training_windows_are_uniform_over_samples_not_files(tmp_path: Path) -> None:
+    module = ready(
+        level_corpus(tmp_path / "levels", [0.05, 0.1, 0.2, 0.4, 0.4]), batch_size=1, val_fraction=0.2
+    )
+    dataset = module.train_set
+    assert dataset is not None and len(dataset.files) >= 3
+    level_of = {int(mu_law_encode(read_audio(f.path, RATE, 0, 1))[0]): i for i, f in enumerate(dataset.files)}
+    ends = np.cumsum(dataset.starts)
+
+    sampler = ChunkSampler(dataset, seed=0)
+    counts = np.zeros(len(dataset.files))
+    halves = np.zeros(2)  # where in its file a window starts: first or second half of the valid starts
+    for epoch in range(40):
+        sampler.set_epoch(epoch)
+        for position in sampler:
+            file = int(np.searchsorted(ends, position, side="right"))
+            counts[file] += 1
+            offset = position - (ends[file - 1] if file else 0)
+            halves[int(2 * offset >= dataset.starts[file])] += 1
+    # Spot check that a position reads from the file it names.
+    assert level_of[int(dataset[position][0][0])] == file
+
+    np.testing.assert_allclose(
+        counts / counts.sum(), np.array(dataset.starts) / sum(dataset.starts), atol=0.01
+    )
+    assert abs(halves[0] / halves.sum() - 0.5) < 0.02
+
+
+def test_sampler_epochs_are_disjoint_chunks_new_every_epoch_and_reproducible(folder: Path) -> None:
+    module = ready(folder, batch_size=1)
+    dataset = module.train_set
+    sampler = ChunkSampler(dataset, seed=3)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    for positions in epochs:
+        assert len(positions) == len(dataset) // CHUNK == len(sampler)
+        ordered = np.sort(positions)
+        assert np.diff(ordered).min() >= CHUNK  # no two windows of an epoch score the same sample
+    assert epochs[0] != epochs[1] and set(epochs[0]) != set(epochs[1])
+    again = ChunkSampler(dataset, seed=3)
+    again.set_epoch(1)
+    assert list(again) == epochs[1]
+    other = ChunkSampler(dataset, seed=4)
+    other.set_epoch(1)
+    assert list(other) != epochs[1]
+
+
+def test_two_ranks_with_two_workers_each_load_disjoint_windows(tmp_path: Path) -> None:
+    root = tmp_path / "noise"
+    for index, seconds in enumerate([0.7, 0.5, 0.9, 0.3]):
+        write(root / f"noise{index}.wav", noise(seconds, RATE, seed=index), RATE)
+    module = ready(root, batch_size=3, num_workers=2, val_fraction=0.2)
     dataset = module.train_set
     assert dataset is not None
+    # Where every window may start, by its first 8 classes (unique in white noise).
+    where = {}
+    for position in range(len(dataset)):
+        where[dataset[position][0][:8].numpy().tobytes()] = position
+    assert len(where) == len(dataset)
 
-    def draw(seed: int) -> list[torch.Tensor]:
-        torch.manual_seed(seed)
-        return [dataset[i][0] for i in range(8)]
-
-    first, again, other = draw(0), draw(0), draw(1)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not all(torch.equal(a, b) for a, b in zip(first, other))
-    # Same RNG state, different index (as on two DDP ranks): different windows.
-    torch.manual_seed(0)
-    index_0 = dataset[0][0]
-    torch.manual_seed(0)
-    assert not torch.equal(index_0, dataset[1][0])
-
-
-def test_train_windows_are_uniform_over_samples_not_files(tmp_path: Path) -> None:
-    # Each file holds one constant level, so a window tells which file it came from.
-    root = tmp_path / "levels"
-    for index, seconds in enumerate([0.05, 0.1, 0.2, 0.4]):
-        level = np.full((round(seconds * RATE), 1), 0.1 * (index + 1), np.float32)
-        write(root / f"level{index}.wav", level, RATE)
-    module = make_module(root, batch_size=1)
-    module.setup("fit")
-    dataset = module.train_set
-    assert dataset is not None and len(dataset.files) >= 2
-    level_of = {int(mu_law_encode(read_audio(f.path, RATE, 0, 1))[0]): i for i, f in enumerate(dataset.files)}
-
-    torch.manual_seed(0)
-    counts = np.zeros(len(dataset.files))
-    for index in range(3000):
-        counts[level_of[int(dataset[index][0][0])]] += 1
-
-    starts = np.array([file.frames - WINDOW + 1 for file in dataset.files])
-    np.testing.assert_allclose(counts / counts.sum(), starts / starts.sum(), atol=0.03)
+    loaded = {}
+    for rank in range(2):
+        simulate_rank(module, rank, world_size=2)
+        loader = module.train_dataloader()
+        loader.sampler.set_epoch(5)
+        batches = list(loader)
+        assert len(batches) == len(dataset) // CHUNK // 2 // 3
+        loaded[rank] = [where[window[:8].numpy().tobytes()] for inputs, _ in batches for window in inputs]
+    assert len(loaded[0]) == len(loaded[1])
+    positions = np.sort(loaded[0] + loaded[1])
+    assert len(set(positions.tolist())) == len(positions)
+    assert np.diff(positions).min() >= CHUNK
 
 
 def test_dataloader_round_trip_gives_batches_of_windows(folder: Path) -> None:
-    module = make_module(folder, batch_size=3)
-    L.seed_everything(0, workers=True)
-    module.setup("fit")
-
+    module = ready(folder, batch_size=3)
     train = module.train_dataloader()
     assert train.drop_last and not train.pin_memory and not train.persistent_workers
+    assert isinstance(train.sampler, ChunkSampler)
     batch = next(iter(train))
     assert isinstance(batch, tuple) and len(batch) == 2
     inputs, targets = batch
@@ -258,29 +338,24 @@ def test_dataloader_round_trip_gives_batches_of_windows(folder: Path) -> None:
     assert all(inputs.shape[1] == WINDOW - 1 for inputs, _ in val_batches)
 
 
-def test_worker_processes_draw_reproducibly_under_seed_everything(folder: Path) -> None:
-    module = make_module(folder, num_workers=2)
-    module.setup("fit")
-
-    def first_batches() -> list[torch.Tensor]:
-        L.seed_everything(7, workers=True)
+def test_worker_processes_load_the_same_batches_from_the_same_seed(folder: Path) -> None:
+    def first_batches(seed: int) -> list[torch.Tensor]:
+        module = ready(folder, num_workers=2, seed=seed)
         loader = module.train_dataloader()
         assert loader.persistent_workers
         return [inputs for inputs, _ in itertools.islice(loader, 4)]
 
-    first, again = first_batches(), first_batches()
+    first, again, other = first_batches(7), first_batches(7), first_batches(8)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    # Two workers with their own seeds: the batches they make differ.
-    assert not torch.equal(first[0], first[1])
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
 def test_missing_empty_or_unusable_roots_are_user_errors_naming_the_path(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file.wav").write_bytes(b"")
     bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "corrupt.wav").write_bytes(b"garbage")
     write(bad / "short.wav", chirp(0.01, RATE), RATE)
+    write(bad / "short2.wav", chirp(0.01, RATE), RATE)
     one = tmp_path / "one"
     write(one / "only.wav", chirp(0.5, RATE), RATE)
 
@@ -288,21 +363,34 @@ def test_missing_empty_or_unusable_roots_are_user_errors_naming_the_path(tmp_pat
         (tmp_path / "missing", "does not exist"),
         (tmp_path / "a_file.wav", "not a directory"),
         (tmp_path / "empty", "no audio files"),
-        (bad, "1 are unreadable and 1 are shorter"),
+        (bad, "0 are unusable and 2 are shorter than one window"),
         (one, "validation needs a file of its own"),
     ]:
         with pytest.raises(UserError, match=reason) as error:
-            make_module(root).setup("fit")
+            ready(root)
         assert str(root) in str(error.value)
 
 
-def test_too_little_training_audio_for_one_batch_is_a_user_error(folder: Path) -> None:
+def test_too_little_training_audio_for_one_batch_per_rank_is_a_user_error(folder: Path) -> None:
     with pytest.raises(UserError, match="batch_size"):
-        make_module(folder, batch_size=1000).setup("fit")
+        ready(folder, batch_size=1000)
+
+
+def test_setup_before_prepare_data_is_a_user_error(folder: Path) -> None:
+    with pytest.raises(UserError, match="prepare_data"):
+        make_module(folder).setup("fit")
 
 
 def test_bad_settings_are_user_errors(folder: Path) -> None:
-    for overrides in [dict(chunk_length=0), dict(val_fraction=1.0), dict(num_workers=-1)]:
+    for overrides in [
+        dict(chunk_length=0),
+        dict(val_fraction=1.0),
+        dict(num_workers=-1),
+        dict(quantization_channels=512),
+        dict(trim_db=-20),
+        dict(layout="timit"),
+        dict(prepare_workers=0),
+    ]:
         with pytest.raises(UserError, match=next(iter(overrides))):
             make_module(folder, **overrides)
 
@@ -313,8 +401,7 @@ def test_split_is_deterministic_disjoint_non_empty_and_stable_when_files_are_add
         write(root / f"piece{index:02d}.wav", chirp(0.05, RATE, seed=index), RATE)
 
     def split() -> tuple[set[str], set[str]]:
-        module = make_module(root, batch_size=1)
-        module.setup("fit")
+        module = ready(root, batch_size=1)
         return {file.path.name for file in module.train_files}, {file.path.name for file in module.val_files}
 
     train, val = split()
@@ -328,19 +415,24 @@ def test_split_is_deterministic_disjoint_non_empty_and_stable_when_files_are_add
 
 def test_split_always_keeps_a_file_on_each_side(folder: Path) -> None:
     for val_fraction in (1e-9, 1 - 1e-9):
-        module = make_module(folder, val_fraction=val_fraction, batch_size=1)
-        module.setup("fit")
+        module = ready(folder, val_fraction=val_fraction, batch_size=1)
         assert module.train_files and module.val_files
 
 
 # SyntheticMusicDataModule
 
 
-def make_synthetic(cache_dir: Path, **overrides) -> SyntheticMusicDataModule:
+def make_synthetic(data_dir: Path, **overrides) -> SyntheticMusicDataModule:
     args = dict(
-        receptive_field=RECEPTIVE_FIELD, num_files=4, seconds_per_file=2.0, chunk_length=CHUNK, num_workers=0
+        receptive_field=RECEPTIVE_FIELD,
+        num_files=4,
+        seconds_per_file=2.0,
+        chunk_length=CHUNK,
+        num_workers=0,
+        cache_dir=data_dir / "prepared",
+        prepare_workers=1,
     )
-    return SyntheticMusicDataModule(cache_dir, **{**args, **overrides})
+    return SyntheticMusicDataModule(data_dir / "synthetic", **{**args, **overrides})
 
 
 def test_synthetic_dataset_is_deterministic_and_cached(tmp_path: Path, caplog) -> None:
@@ -350,7 +442,7 @@ def test_synthetic_dataset_is_deterministic_and_cached(tmp_path: Path, caplog) -
     assert "Synthesising built-in dataset (4 files)" in caplog.text
     files = sorted(first.root.iterdir())
     assert [path.name for path in files] == ["0000.wav", "0001.wav", "0002.wav", "0003.wav"]
-    assert list((tmp_path / "a").iterdir()) == [first.root]  # no temporary folder left behind
+    assert list((tmp_path / "a" / "synthetic").iterdir()) == [first.root]  # no temporary folder left behind
 
     second = make_synthetic(tmp_path / "b")
     second.prepare_data()
@@ -370,7 +462,7 @@ def test_synthetic_dataset_is_deterministic_and_cached(tmp_path: Path, caplog) -
 def test_synthetic_audio_is_music_not_noise(tmp_path: Path) -> None:
     module = make_synthetic(tmp_path)
     module.prepare_data()
-    noise = np.random.default_rng(0).standard_normal(2 * RATE)
+    noise_audio = np.random.default_rng(0).standard_normal(2 * RATE)
 
     def flatness(audio: np.ndarray) -> float:
         power = np.abs(np.fft.rfft(audio)) ** 2 + 1e-12
@@ -379,7 +471,7 @@ def test_synthetic_audio_is_music_not_noise(tmp_path: Path) -> None:
     def lag_one_correlation(audio: np.ndarray) -> float:
         return float(np.corrcoef(audio[:-1], audio[1:])[0, 1])
 
-    assert flatness(noise) > 0.4
+    assert flatness(noise_audio) > 0.4
     for path in sorted(module.root.iterdir()):
         audio = read_audio(path, RATE).numpy()
         assert len(audio) == 2 * RATE
@@ -392,11 +484,13 @@ def test_synthetic_audio_is_music_not_noise(tmp_path: Path) -> None:
         assert len(set(peaks.tolist())) >= 3
 
 
-def test_synthetic_module_trains_like_a_folder(tmp_path: Path) -> None:
+def test_synthetic_module_trains_from_prepared_shards(tmp_path: Path) -> None:
     module = make_synthetic(tmp_path, batch_size=2)
     module.prepare_data()
     module.setup("fit")
     assert len(module.val_files) == 1 and len(module.train_files) == 3
+    assert module.manifest is not None and (module.manifest.directory / "shard-00000.bin").is_file()
+    assert module.manifest.directory.parent == tmp_path / "prepared"
     inputs, targets = next(iter(module.train_dataloader()))
     assert inputs.shape == targets.shape == (2, WINDOW - 1)
 
@@ -418,4 +512,4 @@ def test_interrupted_synthesis_leaves_nothing_that_passes_as_a_cache(tmp_path: P
     with pytest.raises(KeyboardInterrupt):
         module.prepare_data()
     assert not module.root.exists()
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path / "synthetic") == []

@@ -77,7 +77,7 @@ def test_checkpoint_holds_both_and_resume_restores_the_average(tmp_path):
             seen["updates"] = resumed_ema.updates
             seen["weight"] = resumed_ema.averaged["model.head.3.weight"].clone()
 
-    fit(WaveNetModule(**TINY), [resumed_ema, Peek()], tmp_path, max_steps=12, val_check_interval=12, ckpt_path=path)
+    fit(WaveNetModule(**TINY), [resumed_ema, Peek()], tmp_path / "resumed", max_steps=12, val_check_interval=12, ckpt_path=path)
     assert seen["updates"] == 10
     torch.testing.assert_close(seen["weight"], averaged["model.head.3.weight"])
 

@@ -43,7 +43,7 @@ def test_experiment_composes_and_runs_fast_dev_run(name, tmp_path, data_dir):
     OmegaConf.to_container(recipe, resolve=True)  # every interpolation of the recipe itself resolves
     if OmegaConf.is_missing(recipe.data, "root"):  # a folder of the user's audio
         write_speech_like(tmp_path / "audio")
-        data = [f"data.root={tmp_path / 'audio'}"]
+        data = [f"data.root={tmp_path / 'audio'}", f"paths.data_dir={data_dir}"]
     else:
         data = [*BUILTIN_SMALL, f"paths.data_dir={data_dir}"]
     # Tiny and on the CPU, whatever the recipe's size and device: this checks that it runs, not how well.

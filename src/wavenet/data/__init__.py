@@ -1,4 +1,4 @@
-"""Audio data: files -> mono float audio at one sample rate -> mu-law windows -> batches.
+"""Audio data: files -> prepared mu-law shards (cached) -> windows -> batches; optionally streamed.
 
 The public names load on first use, as in `wavenet`: `wavenet.data.mulaw` (used by generation) does not
 pull in Lightning.
@@ -10,6 +10,12 @@ from typing import Any
 _EXPORTS = {
     "AudioFolderDataModule": "wavenet.data.datamodule",
     "SyntheticMusicDataModule": "wavenet.data.datamodule",
+    "StreamingDataModule": "wavenet.data.streaming",
+    "Manifest": "wavenet.data.prepare",
+    "PrepareSettings": "wavenet.data.prepare",
+    "prepare_corpus": "wavenet.data.prepare",
+    "list_sources": "wavenet.data.layouts",
+    "publish": "wavenet.data.streaming",
     "audio_info": "wavenet.data.audio",
     "find_audio_files": "wavenet.data.audio",
     "read_audio": "wavenet.data.audio",

@@ -1,8 +1,8 @@
 """Audio files in and out: soundfile for I/O (torchaudio.load/save need ffmpeg), torchaudio to resample.
 
 Everything here works on float32 mono at a target sample rate. A region of a file can be read on its own,
-resampled exactly as if the whole file had been resampled and then cut, so datasets read windows from
-disk on demand instead of holding the corpus in memory.
+resampled exactly as if the whole file had been resampled and then cut, so preparation decodes a long
+recording block by block, and sample logging reads a few seconds of a file, without holding it in memory.
 """
 
 from __future__ import annotations
@@ -25,16 +25,25 @@ _LOWPASS_FILTER_WIDTH = 6
 _ROLLOFF = 0.99
 
 
+class UnreadableAudioError(UserError):
+    """An audio file that cannot be opened or decoded; `reason` is libsndfile's word for why."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"cannot read audio file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 def audio_info(path: str | Path) -> tuple[int, int]:
     """Returns `(frames, samplerate)` of an audio file from its header, without decoding it.
 
     Raises:
-        UserError: If the file cannot be opened as audio; the message names the file and the reason.
+        UnreadableAudioError: If the file cannot be opened as audio; the message names the file and why.
     """
     try:
         info = sf.info(str(path))
     except (sf.SoundFileError, OSError) as error:
-        raise UserError(f"cannot read audio file {path}: {_reason(error)}") from error
+        raise UnreadableAudioError(path, _reason(error)) from error
     return info.frames, info.samplerate
 
 
@@ -64,7 +73,7 @@ def read_audio(
         (T,) float32.
 
     Raises:
-        UserError: If the file cannot be opened or decoded; the message names the file and the reason.
+        UnreadableAudioError: If the file cannot be opened or decoded; the message names the file and why.
     """
     start = 0 if start is None else start
     if start < 0 or (frames is not None and frames < 0):
@@ -81,7 +90,7 @@ def read_audio(
                 # The resampler rings past the last sample; whole-file resampling crops that away.
                 audio[max(total - start, 0) :] = 0.0
     except (sf.SoundFileError, OSError) as error:
-        raise UserError(f"cannot read audio file {path}: {_reason(error)}") from error
+        raise UnreadableAudioError(path, _reason(error)) from error
     return torch.from_numpy(audio)
 
 

@@ -1,7 +1,8 @@
-"""LightningDataModules: a folder of the user's audio, and the built-in synthetic music.
+"""LightningDataModules: a corpus of the user's audio (any folder, VCTK, LJSpeech), and the built-in music.
 
-Both stream windows from disk (see `wavenet.data.datasets`): `setup` reads only file headers, so memory
-does not grow with the corpus.
+Both prepare their corpus once into memory-mapped mu-law shards (`wavenet.data.prepare`, run by
+Lightning's `prepare_data` on one process per node) and train on windows sliced from them
+(`wavenet.data.datasets`). `wavenet.data.streaming` has a third module that streams published shards.
 """
 
 from __future__ import annotations
@@ -19,14 +20,26 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from wavenet.data.audio import audio_info, find_audio_files, resampled_length
-from wavenet.data.datasets import AudioFile, RandomWindows, TiledWindows
+from wavenet.data.datasets import ChunkSampler, FixedChunks, RandomChunks, ShardReader
+from wavenet.data.layouts import LAYOUTS
+from wavenet.data.prepare import (
+    MANIFEST,
+    Manifest,
+    PreparedFile,
+    PrepareSettings,
+    default_data_dir,
+    prepare_corpus,
+    prepared_folder,
+)
 from wavenet.data.synthetic import SYNTHESIS_VERSION, synthesize_dataset
 from wavenet.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Files listed one per line in the warning about left-out files; the manifest lists them all.
+_LISTED = 20
 
 
 @rank_zero_only
@@ -46,36 +59,48 @@ def _validation_score(relative_path: str) -> float:
     return zlib.crc32(relative_path.encode("utf-8")) / 2**32
 
 
-class AudioFolderDataModule(L.LightningDataModule):
-    """Every audio file under `root`, as mu-law windows for training and validation.
+def split_files(
+    files: Sequence[PreparedFile], val_fraction: float
+) -> tuple[list[PreparedFile], list[PreparedFile]]:
+    """(training, validation) files, by a hash of each path relative to the corpus root.
 
-    Files are mixed to mono and resampled to `sample_rate`. A file goes to validation when a hash of its
-    path relative to `root` falls below `val_fraction`, so the split is the same on every run and stays
-    put when files are added; at least one file goes to each side.
+    A file goes to validation when its hash falls below `val_fraction`, so the split is the same on
+    every run and stays put when files are added; at least one file goes to each side (needs two files).
+    """
+    assert len(files) >= 2, "validation needs a file of its own"
+    scores = {file.relative: _validation_score(file.relative) for file in files}
+    val = [file for file in files if scores[file.relative] < val_fraction]
+    # The fallbacks pick by score too, so they are as stable as the threshold itself.
+    if not val:
+        val = [min(files, key=lambda file: scores[file.relative])]
+    if len(val) == len(files):
+        val.remove(max(val, key=lambda file: scores[file.relative]))
+    val_names = {file.relative for file in val}
+    return [file for file in files if file.relative not in val_names], val
+
+
+class ChunkDataModule(L.LightningDataModule):
+    """What every data module here shares: checked settings, the window, and the loaders' settings.
 
     Args:
-        root: Folder searched recursively for audio files.
         receptive_field: The model's receptive field, in samples.
-        extensions: File extensions to read, case-insensitive.
-        sample_rate: Rate the model works at; files at other rates are resampled.
-        quantization_channels: Number of mu-law classes.
+        sample_rate: Rate the model works at.
+        quantization_channels: Number of mu-law classes (at most 256: a class is stored in one byte).
         chunk_length: Number of targets per example that the loss uses.
         batch_size: Examples per batch (per process under DDP).
         num_workers: DataLoader worker processes; 0 reads in the main process.
-        val_fraction: Fraction of files, by count, held out for validation.
+        seed: Seed of the training windows' order (the config passes `${seed}`).
     """
 
     def __init__(
         self,
-        root: str | Path,
         receptive_field: int,
-        extensions: Sequence[str] = ("wav", "flac", "ogg", "mp3"),
-        sample_rate: int = 16000,
-        quantization_channels: int = 256,
-        chunk_length: int = 4096,
-        batch_size: int = 4,
-        num_workers: int = 2,
-        val_fraction: float = 0.1,
+        sample_rate: int,
+        quantization_channels: int,
+        chunk_length: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
     ) -> None:
         super().__init__()
         for name, value in [
@@ -86,72 +111,46 @@ class AudioFolderDataModule(L.LightningDataModule):
         ]:
             if value < 1:
                 raise UserError(f"data.{name} must be a positive integer, got {value}")
-        if quantization_channels < 2:
-            raise UserError(f"data.quantization_channels must be at least 2, got {quantization_channels}")
+        if not 2 <= quantization_channels <= 256:
+            raise UserError(
+                f"data.quantization_channels must be between 2 and 256 (one byte per sample), "
+                f"got {quantization_channels}"
+            )
         if num_workers < 0:
             raise UserError(f"data.num_workers must not be negative, got {num_workers}")
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-        self.root = Path(root)
         self.receptive_field = receptive_field
-        self.extensions = tuple(str(extension) for extension in extensions)
         self.sample_rate = sample_rate
         self.quantization_channels = quantization_channels
         self.chunk_length = chunk_length
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.val_fraction = val_fraction
-        self.train_files: list[AudioFile] = []
-        self.val_files: list[AudioFile] = []
-        self.train_set: RandomWindows | None = None
-        self.val_set: TiledWindows | None = None
+        self.seed = seed
+        self.train_set: Dataset[tuple[Tensor, Tensor]] | None = None
+        self.val_set: FixedChunks | None = None
 
     @property
     def window(self) -> int:
         """Samples per example: a receptive field of context, then the chunk the loss is taken on."""
         return self.receptive_field + self.chunk_length
 
-    def setup(self, stage: str | None = None) -> None:
-        """Indexes the files under `root` from their headers and splits them into training and validation.
-
-        Raises:
-            UserError: If `root` is missing or holds no usable audio, if only one file is usable (validation
-                needs a file of its own), or if the training files hold fewer chunks than one batch.
-        """
-        if self.train_set is not None:
-            return
-        files = self._index()
-        self.train_files, self.val_files = self._split(files)
-        dataset_args = (self.receptive_field, self.chunk_length, self.sample_rate, self.quantization_channels)
-        self.train_set = RandomWindows(self.train_files, *dataset_args)
-        self.val_set = TiledWindows(self.val_files, *dataset_args)
-        if len(self.train_set) < self.batch_size:
-            raise UserError(
-                f"the training files under {self.root} hold {len(self.train_set)} chunks of "
-                f"{self.chunk_length} samples, fewer than one batch (data.batch_size={self.batch_size}): "
-                "add audio, or lower data.batch_size or data.chunk_length"
-            )
-        _log(
-            logging.INFO,
-            f"Audio under {self.root}: {len(self.train_files)} training files "
-            f"({self._hours(self.train_files):.2f} h), {len(self.val_files)} validation files "
-            f"({self._hours(self.val_files):.2f} h) at {self.sample_rate} Hz",
-        )
-
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        assert self.train_set is not None, "setup() must run first"
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
-
     def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         assert self.val_set is not None, "setup() must run first"
+        # Under DDP, Lightning gives each rank its share of these through a DistributedSampler.
         return self._loader(self.val_set, shuffle=False, drop_last=False)
 
-    def _loader(self, dataset: Dataset[tuple[Tensor, Tensor]], shuffle: bool, drop_last: bool) -> DataLoader:
-        # No sampler here: under DDP, Lightning swaps in a DistributedSampler with these shuffle settings.
+    def _distributed(self) -> tuple[int, int]:
+        """(rank, world size) of the trainer this module is attached to; (0, 1) outside one."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(
+        self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, sampler: Sampler | None = None
+    ) -> DataLoader[tuple[Tensor, Tensor]]:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -159,76 +158,179 @@ class AudioFolderDataModule(L.LightningDataModule):
             collate_fn=_collate,
         )
 
-    def _index(self) -> list[AudioFile]:
-        """Every usable file under `root`, with its length at `sample_rate`; warns about the rest."""
-        if not self.root.exists():
-            raise UserError(f"data root {self.root} does not exist")
-        if not self.root.is_dir():
-            raise UserError(f"data root {self.root} is not a directory")
-        paths = find_audio_files(self.root, self.extensions)
-        if not paths:
-            kinds = ", ".join(self.extensions)
-            raise UserError(f"no audio files ({kinds}) found under data root {self.root}")
 
-        usable, short, unreadable = [], [], []
-        for path in paths:
-            try:
-                frames, file_rate = audio_info(path)
-            except UserError as error:
-                unreadable.append(str(error))
-                continue
-            audio_file = AudioFile(path, resampled_length(frames, file_rate, self.sample_rate))
-            (usable if audio_file.frames >= self.window else short).append(audio_file)
+class AudioFolderDataModule(ChunkDataModule):
+    """The audio files of a corpus, prepared once into mu-law shards, as windows for training and validation.
 
-        window = f"{self.window} samples = {self.window / self.sample_rate:.3f} s at {self.sample_rate} Hz"
-        if unreadable:
-            _log(
-                logging.WARNING,
-                f"Skipping {len(unreadable)} unreadable audio files:\n  " + "\n  ".join(unreadable),
+    Files are mixed to mono, resampled to `sample_rate`, optionally trimmed of silence at both ends and
+    mu-law encoded, once (`prepare_data`); the result is cached under `cache_dir` and reused while the
+    files and settings stay the same. A file goes to validation by a hash of its path (`split_files`).
+
+    Args:
+        root: The corpus folder.
+        receptive_field: The model's receptive field, in samples.
+        layout: "folder" (every audio file under `root`, recursively), "vctk" or "ljspeech"; see
+            `wavenet.data.layouts`.
+        extensions: File extensions the "folder" layout reads, case-insensitive.
+        sample_rate: Rate the model works at; files at other rates are resampled.
+        quantization_channels: Number of mu-law classes.
+        trim_db: If set, audio quieter than this many dB below a file's loudest 10 ms is cut from its
+            start and end.
+        chunk_length: Number of targets per example that the loss uses.
+        batch_size: Examples per batch (per process under DDP).
+        num_workers: DataLoader worker processes; 0 reads in the main process.
+        val_fraction: Fraction of files, by count, held out for validation.
+        seed: Seed of the training windows' order (the config passes `${seed}`).
+        cache_dir: Where prepared corpora are kept; None for `$WAVENET_DATA_DIR/prepared` (or
+            `~/.cache/wavenet/prepared`), as the configs' `${paths.data_dir}/prepared`.
+        prepare_workers: Processes decoding files during preparation; None for one per CPU.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        receptive_field: int,
+        layout: str = "folder",
+        extensions: Sequence[str] = ("wav", "flac", "ogg", "mp3"),
+        sample_rate: int = 16000,
+        quantization_channels: int = 256,
+        trim_db: float | None = None,
+        chunk_length: int = 4096,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        prepare_workers: int | None = None,
+    ) -> None:
+        super().__init__(
+            receptive_field, sample_rate, quantization_channels, chunk_length, batch_size, num_workers, seed
+        )
+        if layout not in LAYOUTS:
+            raise UserError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if trim_db is not None and trim_db <= 0:
+            raise UserError(f"data.trim_db must be positive (dB below the peak) or null, got {trim_db}")
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        if prepare_workers is not None and prepare_workers < 1:
+            raise UserError(f"data.prepare_workers must be at least 1 or null, got {prepare_workers}")
+        self.root = Path(root)
+        self.layout = layout
+        self.extensions = tuple(str(extension) for extension in extensions)
+        self.settings = PrepareSettings(sample_rate, quantization_channels, trim_db)
+        self.val_fraction = val_fraction
+        self.cache_dir = default_data_dir() / "prepared" if cache_dir is None else Path(cache_dir)
+        self.prepare_workers = prepare_workers
+        self.manifest: Manifest | None = None
+        self.train_files: list[PreparedFile] = []
+        self.val_files: list[PreparedFile] = []
+        self.train_set: RandomChunks[PreparedFile] | None = None
+
+    def prepare_data(self) -> None:
+        """Prepares the corpus unless it is cached already (Lightning runs this on one process per node)."""
+        prepare_corpus(
+            self.root, self.layout, self.extensions, self.settings, self.cache_dir, self.prepare_workers
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Opens the prepared corpus, leaves out files shorter than one window and splits the rest.
+
+        Raises:
+            UserError: If the corpus was not prepared, no file is as long as one window, only one is
+                (validation needs a file of its own), or the training files hold fewer chunks than one
+                batch per rank.
+        """
+        if self.train_set is not None:
+            return
+        folder, _, _ = prepared_folder(self.root, self.layout, self.extensions, self.settings, self.cache_dir)
+        if not (folder / MANIFEST).is_file():
+            raise UserError(
+                f"the prepared data of {self.root} is not in {folder}: prepare_data() makes it (the Trainer "
+                "calls it on one process per node; with a cache that is not shared between nodes, keep "
+                "trainer.prepare_data_per_node true)"
             )
-        if short:
-            _log(
-                logging.WARNING,
-                f"Skipping {len(short)} audio files shorter than one window ({window}): "
-                + ", ".join(str(file.path) for file in short),
-            )
+        self.manifest = manifest = Manifest.load(folder, self.root)
+        usable = [file for file in manifest.files if file.frames >= self.window]
+        short = [file for file in manifest.files if file.frames < self.window]
+        total = len(manifest.files) + len(manifest.skipped)
+        self._warn_left_out(manifest, short)
         if not usable:
             raise UserError(
-                f"no usable audio under data root {self.root}: of {len(paths)} audio files, "
-                f"{len(unreadable)} are unreadable and {len(short)} are shorter than one window ({window})"
+                f"no usable audio under data root {self.root}: of {total} "
+                f"audio files, {len(manifest.skipped)} are unusable and {len(short)} are shorter than one "
+                f"window ({self._window_text()})"
             )
         if len(usable) == 1:
             raise UserError(
                 f"only one usable audio file under data root {self.root} ({usable[0].path}): "
                 "validation needs a file of its own, so add at least one more"
             )
-        return usable
+        self.train_files, self.val_files = split_files(usable, self.val_fraction)
+        read = ShardReader(folder, manifest.shards)
+        args = (read, self.receptive_field, self.chunk_length, self.sample_rate, self.quantization_channels)
+        self.train_set = RandomChunks(
+            self.train_files, [f.frames - self.window + 1 for f in self.train_files], *args
+        )
+        self.val_set = FixedChunks(
+            self.val_files, [f.frames - self.window + 1 for f in self.val_files], *args
+        )
+        _, world_size = self._distributed()
+        chunks = len(self.train_set) // self.chunk_length
+        if chunks < self.batch_size * world_size:
+            raise UserError(
+                f"the training files under {self.root} hold {chunks} chunks of {self.chunk_length} samples, "
+                f"fewer than one batch per process (data.batch_size={self.batch_size} x {world_size}): add "
+                "audio, or lower data.batch_size or data.chunk_length"
+            )
+        _log(
+            logging.INFO,
+            f"Audio under {self.root}: {len(self.train_files)} training files "
+            f"({self._hours(self.train_files):.2f} h), {len(self.val_files)} validation files "
+            f"({self._hours(self.val_files):.2f} h) at {self.sample_rate} Hz, "
+            f"prepared in {folder}",
+        )
 
-    def _split(self, files: list[AudioFile]) -> tuple[list[AudioFile], list[AudioFile]]:
-        """(training, validation) files, by a hash of each path relative to `root`."""
-        scores = {file.path: _validation_score(file.path.relative_to(self.root).as_posix()) for file in files}
-        val = [file for file in files if scores[file.path] < self.val_fraction]
-        # The fallbacks pick by score too, so they are as stable as the threshold itself.
-        if not val:
-            val = [min(files, key=lambda file: scores[file.path])]
-        if len(val) == len(files):
-            val.remove(max(val, key=lambda file: scores[file.path]))
-        val_paths = {file.path for file in val}
-        return [file for file in files if file.path not in val_paths], val
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
+        assert self.train_set is not None, "setup() must run first"
+        rank, world_size = self._distributed()
+        sampler = ChunkSampler(self.train_set, num_replicas=world_size, rank=rank, seed=self.seed)
+        return self._loader(self.train_set, sampler=sampler, drop_last=True)
 
-    def _hours(self, files: list[AudioFile]) -> float:
+    def _warn_left_out(self, manifest: Manifest, short: list[PreparedFile]) -> None:
+        """One warning for every file left out, whether at preparation or for being shorter than a window."""
+        left_out = [
+            *manifest.skipped,
+            *((file.relative, f"shorter than one window ({self._window_text()})") for file in short),
+        ]
+        if not left_out:
+            return
+        lines = [f"{path}: {reason}" for path, reason in left_out[:_LISTED]]
+        if len(left_out) > _LISTED:
+            lines.append(
+                f"... and {len(left_out) - _LISTED} more (all listed in {manifest.directory / MANIFEST})"
+            )
+        total = len(manifest.files) + len(manifest.skipped)
+        _log(
+            logging.WARNING,
+            f"Leaving out {len(left_out)} of {total} audio files under {self.root}:\n  " + "\n  ".join(lines),
+        )
+
+    def _window_text(self) -> str:
+        return f"{self.window} samples = {self.window / self.sample_rate:.3f} s at {self.sample_rate} Hz"
+
+    def _hours(self, files: list[PreparedFile]) -> float:
         return sum(file.frames for file in files) / self.sample_rate / 3600
 
 
 class SyntheticMusicDataModule(AudioFolderDataModule):
     """The built-in dataset: synthetic music (see `wavenet.data.synthetic`), made on first use and cached.
 
-    The pieces are written to a folder under `cache_dir` whose name holds a hash of everything that
-    determines them, so every process computes the same folder and a changed setting never reuses a stale
-    cache. Other arguments are those of `AudioFolderDataModule`.
+    The pieces are written as WAV files to a folder under `synthesis_dir` whose name holds a hash of
+    everything that determines them, then prepared like any folder of audio. Other arguments are those
+    of `AudioFolderDataModule`.
 
     Args:
-        cache_dir: Folder holding synthesised datasets.
+        synthesis_dir: Folder holding synthesised datasets.
         num_files: Number of pieces; about `val_fraction` of them (at least one) go to validation.
         seconds_per_file: Length of each piece.
         synthesis_seed: Seed of the pieces themselves (training randomness has its own seed).
@@ -237,19 +339,24 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
 
     def __init__(
         self,
-        cache_dir: str | Path,
+        synthesis_dir: str | Path,
         receptive_field: int,
         num_files: int = 64,
         seconds_per_file: float = 10.0,
         synthesis_seed: int = 0,
         root: str | Path | None = None,
+        layout: str = "folder",
         extensions: Sequence[str] = ("wav", "flac", "ogg", "mp3"),
         sample_rate: int = 16000,
         quantization_channels: int = 256,
+        trim_db: float | None = None,
         chunk_length: int = 4096,
         batch_size: int = 4,
         num_workers: int = 2,
         val_fraction: float = 0.1,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        prepare_workers: int | None = None,
     ) -> None:
         if root is not None:
             raise UserError(
@@ -260,7 +367,7 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
             raise UserError(f"data.num_files must be at least 2 (one for validation), got {num_files}")
         if seconds_per_file <= 0:
             raise UserError(f"data.seconds_per_file must be positive, got {seconds_per_file}")
-        self.cache_dir = Path(cache_dir)
+        self.synthesis_dir = Path(synthesis_dir)
         self.num_files = num_files
         self.seconds_per_file = float(seconds_per_file)
         self.synthesis_seed = synthesis_seed
@@ -268,29 +375,51 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
         digest = hashlib.sha256(key.encode()).hexdigest()[:10]
         name = f"music-{num_files}x{self.seconds_per_file:g}s-{sample_rate}hz-{digest}"
         super().__init__(
-            self.cache_dir / name,
+            self.synthesis_dir / name,
             receptive_field,
+            layout=layout,
             extensions=extensions,
             sample_rate=sample_rate,
             quantization_channels=quantization_channels,
+            trim_db=trim_db,
             chunk_length=chunk_length,
             batch_size=batch_size,
             num_workers=num_workers,
             val_fraction=val_fraction,
+            seed=seed,
+            cache_dir=cache_dir,
+            prepare_workers=prepare_workers,
         )
 
     def prepare_data(self) -> None:
-        """Synthesises the dataset into `root` unless it is there already (Lightning runs this on rank 0).
+        """Synthesises the dataset into `root` unless it is there already, then prepares it like a folder.
 
         The files are written to a temporary sibling folder renamed into place at the end: a run stopped
         halfway leaves no folder that a later run would take for a complete dataset.
         """
         if self.root.is_dir():
             log.info("Using the built-in dataset cached in %s", self.root)
-            return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self._synthesize()
+        super().prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.root.is_dir():
+            raise UserError(
+                f"the built-in dataset is not in {self.root}: prepare_data() makes it (the Trainer calls it)"
+            )
+        super().setup(stage)
+
+    def _synthesize(self) -> None:
+        try:
+            self.synthesis_dir.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=f"{self.root.name}.partial-", dir=self.synthesis_dir))
+        except OSError as error:
+            raise UserError(
+                f"cannot write the built-in dataset under {self.synthesis_dir}: {error.strerror or error}; "
+                "set paths.data_dir (or $WAVENET_DATA_DIR) to a writable folder"
+            ) from error
         log.info("Synthesising built-in dataset (%d files) into %s", self.num_files, self.root)
-        partial = Path(tempfile.mkdtemp(prefix=f"{self.root.name}.partial-", dir=self.cache_dir))
         partial.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any dataset folder
         try:
             synthesize_dataset(
@@ -304,10 +433,3 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
                 # Another process finished first; its files are the same, so this copy is dropped.
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-
-    def setup(self, stage: str | None = None) -> None:
-        if not self.root.is_dir():
-            raise UserError(
-                f"the built-in dataset is not in {self.root}: prepare_data() makes it (the Trainer calls it)"
-            )
-        super().setup(stage)

@@ -1,123 +1,132 @@
-"""Datasets of mu-law windows read from audio files on demand: only an index of files stays in memory.
+"""Datasets of mu-law windows sliced from prepared audio, and the sampler that spreads them over an epoch.
 
-An example is a window of `receptive_field + chunk_length` consecutive samples, returned as
+An example is a window of `receptive_field + chunk_length` consecutive samples of one file, returned as
 `(inputs, targets) = (window[:-1], window[1:])`, both int64. The model predicts every target from the
 inputs up to it, and the loss keeps the last `chunk_length` targets, each of which sees a full receptive
-field of real audio.
+field of real audio. Windows never cross from one file into the next.
+
+The datasets see a corpus as tracks (prepared files, or segments of them) and a `read(track, start,
+length)` that returns the track's mu-law classes; `ShardReader` is the one for memory-mapped shards.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
-from wavenet.data.audio import read_audio
-from wavenet.data.mulaw import mu_law_encode
+from wavenet.data.prepare import PreparedFile
 
-# Any large odd number spreads consecutive indices over the corpus; this one is 2**64 / golden ratio.
-_INDEX_STRIDE = 0x9E3779B97F4A7C15
-
-
-@dataclass(frozen=True)
-class AudioFile:
-    """One file of the corpus, as its header describes it."""
-
-    path: Path
-    frames: int  # at the dataset's sample rate, after resampling
+Track = TypeVar("Track")
+# (track, first sample, number of samples) -> (length,) uint8 mu-law classes
+Reader = Callable[[Track, int, int], np.ndarray]
 
 
-class _Windows(Dataset[tuple[Tensor, Tensor]]):
-    """Reads windows of `files` as mu-law examples; subclasses say which window an index means."""
+class ShardReader:
+    """Reads stretches of prepared files from their memory-mapped `uint8` shards.
+
+    Each process maps the shards itself on first use: a mapping is not sent to DataLoader workers (a
+    pickled `np.memmap` would be a full copy), and pages are shared through the OS page cache.
+    """
+
+    def __init__(self, directory: Path, shards: Sequence[str]) -> None:
+        self.paths = [directory / name for name in shards]
+        self._maps: list[np.memmap] | None = None
+
+    def __call__(self, file: PreparedFile, start: int, length: int) -> np.ndarray:
+        if self._maps is None:
+            self._maps = [np.memmap(path, dtype=np.uint8, mode="r") for path in self.paths]
+        begin = file.offset + start
+        return self._maps[file.shard][begin : begin + length]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": None}
+
+
+class _Chunks(Dataset[tuple[Tensor, Tensor]], Generic[Track]):
+    """Windows of `tracks`; subclasses say which window an index means.
+
+    Args:
+        tracks: What `read` reads from (the `files` attribute, for callers that want the metadata).
+        starts: Number of first samples a window may start at in each track.
+        read: Reads samples of a track.
+        receptive_field: The model's receptive field, in samples.
+        chunk_length: Targets per example that the loss uses.
+        sample_rate: Of the audio (for callers that decode examples back to audio).
+        quantization_channels: Number of mu-law classes.
+    """
 
     def __init__(
         self,
-        files: list[AudioFile],
+        tracks: Sequence[Track],
+        starts: Sequence[int],
+        read: Reader,
         receptive_field: int,
         chunk_length: int,
         sample_rate: int,
         quantization_channels: int,
     ) -> None:
-        self.files = files
+        assert len(tracks) == len(starts) and all(count > 0 for count in starts), (
+            "tracks too short are left out"
+        )
+        self.files = list(tracks)
+        self.starts = list(starts)
+        self.read = read
         self.chunk_length = chunk_length
         self.window = receptive_field + chunk_length
         self.sample_rate = sample_rate
         self.quantization_channels = quantization_channels
-        assert all(file.frames >= self.window for file in files), "shorter files are skipped in indexing"
 
-    def _tiles(self, file: AudioFile) -> int:
-        """Number of windows whose last `chunk_length` samples tile the file without overlap."""
-        return (file.frames - self.window) // self.chunk_length + 1
-
-    def _example(self, file: AudioFile, start: int) -> tuple[Tensor, Tensor]:
-        audio = read_audio(file.path, self.sample_rate, start, self.window)
-        window = mu_law_encode(audio, self.quantization_channels)  # (receptive_field + chunk_length,)
+    def _example(self, track: int, start: int) -> tuple[Tensor, Tensor]:
+        window = torch.from_numpy(
+            np.asarray(self.read(self.files[track], start, self.window), dtype=np.int64)
+        )
         return window[:-1], window[1:]
 
 
 def _locate(ends: list[int], position: int) -> tuple[int, int]:
-    """(file index, offset in that file) of `position` in files laid end to end, `ends` their cumsum."""
-    index = bisect.bisect_right(ends, position)
-    return index, position - (ends[index - 1] if index else 0)
+    """(track, offset in that track) of `position` in tracks laid end to end, `ends` their cumsum."""
+    track = bisect.bisect_right(ends, position)
+    return track, position - (ends[track - 1] if track else 0)
 
 
-class RandomWindows(_Windows):
-    """Training examples: windows drawn uniformly over every valid start of every file.
+class RandomChunks(_Chunks[Track]):
+    """Training windows, indexed by their start: index p is the p-th valid start of all tracks end to end.
 
-    Its length is the number of non-overlapping chunks the files hold, so an epoch covers about as much
-    audio as the corpus; the index itself picks nothing. Draws use torch's global RNG, which
-    `lightning.seed_everything(seed, workers=True)` seeds in the main process and in every worker.
+    Its length is the number of valid starts, every sample of the corpus at which a window fits; which
+    of them an epoch uses is `ChunkSampler`'s choice.
     """
 
-    def __init__(
-        self,
-        files: list[AudioFile],
-        receptive_field: int,
-        chunk_length: int,
-        sample_rate: int,
-        quantization_channels: int,
-    ) -> None:
-        super().__init__(files, receptive_field, chunk_length, sample_rate, quantization_channels)
-        # Drawing a position among all starts of all files, rather than a file and then a start, weights
-        # each file by its length: every sample of the corpus is equally likely.
-        self._ends = list(itertools.accumulate(file.frames - self.window + 1 for file in files))
-        self._length = sum(self._tiles(file) for file in files)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ends = list(itertools.accumulate(self.starts))
 
     def __len__(self) -> int:
-        return self._length
+        return self._ends[-1]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        total = self._ends[-1]
-        draw = int(torch.randint(total, ()).item())
-        # Ranks under DDP (and workers without Lightning's seeding) can share an RNG state, but they are
-        # given different indices: offsetting the draw by its index keeps their windows apart, and a
-        # uniform draw plus any fixed offset, modulo the total, is still uniform.
-        file_index, start = _locate(self._ends, (draw + index * _INDEX_STRIDE) % total)
-        return self._example(self.files[file_index], start)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} window starts")
+        return self._example(*_locate(self._ends, index))
 
 
-class TiledWindows(_Windows):
-    """Validation examples: every file cut into consecutive windows, the same ones every time.
+class FixedChunks(_Chunks[Track]):
+    """Validation windows: every track cut into consecutive windows, the same ones every time.
 
-    The windows' last `chunk_length` samples, the ones the loss sees, tile each file from its first
+    The windows' last `chunk_length` samples, the ones the loss sees, tile each track from its first
     full receptive field on, without overlap.
     """
 
-    def __init__(
-        self,
-        files: list[AudioFile],
-        receptive_field: int,
-        chunk_length: int,
-        sample_rate: int,
-        quantization_channels: int,
-    ) -> None:
-        super().__init__(files, receptive_field, chunk_length, sample_rate, quantization_channels)
-        self._ends = list(itertools.accumulate(self._tiles(file) for file in files))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ends = list(itertools.accumulate(-(-count // self.chunk_length) for count in self.starts))
 
     def __len__(self) -> int:
         return self._ends[-1]
@@ -125,5 +134,47 @@ class TiledWindows(_Windows):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} windows")
-        file_index, tile = _locate(self._ends, index)
-        return self._example(self.files[file_index], tile * self.chunk_length)
+        track, tile = _locate(self._ends, index)
+        return self._example(track, tile * self.chunk_length)
+
+
+class ChunkSampler(DistributedSampler):
+    """The training windows of one rank for each epoch: uniform over samples, disjoint, new every epoch.
+
+    An epoch is a systematic sample of all valid starts laid end to end: `strata = starts // chunk_length`
+    points `stride = starts / strata` (at least `chunk_length`) apart, shifted by a random fraction of a
+    stride, in a random order. Every start is equally likely to be drawn, so files weigh by their length;
+    two windows of an epoch are at least `chunk_length` apart, so no sample is scored twice in an epoch
+    (across ranks and workers too: each rank takes every `num_replicas`-th point, and the DataLoader hands
+    each batch of those to one worker); the shift and the order come from `(seed, epoch)`, so every epoch
+    differs and a run repeats exactly from its seed.
+
+    Lightning leaves a `DistributedSampler` in place and calls its `set_epoch` every epoch; this one gets
+    the rank and world size from the data module, which reads them from the trainer.
+
+    Args:
+        dataset: The training windows.
+        num_replicas: Number of ranks.
+        rank: This process's rank.
+        seed: Seed of the epochs' shifts and orders.
+    """
+
+    def __init__(self, dataset: RandomChunks, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.starts = len(dataset)
+        self.strata = self.starts // dataset.chunk_length
+        # Every rank takes the same number of windows, or DDP would wait at the end of an epoch forever.
+        self.num_samples = self.strata // num_replicas
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed % 2**63, self.epoch])
+        shift = rng.random()
+        order = rng.permutation(self.strata)[self.rank : self.total_size : self.num_replicas]
+        positions = np.floor((order + shift) * (self.starts / self.strata)).astype(np.int64)
+        return iter(positions.tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -1,0 +1,106 @@
+"""Corpus layouts: which files of a folder are the corpus, and who speaks in each.
+
+A layout turns a root folder into a list of `Source`s. `folder` takes every audio file of any tree;
+`vctk` and `ljspeech` know the published layouts of those corpora and take the speaker from where the
+corpus keeps it. Speakers are recorded in the prepared manifest for speaker conditioning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from wavenet.data.audio import find_audio_files
+from wavenet.errors import UserError
+
+# LJSpeech has one reader; the corpus names her only in its README.
+LJSPEECH_SPEAKER = "LJ"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One audio file of a corpus, before preparation."""
+
+    relative: str  # path under the corpus root, with "/" separators: the file's name in the manifest
+    speaker: str | None
+    missing: bool = False  # listed by the corpus (LJSpeech's metadata.csv) but not on disk
+
+
+def folder_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
+    """Every file under `root` with one of `extensions`, recursively; no speakers."""
+    paths = find_audio_files(root, extensions)
+    if not paths:
+        raise UserError(f"no audio files ({', '.join(extensions)}) found under data root {root}")
+    return [Source(path.relative_to(root).as_posix(), None) for path in paths]
+
+
+def vctk_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
+    """VCTK: `wav48_silence_trimmed/<speaker>/*_mic1.flac` (release 0.92) or `wav48/<speaker>/*.wav` (0.80).
+
+    The speaker is the folder a file sits in (`p225`, ...). Release 0.92 has two microphones per
+    utterance; mic1 is the one the 0.80 recordings were made with, and taking both would count every
+    utterance twice. `extensions` is not used: the release fixes the format.
+    """
+    if (root / "wav48_silence_trimmed").is_dir():
+        folder, pattern = root / "wav48_silence_trimmed", "*_mic1.flac"
+    elif (root / "wav48").is_dir():
+        folder, pattern = root / "wav48", "*.wav"
+    else:
+        raise UserError(
+            f"data root {root} is not a VCTK corpus: it has neither wav48_silence_trimmed/ (VCTK 0.92) "
+            "nor wav48/ (VCTK 0.80); point data.root at the folder holding one of them"
+        )
+    sources = [
+        Source(path.relative_to(root).as_posix(), path.parent.name)
+        for path in sorted(folder.glob(f"*/{pattern}"))
+        if path.is_file()
+    ]
+    if not sources:
+        raise UserError(
+            f"no VCTK recordings ({folder.name}/<speaker>/{pattern}) found under data root {root}"
+        )
+    return sources
+
+
+def ljspeech_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
+    """LJSpeech: the clips `metadata.csv` lists (`<id>|text|normalized text`), read from `wavs/<id>.wav`.
+
+    Clips listed but absent are returned as missing, so preparation reports them with the other files it
+    skips. `extensions` is not used: the release fixes the format.
+    """
+    metadata = root / "metadata.csv"
+    if not metadata.is_file():
+        raise UserError(f"data root {root} is not an LJSpeech corpus: it has no metadata.csv")
+    # The transcripts contain quotes, so the file is split by hand rather than parsed as CSV.
+    ids = [line.split("|", 1)[0].strip() for line in metadata.read_text(encoding="utf-8").splitlines()]
+    ids = [clip for clip in ids if clip]
+    if not ids:
+        raise UserError(f"{metadata} lists no clips")
+    return [
+        Source(f"wavs/{clip}.wav", LJSPEECH_SPEAKER, missing=not (root / "wavs" / f"{clip}.wav").is_file())
+        for clip in ids
+    ]
+
+
+LAYOUTS: dict[str, Callable[[Path, Sequence[str]], list[Source]]] = {
+    "folder": folder_sources,
+    "vctk": vctk_sources,
+    "ljspeech": ljspeech_sources,
+}
+
+
+def list_sources(root: str | Path, layout: str, extensions: Sequence[str]) -> list[Source]:
+    """The files of the corpus under `root` as `layout` describes it, in a fixed order.
+
+    Raises:
+        UserError: If the layout is unknown, `root` is not a folder, or it holds no corpus of that layout.
+    """
+    if layout not in LAYOUTS:
+        raise UserError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"data root {root} does not exist")
+    if not root.is_dir():
+        raise UserError(f"data root {root} is not a directory")
+    return LAYOUTS[layout](root, extensions)

@@ -1,0 +1,480 @@
+"""Preparation: a corpus of audio files -> flat `uint8` mu-law shards plus a manifest, made once and reused.
+
+Decoding and resampling cost more CPU than a GPU waits for, so they are done once: every file is mixed
+to mono, resampled to the model's rate, optionally trimmed of leading and trailing silence, mu-law
+encoded to one byte per sample and appended to a shard. Training then slices memory-mapped shards.
+
+The prepared folder's name holds a hash of the settings and of every source file's path, size and
+modification time, so every process finds the same folder, a changed setting or file makes a new one,
+and an unchanged corpus is found again from a directory listing. A folder is written under a temporary
+name and renamed into place once complete: a folder with the final name is always a whole cache.
+
+Layout of a prepared folder:
+
+    <cache_dir>/<layout>-<root name>-<rate>hz-mu<levels>-<hash>/
+        manifest.json        # settings, shards, and per file: shard, offset, samples, speaker, source
+        shard-00000.bin ...  # the files' mu-law classes back to back, one byte each, no headers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, resampled_length
+from wavenet.data.layouts import Source, list_sources
+from wavenet.data.mulaw import mu_law_encode
+from wavenet.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Part of every cache key: bump it whenever the bytes preparation writes for the same input change.
+PREPARE_VERSION = 1
+MANIFEST = "manifest.json"
+# A shard is closed once the next file would take it past this size (a longer file gets a shard of its
+# own): small enough to copy and checksum piecemeal, large enough that a corpus has few of them.
+SHARD_BYTES = 1 << 28
+# Files are decoded in blocks of this many seconds, so a long recording never sits in memory as float32.
+_BLOCK_SECONDS = 60
+# Frame length of the silence trimming, in seconds.
+_TRIM_FRAME_SECONDS = 0.01
+_PARTIAL = ".partial-"
+# Below this much source audio one process is quicker than a pool: each worker takes a second or two
+# to start (it imports torch), while one process prepares about an hour of 48 kHz FLAC (~200 MB) in 4 s.
+POOL_MIN_BYTES = 64 << 20
+
+
+def default_data_dir() -> Path:
+    """`paths.data_dir` of the configs: $WAVENET_DATA_DIR, else ~/.cache/wavenet."""
+    return Path(os.environ.get("WAVENET_DATA_DIR") or Path.home() / ".cache" / "wavenet")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything besides the source files that decides the prepared bytes."""
+
+    sample_rate: int
+    quantization_channels: int
+    trim_db: float | None  # trim leading and trailing audio this many dB below the file's loudest 10 ms
+
+
+@dataclass(frozen=True)
+class PreparedFile:
+    """One file of a prepared corpus: where its samples are in the shards."""
+
+    path: Path  # the source file, under the corpus root
+    relative: str  # `path` relative to the root, "/"-separated: the file's name in the manifest
+    speaker: str | None
+    shard: int
+    offset: int  # of its first sample in the shard
+    frames: int  # samples at the prepared sample rate, after trimming
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The contents of a prepared folder's `manifest.json`, as the data modules use it."""
+
+    directory: Path
+    root: Path
+    sample_rate: int
+    quantization_channels: int
+    shards: list[str]
+    files: list[PreparedFile]
+    skipped: list[tuple[str, str]]  # (relative path, reason) of the source files left out
+
+    @classmethod
+    def load(cls, directory: str | Path, root: str | Path | None = None) -> Manifest:
+        """Reads the manifest of a prepared folder.
+
+        Args:
+            directory: The prepared folder.
+            root: Where the corpus is now, if it moved since it was prepared; the manifest's otherwise.
+        """
+        directory = Path(directory)
+        data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        return cls.from_dict(data, directory, root)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], directory: Path, root: str | Path | None = None) -> Manifest:
+        root = Path(root if root is not None else data["root"])
+        files = [
+            PreparedFile(root / f["path"], f["path"], f["speaker"], f["shard"], f["offset"], f["samples"])
+            for f in data["files"]
+        ]
+        return cls(
+            directory=directory,
+            root=root,
+            sample_rate=data["sample_rate"],
+            quantization_channels=data["quantization_channels"],
+            shards=[shard["name"] for shard in data["shards"]],
+            files=files,
+            skipped=[(entry["path"], entry["reason"]) for entry in data["skipped"]],
+        )
+
+
+def prepared_folder(
+    root: str | Path,
+    layout: str,
+    extensions: Sequence[str],
+    settings: PrepareSettings,
+    cache_dir: str | Path,
+) -> tuple[Path, list[Source], list[os.stat_result | None]]:
+    """The folder the corpus prepares into, its sources and their `stat`s (None if missing).
+
+    Reads only the listing and the files' sizes and modification times, not their contents.
+
+    Raises:
+        UserError: If `root` holds no corpus of `layout` (see `wavenet.data.layouts.list_sources`).
+    """
+    root = Path(root)
+    sources = list_sources(root, layout, extensions)
+    stats = [None if source.missing else (root / source.relative).stat() for source in sources]
+    identities = [
+        [source.relative, source.speaker, None if stat is None else [stat.st_size, stat.st_mtime_ns]]
+        for source, stat in zip(sources, stats)
+    ]
+    key_fields = {
+        "version": PREPARE_VERSION,
+        "layout": layout,
+        # Only the folder layout picks files by extension; the others have fixed formats.
+        "extensions": sorted(e.lower().lstrip(".") for e in extensions) if layout == "folder" else None,
+        "sample_rate": settings.sample_rate,
+        "quantization_channels": settings.quantization_channels,
+        "trim_db": settings.trim_db,
+        "sources": identities,
+    }
+    digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    rate, levels = settings.sample_rate, settings.quantization_channels
+    name = f"{layout}-{root.resolve().name or 'root'}-{rate}hz-mu{levels}"
+    return Path(cache_dir) / f"{name}-{digest}", sources, stats
+
+
+def prepare_corpus(
+    root: str | Path,
+    layout: str,
+    extensions: Sequence[str],
+    settings: PrepareSettings,
+    cache_dir: str | Path,
+    workers: int | None = None,
+) -> Path:
+    """Prepares the corpus under `root` into `cache_dir` unless that was done already; returns the folder.
+
+    Args:
+        root: The corpus.
+        layout: How to read it: "folder", "vctk" or "ljspeech".
+        extensions: File extensions the "folder" layout takes.
+        settings: Sample rate, mu-law levels, silence trimming.
+        cache_dir: Where prepared folders live.
+        workers: Processes decoding files in parallel; None for one per CPU this process may use.
+
+    Raises:
+        UserError: If the corpus is missing or holds no usable audio, or the cache cannot be written
+            (read-only, full); no folder that passes for a finished cache is left behind.
+    """
+    root = Path(root)
+    folder, sources, stats = prepared_folder(root, layout, extensions, settings, cache_dir)
+    if (folder / MANIFEST).is_file():
+        log.info("Using prepared data in %s", folder)
+        return folder
+    workers = available_cpus() if workers is None else workers
+    if workers < 1:
+        raise UserError(f"data.prepare_workers must be at least 1, got {workers}")
+    cache_dir = Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(cache_dir)
+        partial = (
+            cache_dir / f"{folder.name}{_PARTIAL}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        )
+        partial.mkdir()
+    except OSError as error:
+        raise _cache_error(cache_dir, error) from error
+    try:
+        _prepare_into(partial, root, layout, sources, stats, settings, workers)
+        try:
+            os.rename(partial, folder)
+        except OSError:
+            if not (folder / MANIFEST).is_file():
+                raise
+            # Another process (another node sharing the cache) finished first with the same bytes.
+    except OSError as error:
+        raise _cache_error(cache_dir, error) from error
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("Prepared data in %s", folder)
+    return folder
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: a container or `taskset` can allow fewer than the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _Encoded(NamedTuple):
+    """What preparing one file gave: its classes, or why it was left out."""
+
+    samples: np.ndarray | None  # (T,) uint8
+    problem: str | None
+    source_rate: int
+    trimmed: tuple[int, int]  # samples removed at the start and at the end
+
+
+def encode_file(path: str | Path, settings: PrepareSettings) -> _Encoded:
+    """Decodes, mixes to mono, resamples, checks, trims and mu-law encodes one file.
+
+    Problems with the file (unreadable, empty, NaN or infinite samples, nothing but silence) are
+    returned, not raised, so one bad file among thousands is reported rather than stopping the run.
+    """
+    try:
+        source_frames, source_rate = audio_info(path)
+    except UnreadableAudioError as error:
+        return _Encoded(None, f"unreadable ({error.reason})", 0, (0, 0))
+    if source_frames == 0:
+        return _Encoded(None, "empty (no samples)", source_rate, (0, 0))
+    rate = settings.sample_rate
+    total = resampled_length(source_frames, source_rate, rate)
+    frame = max(1, round(rate * _TRIM_FRAME_SECONDS))
+    block = frame * round(_BLOCK_SECONDS / _TRIM_FRAME_SECONDS)  # whole frames, so blocks split no frame
+    classes, energies = [], []
+    for start in range(0, total, block):
+        try:
+            audio = read_audio(path, rate, start, min(block, total - start)).numpy()
+        except UnreadableAudioError as error:
+            return _Encoded(None, f"unreadable ({error.reason})", source_rate, (0, 0))
+        if not np.isfinite(audio).all():
+            return _Encoded(None, "contains NaN or infinite samples", source_rate, (0, 0))
+        padded = np.pad(audio, (0, -len(audio) % frame))
+        energies.append(np.square(padded, dtype=np.float64).reshape(-1, frame).mean(axis=1))
+        encoded = mu_law_encode(torch.from_numpy(audio), settings.quantization_channels)
+        classes.append(encoded.to(torch.uint8).numpy())
+    energy = np.concatenate(energies)
+    if not energy.max() > 0.0:
+        return _Encoded(None, "silent (every sample is zero)", source_rate, (0, 0))
+    samples = np.concatenate(classes)
+    begin, end = 0, total
+    if settings.trim_db is not None:
+        loud = np.flatnonzero(energy >= energy.max() * 10.0 ** (-settings.trim_db / 10.0))
+        begin, end = int(loud[0]) * frame, min(int(loud[-1] + 1) * frame, total)
+    return _Encoded(samples[begin:end], None, source_rate, (begin, total - end))
+
+
+def _encode_job(job: tuple[str, PrepareSettings]) -> _Encoded:
+    return encode_file(*job)
+
+
+def _init_worker() -> None:
+    # One thread per process: the pool is the parallelism, and torch's own threads would oversubscribe.
+    torch.set_num_threads(1)
+
+
+def _encode_all(paths: list[Path], settings: PrepareSettings, workers: int) -> Iterator[_Encoded]:
+    """`encode_file` over `paths`, results in order, in `workers` processes."""
+    jobs = [(str(path), settings) for path in paths]
+    if workers == 1 or len(jobs) <= 1:
+        yield from map(_encode_job, jobs)
+        return
+    # forkserver, not fork: the caller may be multi-threaded (loggers, Lightning), and fork copies locks.
+    pool = ProcessPoolExecutor(
+        min(workers, len(jobs)),
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=_init_worker,
+    )
+    try:
+        # Results come back in order, so the shards are the same bytes whatever the number of workers.
+        yield from pool.map(_encode_job, jobs, chunksize=4)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _ShardWriter:
+    """Appends files' classes to `shard-NNNNN.bin` files of at most `SHARD_BYTES` (or one file, if longer)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.sizes: list[int] = []
+        self._file: BinaryIO | None = None
+
+    def write(self, samples: np.ndarray) -> tuple[int, int]:
+        """Appends `samples` and returns (shard index, offset in the shard)."""
+        if self._file is None or (self.sizes[-1] and self.sizes[-1] + len(samples) > SHARD_BYTES):
+            self._next_shard()
+        assert self._file is not None
+        offset = self.sizes[-1]
+        self._file.write(samples.tobytes())
+        self.sizes[-1] += len(samples)
+        return len(self.sizes) - 1, offset
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            _sync_close(self._file)
+            self._file = None
+
+    @staticmethod
+    def name(index: int) -> str:
+        return f"shard-{index:05d}.bin"
+
+    def _next_shard(self) -> None:
+        self.close()
+        self._file = (self.directory / self.name(len(self.sizes))).open("wb")
+        self.sizes.append(0)
+
+
+def _sync_close(file: BinaryIO) -> None:
+    """Flushes to disk before closing: the rename that publishes the cache must not outrun its contents."""
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
+
+
+def _prepare_into(
+    partial: Path,
+    root: Path,
+    layout: str,
+    sources: list[Source],
+    stats: list[os.stat_result | None],
+    settings: PrepareSettings,
+    workers: int,
+) -> None:
+    """Writes the shards and manifest of the corpus into the folder `partial`."""
+    started = time.perf_counter()
+    present = [(source, stat) for source, stat in zip(sources, stats) if stat is not None]
+    if sum(stat.st_size for _, stat in present) < POOL_MIN_BYTES:
+        workers = 1
+    log.info(
+        "Preparing %d files of %s (%s layout) at %d Hz in %d processes",
+        len(present), root, layout, settings.sample_rate, min(workers, max(len(present), 1)),
+    )  # fmt: skip
+    skipped = [
+        {"path": s.relative, "reason": "listed by the corpus but missing"} for s in sources if s.missing
+    ]
+    files: list[dict[str, Any]] = []
+    writer = _ShardWriter(partial)
+    total = 0
+    progress = tqdm(total=len(present), desc="Preparing", unit="file", delay=1.0)
+    # `closing`: an error here stops the worker pool now, not whenever the generator is collected.
+    results = contextlib.closing(
+        _encode_all([root / source.relative for source, _ in present], settings, workers)
+    )
+    with progress, writer, results as encoded_files:
+        for (source, stat), encoded in zip(present, encoded_files):
+            progress.update()
+            if encoded.samples is None:
+                skipped.append({"path": source.relative, "reason": encoded.problem})
+                continue
+            shard, offset = writer.write(encoded.samples)
+            files.append(
+                {
+                    "path": source.relative,
+                    "speaker": source.speaker,
+                    "shard": shard,
+                    "offset": offset,
+                    "samples": len(encoded.samples),
+                    "seconds": len(encoded.samples) / settings.sample_rate,
+                    "source": {
+                        "size": stat.st_size,
+                        "mtime_ns": stat.st_mtime_ns,
+                        "sample_rate": encoded.source_rate,
+                    },
+                    "trimmed": list(encoded.trimmed),
+                }
+            )
+            total += len(encoded.samples)
+            progress.set_postfix_str(f"{total / settings.sample_rate / 3600:.2f} h", refresh=False)
+    if not files:
+        reasons = sorted({entry["reason"].split(" (")[0] for entry in skipped})
+        raise UserError(
+            f"no usable audio under data root {root}: all {len(sources)} files were left out "
+            f"({', '.join(reasons)})"
+        )
+    seconds = total / settings.sample_rate
+    manifest = {
+        "format": PREPARE_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "root": str(root.resolve()),
+        "layout": layout,
+        "sample_rate": settings.sample_rate,
+        "quantization_channels": settings.quantization_channels,
+        "encoding": "mu-law, one uint8 class per sample",
+        "trim_db": settings.trim_db,
+        "samples": total,
+        "hours": seconds / 3600,
+        "speakers": sorted({f["speaker"] for f in files if f["speaker"] is not None}),
+        "shards": [{"name": _ShardWriter.name(i), "samples": size} for i, size in enumerate(writer.sizes)],
+        "files": files,
+        "skipped": skipped,
+    }
+    with (partial / MANIFEST).open("wb") as file:
+        file.write(_manifest_json(manifest).encode("utf-8"))
+        _sync_close(file)
+    elapsed = time.perf_counter() - started
+    log.info(
+        "Prepared %.2f h of audio from %d files (%d left out) in %.1f s: %.1f h of audio per minute",
+        seconds / 3600, len(files), len(skipped), elapsed, seconds / 3600 / (elapsed / 60),
+    )  # fmt: skip
+
+
+def _manifest_json(manifest: dict[str, Any]) -> str:
+    """The manifest as JSON with one line per shard, file and left-out file: readable, and compact for a
+    corpus of tens of thousands of files."""
+    lists = ("shards", "files", "skipped")
+    head = json.dumps({key: value for key, value in manifest.items() if key not in lists}, indent=1)
+    parts = [head.removesuffix("\n}")]
+    for key in lists:
+        entries = ",\n".join(f"  {json.dumps(entry)}" for entry in manifest[key])
+        parts.append(f' "{key}": [\n{entries}\n ]' if entries else f' "{key}": []')
+    return ",\n".join(parts) + "\n}\n"
+
+
+def _remove_abandoned(cache_dir: Path) -> None:
+    """Deletes temporary folders that preparations on this machine left when they were killed.
+
+    A temporary folder is named after the host and process that writes it; one whose process is gone
+    can never be finished. Folders of other hosts (a shared cache) are left to their own host.
+    """
+    host = socket.gethostname()
+    for path in cache_dir.glob(f"*{_PARTIAL}*"):
+        owner = path.name.rsplit(_PARTIAL, 1)[1].rsplit("-", 2)  # host (may hold dashes), pid, random token
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
+            log.info("Removing %s, left by a preparation that was stopped", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _cache_error(cache_dir: Path, error: OSError) -> UserError:
+    return UserError(
+        f"cannot write prepared data under {cache_dir}: {error.strerror or error}; free some space, or set "
+        "paths.data_dir (or $WAVENET_DATA_DIR) to a writable folder"
+    )

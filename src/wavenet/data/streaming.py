@@ -1,0 +1,440 @@
+"""Prepared corpora in object storage, streamed to every node with litdata.
+
+`publish` copies a prepared corpus (`wavenet.data.prepare`) to a remote location as litdata datasets;
+`StreamingDataModule` trains from there. litdata gives each rank and DataLoader worker its own share of
+the chunks, shuffled anew every epoch, downloads them ahead of use and keeps a bounded local cache, so a
+node needs neither the source corpus nor room for all of it. (Why litdata: README, "Data at scale".)
+
+A published corpus (`remote` is s3://bucket/prefix, gs://..., azure://..., r2://..., a local folder, or
+local:/folder, which litdata copies into its cache like a download):
+
+    <remote>/train/     litdata chunks of the training files, one item per segment:
+                        {"audio": uint8 (T,) mu-law classes, "file": manifest index, "start": in the file,
+                         "owned": window starts that belong to this segment}
+    <remote>/val/       the same for the validation files, in manifest order
+    <remote>/manifest/  one item: the prepared manifest, plus how it was split and segmented. Written
+                        last: a remote without it holds no complete published corpus.
+
+A long file is cut into segments of `segment_seconds`, each carrying the `SEGMENT_OVERLAP` samples that
+follow it, so every window up to `SEGMENT_OVERLAP + 1` samples long starts in exactly one segment and
+fits in it: segments lose no window start, and none is drawn twice.
+
+    python -m wavenet.data.streaming PREPARED_FOLDER REMOTE [--val-fraction 0.1] [--workers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import litdata
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from wavenet.data.datamodule import ChunkDataModule, split_files
+from wavenet.data.datasets import FixedChunks
+from wavenet.data.prepare import MANIFEST, Manifest, PreparedFile, available_cpus, default_data_dir
+from wavenet.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Samples each segment carries past the window starts it owns: the longest window that never misses a
+# start is one more. 2**15 covers the `large` and `medium` models (3,070 and 6,139 samples of receptive
+# field) with chunks of up to 26,000 samples.
+SEGMENT_OVERLAP = 2**15
+# litdata's unit of download and caching.
+_CHUNK_BYTES = "64MB"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of one prepared file, as published: item `index` of its split."""
+
+    index: int
+    file: PreparedFile
+    start: int  # in the file
+    frames: int
+    owned: int  # window starts [0, owned) of this segment are its own; later ones belong to the next
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+
+def segments(frames: int, segment: int) -> list[tuple[int, int, int]]:
+    """(start, frames, owned) of the segments a file of `frames` samples is published as."""
+    cuts = []
+    start = 0
+    while frames - start >= segment + SEGMENT_OVERLAP:
+        cuts.append((start, segment + SEGMENT_OVERLAP, segment))
+        start += segment
+    cuts.append((start, frames - start, frames - start))
+    return cuts
+
+
+def _join(remote: str, name: str) -> str:
+    return f"{remote.rstrip('/')}/{name}"
+
+
+class _SegmentItems:
+    """litdata `optimize` function: the segment items of one prepared file (run in litdata's workers)."""
+
+    def __init__(self, directory: Path, shards: list[str], segment: int) -> None:
+        self.paths = [directory / name for name in shards]
+        self.segment = segment
+
+    def __call__(self, job: tuple[int, int, int, int]) -> Iterator[dict[str, Any]]:
+        index, shard, offset, frames = job
+        samples = np.memmap(self.paths[shard], dtype=np.uint8, mode="r", offset=offset, shape=(frames,))
+        for start, length, owned in segments(frames, self.segment):
+            yield {
+                "audio": np.array(samples[start : start + length]),
+                "file": index,
+                "start": start,
+                "owned": owned,
+            }
+
+
+def _identity(item: str) -> str:
+    return item
+
+
+def _optimize(fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None:
+    litdata.optimize(
+        fn=fn,
+        inputs=inputs,
+        output_dir=output_dir,
+        chunk_bytes=_CHUNK_BYTES,
+        num_workers=workers,
+        reorder_files=False,
+        keep_data_ordered=True,  # the validation items must be in manifest order
+        mode="overwrite",  # over what an interrupted publication left: it is redone from the start
+        # litdata spawns by default, which imports torch again in every worker; this is a short command.
+        start_method="fork" if sys.platform == "linux" else None,
+        verbose=False,
+    )
+
+
+def read_published(remote: str, cache_dir: str | Path) -> dict[str, Any]:
+    """The manifest of the corpus published at `remote`.
+
+    Raises:
+        UserError: If nothing complete is published there.
+    """
+    try:
+        text = litdata.StreamingDataset(_join(remote, "manifest"), cache_dir=str(cache_dir))[0]
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(
+            f"no published corpus at data.remote={remote} ({error}); publish a prepared one with "
+            "python -m wavenet.data.streaming PREPARED_FOLDER REMOTE"
+        ) from error
+    return json.loads(text)
+
+
+def publish(
+    prepared: str | Path,
+    remote: str,
+    val_fraction: float = 0.1,
+    segment_seconds: float = 30.0,
+    workers: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> None:
+    """Publishes a prepared corpus to `remote` for `StreamingDataModule`; does nothing if it is there already.
+
+    Args:
+        prepared: A folder `prepare_corpus` made (the training log names it).
+        remote: Where to publish: s3://bucket/prefix, gs://..., a local folder, ...
+        val_fraction: Fraction of files held out for validation, split as `AudioFolderDataModule` splits.
+        segment_seconds: Length of the segments long files are cut into: litdata's unit of shuffling.
+        workers: Processes writing the training items; None for one per CPU.
+        cache_dir: Where litdata keeps what it reads back; None for the default data folder's.
+
+    Raises:
+        UserError: If `prepared` is no prepared corpus, or `remote` holds a different published corpus.
+    """
+    prepared = Path(prepared)
+    if not (prepared / MANIFEST).is_file():
+        raise UserError(f"{prepared} is not a prepared corpus (it has no {MANIFEST})")
+    data = json.loads((prepared / MANIFEST).read_text(encoding="utf-8"))
+    manifest = Manifest.from_dict(data, prepared)
+    segment = round(segment_seconds * manifest.sample_rate)
+    if segment < 1 or not 0.0 < val_fraction < 1.0 or len(manifest.files) < 2:
+        raise UserError(
+            f"cannot publish {prepared} with {len(manifest.files)} files, val_fraction={val_fraction} and "
+            f"segment_seconds={segment_seconds}: needs two files, a fraction in (0, 1) and a positive length"
+        )
+    settings = {
+        "prepared": prepared.name,
+        "val_fraction": val_fraction,
+        "segment": segment,
+        "overlap": SEGMENT_OVERLAP,
+    }
+    cache_dir = default_data_dir() / "streaming" if cache_dir is None else Path(cache_dir)
+    try:
+        existing = read_published(remote, cache_dir)["published"]
+    except UserError:
+        existing = None
+    if existing is not None:
+        if {key: existing[key] for key in settings} != settings:
+            raise UserError(
+                f"{remote} holds another published corpus ({existing['prepared']}); publish to another place "
+                "or delete it first"
+            )
+        log.info("%s is published at %s already", prepared.name, remote)
+        return
+
+    index = {file.relative: i for i, file in enumerate(manifest.files)}
+    train, val = split_files(manifest.files, val_fraction)
+    writer = _SegmentItems(prepared, manifest.shards, segment)
+    workers = available_cpus() if workers is None else workers
+    for split, files, split_workers in (("train", train, workers), ("val", val, 1)):
+        jobs = [(index[file.relative], file.shard, file.offset, file.frames) for file in files]
+        log.info("Publishing %d %s files of %s to %s", len(files), split, prepared.name, _join(remote, split))
+        _optimize(writer, jobs, _join(remote, split), split_workers)
+    published = {
+        **data,
+        "published": {
+            **settings,
+            "train_files": [index[file.relative] for file in train],
+            "val_files": [index[file.relative] for file in val],
+        },
+    }
+    _optimize(_identity, [json.dumps(published)], _join(remote, "manifest"), 1)
+    log.info("Published %s to %s", prepared.name, remote)
+
+
+class StreamedChunks(IterableDataset[tuple[Tensor, Tensor]]):
+    """Training windows cut from streamed segments, as an endless stream (training runs by steps).
+
+    litdata hands each rank and worker its own segments, in a new order every epoch. Each file's windows
+    start at a random offset below `chunk_length` and every `chunk_length` after it: every start is drawn
+    with probability 1 / `chunk_length`, so sampling is uniform over samples, and the windows of an epoch
+    never overlap in the targets the loss sees (as `ChunkSampler` does for local shards). A shuffle
+    buffer mixes windows of many segments into every batch. Offsets and orders come from the seed.
+
+    Args:
+        records: The training segments.
+        receptive_field: The model's receptive field, in samples.
+        chunk_length: Targets per example that the loss uses.
+        shuffle_buffer: Windows held back to shuffle.
+        seed: Seed of the windows' offsets and the buffer's order (litdata's shuffle has its own copy).
+    """
+
+    def __init__(
+        self,
+        records: litdata.StreamingDataset,
+        receptive_field: int,
+        chunk_length: int,
+        shuffle_buffer: int,
+        seed: int,
+    ) -> None:
+        self.records = records
+        self.chunk_length = chunk_length
+        self.window = receptive_field + chunk_length
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed % 2**63
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        worker = get_worker_info()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rng = np.random.default_rng([self.seed, rank, worker.id if worker is not None else 0])
+        buffer: list[np.ndarray] = []
+        for epoch in itertools.count(1):
+            self.records.set_epoch(epoch)
+            drawn = 0
+            for record in self.records:
+                for window in self._windows(record, epoch):
+                    drawn += 1
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append(window)
+                        continue
+                    slot = int(rng.integers(len(buffer)))
+                    buffer[slot], window = window, buffer[slot]
+                    yield self._example(window)
+            if not drawn:
+                raise UserError(
+                    f"a data loader worker got no training window in epoch {epoch}: the published corpus has "
+                    "too few training segments for every rank and worker; lower data.num_workers"
+                )
+
+    def starts(self, record: dict[str, Any], epoch: int) -> range:
+        """Where the windows of a segment item start in an epoch, counted from the segment's start.
+
+        One random offset per file and epoch, then every `chunk_length`: the segments of a file continue
+        one grid, so windows on either side of a segment boundary are `chunk_length` apart as well.
+        """
+        count = min(int(record["owned"]), len(record["audio"]) - self.window + 1)
+        offset = np.random.default_rng([self.seed, epoch, int(record["file"])]).integers(self.chunk_length)
+        return range(int(offset - int(record["start"])) % self.chunk_length, max(count, 0), self.chunk_length)
+
+    def _windows(self, record: dict[str, Any], epoch: int) -> Iterator[np.ndarray]:
+        for start in self.starts(record, epoch):
+            # A copy: a view would keep the whole segment alive for as long as the window waits in the buffer.
+            yield np.array(record["audio"][start : start + self.window])
+
+    @staticmethod
+    def _example(window: np.ndarray) -> tuple[Tensor, Tensor]:
+        classes = torch.from_numpy(window.astype(np.int64))
+        return classes[:-1], classes[1:]
+
+
+class _SegmentReader:
+    """`read` of the validation windows: samples of a segment item, keeping the last item decoded."""
+
+    def __init__(self, records: litdata.StreamingDataset) -> None:
+        self.records = records
+        self._last: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, segment: Segment, start: int, length: int) -> np.ndarray:
+        # Validation reads a segment's windows one after another: decode it once, not once per window.
+        if self._last is None or self._last[0] != segment.index:
+            self._last = (segment.index, self.records[segment.index]["audio"])
+        return self._last[1][start : start + length]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_last": None}
+
+
+class StreamingDataModule(ChunkDataModule):
+    """A corpus published with `publish`, streamed from `remote` through a local cache.
+
+    Training is an endless stream of windows (train by `trainer.max_steps`, as the configs do);
+    validation is a fixed set of windows of the validation files, as for local corpora.
+
+    Args:
+        remote: Where the corpus was published (s3://bucket/prefix, gs://..., a local folder, ...).
+        receptive_field: The model's receptive field, in samples.
+        cache_dir: Where litdata caches downloaded chunks; None for the default data folder's.
+        max_cache_size: Most disk the cache may take ("50GB"); chunks are evicted past it.
+        sample_rate: Must be the published corpus's (the model is built for it).
+        quantization_channels: Must be the published corpus's.
+        chunk_length: Number of targets per example that the loss uses.
+        batch_size: Examples per batch (per process under DDP).
+        num_workers: DataLoader worker processes; each streams its own segments.
+        shuffle_buffer: Training windows held back per worker to shuffle.
+        seed: Seed of litdata's shuffle and of the windows' offsets (the config passes `${seed}`).
+    """
+
+    def __init__(
+        self,
+        remote: str,
+        receptive_field: int,
+        cache_dir: str | Path | None = None,
+        max_cache_size: str | int = "50GB",
+        sample_rate: int = 16000,
+        quantization_channels: int = 256,
+        chunk_length: int = 4096,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        shuffle_buffer: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            receptive_field, sample_rate, quantization_channels, chunk_length, batch_size, num_workers, seed
+        )
+        if shuffle_buffer < 1:
+            raise UserError(f"data.shuffle_buffer must be a positive integer, got {shuffle_buffer}")
+        self.remote = str(remote)
+        self.cache_dir = default_data_dir() / "streaming" if cache_dir is None else Path(cache_dir)
+        self.max_cache_size = max_cache_size
+        self.shuffle_buffer = shuffle_buffer
+        self.manifest: Manifest | None = None
+        self.train_set: StreamedChunks | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Reads the published manifest and opens the training and validation streams.
+
+        Raises:
+            UserError: If nothing is published at `remote`, its sample rate or mu-law levels differ from
+                the settings, or no validation segment is as long as one window.
+        """
+        if self.train_set is not None:
+            return
+        data = read_published(self.remote, self.cache_dir)
+        for key in ("sample_rate", "quantization_channels"):
+            if data[key] != getattr(self, key):
+                raise UserError(
+                    f"the corpus at data.remote={self.remote} has {key}={data[key]}, but data.{key}="
+                    f"{getattr(self, key)}; set data.{key}={data[key]} or publish a corpus prepared with it"
+                )
+        published = data["published"]
+        if self.window > published["overlap"] + 1:
+            log.warning(
+                "Windows of %d samples are longer than the published segments' overlap (%d): starts in the "
+                "last %d samples of each segment are never drawn",
+                self.window, published["overlap"], self.window - published["overlap"] - 1,
+            )  # fmt: skip
+        self.manifest = manifest = Manifest.from_dict(data, Path(self.remote))
+        # Four chunks ahead: litdata raises it to four for its concurrent downloads, saying so every epoch.
+        records = dict(cache_dir=str(self.cache_dir), max_cache_size=self.max_cache_size, max_pre_download=4)
+        train_records = litdata.StreamingDataset(
+            _join(self.remote, "train"), shuffle=True, seed=self.seed % 2**31, **records
+        )
+        self.train_set = StreamedChunks(
+            train_records, self.receptive_field, self.chunk_length, self.shuffle_buffer, self.seed
+        )
+        # Item i of the validation dataset is the i-th segment of the validation files in manifest order.
+        val_files = [manifest.files[index] for index in published["val_files"]]
+        cuts = [(file, cut) for file in val_files for cut in segments(file.frames, published["segment"])]
+        val_segments = [Segment(index, file, *cut) for index, (file, cut) in enumerate(cuts)]
+        usable = [s for s in val_segments if min(s.owned, s.frames - self.window + 1) > 0]
+        if not usable:
+            raise UserError(
+                f"no validation file of the corpus at data.remote={self.remote} is as long as one window "
+                f"({self.window} samples): lower data.chunk_length"
+            )
+        val_records = litdata.StreamingDataset(_join(self.remote, "val"), shuffle=False, **records)
+        self.val_set = FixedChunks(
+            usable,
+            [min(s.owned, s.frames - self.window + 1) for s in usable],
+            _SegmentReader(val_records),
+            self.receptive_field,
+            self.chunk_length,
+            self.sample_rate,
+            self.quantization_channels,
+        )
+        hours = sum(manifest.files[i].frames for i in published["train_files"]) / self.sample_rate / 3600
+        log.info(
+            "Streaming %.2f h of training audio (%d files) from %s",
+            hours,
+            len(published["train_files"]),
+            self.remote,
+        )
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
+        assert self.train_set is not None, "setup() must run first"
+        return self._loader(self.train_set)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m wavenet.data.streaming PREPARED REMOTE`: publishes a prepared corpus."""
+    parser = argparse.ArgumentParser(
+        prog="python -m wavenet.data.streaming",
+        description="Publishes a prepared corpus to object storage (or a folder) for data=streaming.",
+    )
+    parser.add_argument("prepared", help="a prepared corpus folder (the training log names it)")
+    parser.add_argument("remote", help="s3://bucket/prefix, gs://..., a local folder, ...")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="files held out for validation")
+    parser.add_argument("--segment-seconds", type=float, default=30.0, help="litdata's unit of shuffling")
+    parser.add_argument("--workers", type=int, default=None, help="processes writing; default one per CPU")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("litdata").setLevel(logging.WARNING)  # it reports each dataset's cache size at INFO
+    try:
+        publish(args.prepared, args.remote, args.val_fraction, args.segment_seconds, args.workers)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Preparation on fake VCTK, LJSpeech and nested-folder corpora written into `tmp_path`: manifests,
+speakers, resampled lengths, trimming, cache reuse and invalidation, parallel workers, a killed
+preparation, an unwritable cache."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import wavenet.data.prepare as prepare_module
+from tests.test_data import RATE, chirp, write
+from wavenet.data import AudioFolderDataModule, Manifest, PrepareSettings, list_sources, prepare_corpus
+from wavenet.data.audio import read_audio, resampled_length
+from wavenet.data.mulaw import mu_law_encode
+from wavenet.data.prepare import MANIFEST, prepared_folder
+from wavenet.errors import UserError
+
+SETTINGS = PrepareSettings(sample_rate=RATE, quantization_channels=256, trim_db=None)
+SPEAKERS = ("p225", "p226", "p227")
+
+
+def vctk_092(root: Path) -> Path:
+    """VCTK 0.92: wav48_silence_trimmed/<speaker>/<speaker>_<n>_mic{1,2}.flac, 48 kHz stereo here."""
+    for s, speaker in enumerate(SPEAKERS):
+        for n in (1, 2):
+            for mic in (1, 2):
+                path = root / "wav48_silence_trimmed" / speaker / f"{speaker}_{n:03d}_mic{mic}.flac"
+                write(path, chirp(0.3 + 0.1 * n, 48000, channels=2, seed=10 * s + n), 48000)
+    (root / "speaker-info.txt").write_text("ID AGE GENDER ACCENTS\n")
+    return root
+
+
+def vctk_080(root: Path) -> Path:
+    """VCTK 0.80: wav48/<speaker>/<speaker>_<n>.wav, with one corrupt and one silent recording."""
+    for s, speaker in enumerate(SPEAKERS):
+        for n in (1, 2):
+            write(
+                root / "wav48" / speaker / f"{speaker}_{n:03d}.wav", chirp(0.4, 48000, seed=10 * s + n), 48000
+            )
+    (root / "wav48" / "p225" / "p225_003.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    write(root / "wav48" / "p226" / "p226_003.wav", np.zeros((4800, 1), np.float32), 48000)
+    (root / "txt" / "p225").mkdir(parents=True)
+    return root
+
+
+def ljspeech(root: Path) -> Path:
+    """LJSpeech: metadata.csv naming wavs/<id>.wav at 22.05 kHz; one listed clip is missing."""
+    clips = [f"LJ001-{n:04d}" for n in range(1, 5)]
+    for n, clip in enumerate(clips[:3]):
+        write(root / "wavs" / f"{clip}.wav", chirp(0.5, 22050, seed=n), 22050)
+    lines = [f'{clip}|Printing, "in the only sense"|Printing, in the only sense' for clip in clips]
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def nested(root: Path) -> Path:
+    """Any tree: stereo and mono, 22.05/44.1/48 kHz, FLAC and WAV, a corrupt file, a silent one, NaNs."""
+    write(root / "a" / "b" / "stereo48k.flac", chirp(0.5, 48000, channels=2, seed=1), 48000)
+    write(root / "a" / "mono44k.wav", chirp(0.4, 44100, seed=2), 44100)
+    write(root / "c" / "stereo22k.wav", chirp(0.3, 22050, channels=2, seed=3), 22050)
+    write(root / "silent.flac", np.zeros((8000, 1), np.float32), RATE)
+    write(root / "nan.wav", np.full((800, 1), np.nan, np.float32), RATE, subtype="FLOAT")
+    write(root / "empty.wav", np.zeros((0, 1), np.float32), RATE)
+    (root / "corrupt.flac").write_bytes(np.random.default_rng(0).bytes(3000))
+    return root
+
+
+def prepare(root: Path, layout: str = "folder", settings: PrepareSettings = SETTINGS, **kwargs) -> Manifest:
+    cache = kwargs.pop("cache_dir", root.parent / "cache")
+    folder = prepare_corpus(root, layout, ["wav", "flac"], settings, cache, workers=kwargs.pop("workers", 1))
+    return Manifest.load(folder)
+
+
+def shard_samples(manifest: Manifest, relative: str) -> np.ndarray:
+    file = next(file for file in manifest.files if file.relative == relative)
+    shard = np.fromfile(manifest.directory / manifest.shards[file.shard], dtype=np.uint8)
+    return shard[file.offset : file.offset + file.frames]
+
+
+def test_vctk_092_reads_mic1_flac_with_speakers_from_folders(tmp_path: Path) -> None:
+    manifest = prepare(vctk_092(tmp_path / "VCTK-Corpus-0.92"), "vctk")
+    assert [(f.relative, f.speaker) for f in manifest.files] == [
+        (f"wav48_silence_trimmed/{speaker}/{speaker}_{n:03d}_mic1.flac", speaker)
+        for speaker in SPEAKERS
+        for n in (1, 2)
+    ]
+    data = json.loads((manifest.directory / MANIFEST).read_text())
+    assert data["speakers"] == list(SPEAKERS) and data["layout"] == "vctk"
+    for file in manifest.files:
+        n = int(file.relative.split("_")[-2])
+        assert file.frames == resampled_length(round((0.3 + 0.1 * n) * 48000), 48000, RATE)
+    # The shards hold the mu-law classes of the mono mix resampled to 16 kHz.
+    first = manifest.files[0]
+    expected = mu_law_encode(read_audio(first.path, RATE)).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(shard_samples(manifest, first.relative), expected)
+
+
+def test_vctk_080_reads_wav48_and_lists_bad_recordings_as_skipped(tmp_path: Path) -> None:
+    manifest = prepare(vctk_080(tmp_path / "VCTK-Corpus"), "vctk")
+    assert {f.speaker for f in manifest.files} == set(SPEAKERS) and len(manifest.files) == 6
+    assert all(f.frames == resampled_length(round(0.4 * 48000), 48000, RATE) for f in manifest.files)
+    reasons = dict(manifest.skipped)
+    assert reasons.keys() == {"wav48/p225/p225_003.wav", "wav48/p226/p226_003.wav"}
+    assert reasons["wav48/p225/p225_003.wav"].startswith("unreadable")
+    assert reasons["wav48/p226/p226_003.wav"].startswith("silent")
+
+
+def test_ljspeech_reads_the_clips_metadata_lists(tmp_path: Path) -> None:
+    manifest = prepare(ljspeech(tmp_path / "LJSpeech-1.1"), "ljspeech")
+    assert [f.relative for f in manifest.files] == [f"wavs/LJ001-{n:04d}.wav" for n in (1, 2, 3)]
+    assert {f.speaker for f in manifest.files} == {"LJ"}
+    assert all(f.frames == resampled_length(round(0.5 * 22050), 22050, RATE) for f in manifest.files)
+    assert manifest.skipped == [("wavs/LJ001-0004.wav", "listed by the corpus but missing")]
+
+
+def test_nested_folder_keeps_usable_files_and_names_the_rest(tmp_path: Path) -> None:
+    manifest = prepare(nested(tmp_path / "music"))
+    assert {f.relative: f.frames for f in manifest.files} == {
+        "a/b/stereo48k.flac": resampled_length(24000, 48000, RATE),
+        "a/mono44k.wav": resampled_length(round(0.4 * 44100), 44100, RATE),
+        "c/stereo22k.wav": resampled_length(round(0.3 * 22050), 22050, RATE),
+    }
+    assert all(f.speaker is None for f in manifest.files)
+    assert dict(manifest.skipped) == {
+        "corrupt.flac": "unreadable (Format not recognised.)",
+        "empty.wav": "empty (no samples)",
+        "nan.wav": "contains NaN or infinite samples",
+        "silent.flac": "silent (every sample is zero)",
+    }
+    # Files lie back to back in the shard, in listing order.
+    offsets = [f.offset for f in manifest.files]
+    assert offsets == list(np.cumsum([0] + [f.frames for f in manifest.files[:-1]]))
+
+
+def test_layouts_that_do_not_match_the_folder_are_user_errors(tmp_path: Path) -> None:
+    music = nested(tmp_path / "music")
+    with pytest.raises(UserError, match="not a VCTK corpus"):
+        list_sources(music, "vctk", ["wav"])
+    with pytest.raises(UserError, match="not an LJSpeech corpus"):
+        list_sources(music, "ljspeech", ["wav"])
+
+
+def test_trim_db_cuts_silence_at_both_ends_only(tmp_path: Path) -> None:
+    root = tmp_path / "padded"
+    tone = chirp(0.5, RATE, seed=1)[:, 0]
+    gap = np.zeros(RATE // 4, np.float32)
+    write(root / "padded.wav", np.concatenate([gap, tone, gap, tone, gap])[:, None], RATE)
+    write(root / "other.wav", chirp(0.5, RATE, seed=2), RATE)
+
+    untrimmed = prepare(root)
+    trimmed = prepare(root, settings=PrepareSettings(RATE, 256, trim_db=40))
+    assert trimmed.directory != untrimmed.directory
+    lengths = {f.relative: f.frames for f in trimmed.files}
+    # The leading and trailing quarter seconds go (to 10 ms frames); the gap in the middle stays.
+    assert abs(lengths["padded.wav"] - (2 * len(tone) + len(gap))) <= 2 * RATE // 100
+    assert lengths["other.wav"] == len(tone)
+    data = json.loads((trimmed.directory / MANIFEST).read_text())
+    assert data["trim_db"] == 40
+    assert {f["path"]: f["trimmed"] for f in data["files"]}["padded.wav"][0] >= len(gap) - RATE // 100
+
+
+def test_an_unchanged_corpus_reuses_its_cache_and_any_change_makes_a_new_one(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="wavenet.data")
+    root = nested(tmp_path / "music")
+    first = prepare(root)
+    manifest_mtime = (first.directory / MANIFEST).stat().st_mtime_ns
+
+    started = time.perf_counter()
+    again = prepare(root)
+    assert time.perf_counter() - started < 1.0
+    assert again.directory == first.directory
+    assert (first.directory / MANIFEST).stat().st_mtime_ns == manifest_mtime
+    assert f"Using prepared data in {first.directory}" in caplog.text
+
+    for change in [
+        lambda: PrepareSettings(22050, 256, None),
+        lambda: PrepareSettings(RATE, 128, None),
+        lambda: PrepareSettings(RATE, 256, 30.0),
+    ]:
+        assert (
+            prepared_folder(root, "folder", ["wav", "flac"], change(), tmp_path / "cache")[0]
+            != first.directory
+        )
+    assert prepared_folder(root, "folder", ["wav"], SETTINGS, tmp_path / "cache")[0] != first.directory
+
+    write(root / "a" / "mono44k.wav", chirp(0.6, 44100, seed=2), 44100)  # a changed source file
+    changed = prepare(root)
+    assert changed.directory != first.directory
+    assert dict((f.relative, f.frames) for f in changed.files)["a/mono44k.wav"] == resampled_length(
+        26460, 44100, RATE
+    )
+    write(root / "added.wav", chirp(0.2, RATE), RATE)
+    assert prepare(root).directory not in (first.directory, changed.directory)
+
+
+def test_parallel_preparation_writes_the_same_bytes_as_serial(tmp_path: Path, monkeypatch, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="wavenet.data")
+    monkeypatch.setattr(prepare_module, "POOL_MIN_BYTES", 0)  # a pool even for this small corpus
+    root = nested(tmp_path / "music")
+    serial = prepare(root, cache_dir=tmp_path / "serial", workers=1)
+    parallel = prepare(root, cache_dir=tmp_path / "parallel", workers=2)
+    assert serial.directory.name == parallel.directory.name
+    assert "in 2 processes" in caplog.text
+    for name in serial.shards:
+        assert (serial.directory / name).read_bytes() == (parallel.directory / name).read_bytes()
+    assert serial.files == parallel.files and serial.skipped == parallel.skipped
+
+
+def test_files_go_to_a_new_shard_past_the_shard_size(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(prepare_module, "SHARD_BYTES", 10000)
+    manifest = prepare(nested(tmp_path / "music"))
+    assert [(f.shard, f.offset) for f in manifest.files] == [(0, 0), (1, 0), (2, 0)]  # each over 4,800
+    for file in manifest.files:
+        expected = mu_law_encode(read_audio(file.path, RATE)).to(torch.uint8).numpy()
+        np.testing.assert_array_equal(shard_samples(manifest, file.relative), expected)
+
+
+def test_a_corpus_with_nothing_usable_is_one_error_and_leaves_no_cache(tmp_path: Path) -> None:
+    root = tmp_path / "bad"
+    write(root / "silent.wav", np.zeros((800, 1), np.float32), RATE)
+    (root / "corrupt.wav").write_bytes(b"not audio at all")
+    with pytest.raises(UserError, match=f"no usable audio under data root {root}: all 2 files"):
+        prepare(root)
+    assert os.listdir(tmp_path / "cache") == []
+
+
+KILLED = """
+import os, signal, sys
+import wavenet.data.prepare as prepare
+original = prepare._ShardWriter.write
+def write_then_die(self, samples):
+    result = original(self, samples)
+    self._file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # as an out-of-memory killer or a preempted node would
+prepare._ShardWriter.write = write_then_die
+settings = prepare.PrepareSettings(16000, 256, None)
+prepare.prepare_corpus(sys.argv[1], "folder", ["wav", "flac"], settings, sys.argv[2], 1)
+"""
+
+
+def test_a_killed_preparation_leaves_nothing_taken_for_a_cache_and_is_cleaned_up(tmp_path: Path) -> None:
+    root, cache = nested(tmp_path / "music"), tmp_path / "cache"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED, str(root), str(cache)], capture_output=True, text=True
+    )
+    assert killed.returncode == -9, killed.stderr
+    folder = prepared_folder(root, "folder", ["wav", "flac"], SETTINGS, cache)[0]
+    leftovers = os.listdir(cache)
+    assert len(leftovers) == 1 and leftovers[0].startswith(f"{folder.name}.partial-")
+    assert not folder.exists()
+
+    module = AudioFolderDataModule(
+        root,
+        receptive_field=8,
+        extensions=["wav", "flac"],
+        chunk_length=64,
+        cache_dir=cache,
+        prepare_workers=1,
+    )
+    with pytest.raises(UserError, match="prepare_data"):
+        module.setup("fit")
+    module.prepare_data()
+    assert os.listdir(cache) == [folder.name]  # the dead process's folder is gone
+    fresh = prepare(root, cache_dir=tmp_path / "fresh")
+    assert (folder / fresh.shards[0]).read_bytes() == (fresh.directory / fresh.shards[0]).read_bytes()
+
+
+def test_a_full_disk_is_a_user_error_and_leaves_no_cache(tmp_path: Path, monkeypatch) -> None:
+    def full(self, samples):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(prepare_module._ShardWriter, "write", full)
+    root = nested(tmp_path / "music")
+    with pytest.raises(
+        UserError, match=f"cannot write prepared data under {tmp_path / 'cache'}: No space left"
+    ):
+        prepare(root)
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_an_unwritable_cache_directory_is_a_user_error(tmp_path: Path) -> None:
+    root = nested(tmp_path / "music")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="cannot write prepared data under .*a_file/cache.*paths.data_dir"):
+        prepare(root, cache_dir=tmp_path / "a_file" / "cache")
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "read_only").mkdir(mode=0o555)
+        with pytest.raises(UserError, match="Permission denied"):
+            prepare(root, cache_dir=tmp_path / "read_only")

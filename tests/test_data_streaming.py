@@ -1,0 +1,185 @@
+"""Publishing prepared shards and streaming them back with litdata; a local folder is the bucket."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from litdata.utilities.env import _DistributedEnv
+from torch.utils.data import DataLoader, IterableDataset
+
+from tests.conftest import TINY, compose_config
+from tests.test_data import CHUNK, RATE, RECEPTIVE_FIELD, WINDOW, chirp, ready, write
+from wavenet.data import StreamingDataModule, publish
+from wavenet.data.streaming import SEGMENT_OVERLAP, StreamedChunks, segments
+from wavenet.errors import UserError
+
+# Short segments, so the corpus's files are cut in several.
+SEGMENT_SECONDS = 0.25
+VAL_FRACTION = 0.3
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> tuple[Path, Path]:
+    """(prepared folder, remote folder) of a small corpus published with short segments."""
+    root = tmp_path / "corpus"
+    for index, seconds in enumerate([1.3, 0.9, 2.2, 0.6, 3.1, 1.0]):
+        write(root / f"speaker{index % 2}" / f"clip{index}.wav", chirp(seconds, RATE, seed=index), RATE)
+    module = ready(root, val_fraction=VAL_FRACTION)
+    assert module.manifest is not None
+    remote = tmp_path / "bucket" / "corpus"
+    publish(
+        module.manifest.directory,
+        str(remote),
+        VAL_FRACTION,
+        SEGMENT_SECONDS,
+        workers=1,
+        cache_dir=tmp_path / "lc",
+    )
+    return module.manifest.directory, remote
+
+
+def streaming(remote: str, tmp_path: Path, **overrides) -> StreamingDataModule:
+    args = dict(
+        receptive_field=RECEPTIVE_FIELD,
+        chunk_length=CHUNK,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=8,
+        cache_dir=tmp_path / "stream-cache",
+        max_cache_size="1GB",
+    )
+    module = StreamingDataModule(remote, **{**args, **overrides})
+    module.setup("fit")
+    return module
+
+
+def test_segments_give_every_window_start_to_exactly_one_segment() -> None:
+    segment = 1000
+    for frames in [
+        1,
+        999,
+        1000,
+        segment + SEGMENT_OVERLAP - 1,
+        segment + SEGMENT_OVERLAP,
+        5 * segment + 7 * SEGMENT_OVERLAP,
+    ]:
+        cuts = segments(frames, segment)
+        assert cuts[0][0] == 0 and cuts[-1][0] + cuts[-1][1] == frames
+        for window in [1, 500, SEGMENT_OVERLAP + 1]:
+            starts = [
+                start + s for start, length, owned in cuts for s in range(min(owned, length - window + 1))
+            ]
+            assert starts == list(range(frames - window + 1)), (frames, window)
+
+
+@pytest.mark.parametrize("scheme", ["", "local:"])
+def test_streamed_validation_is_the_local_validation(
+    published: tuple[Path, Path], tmp_path: Path, scheme: str
+) -> None:
+    prepared, remote = published
+    local = ready(tmp_path / "corpus", val_fraction=VAL_FRACTION)
+    module = streaming(f"{scheme}{remote}", tmp_path)
+    assert module.val_set is not None and local.val_set is not None
+    # Segments carry the overlap, so tiling them gives the windows tiling their files does.
+    assert len(module.val_set) == len(local.val_set)
+    for index in range(len(local.val_set)):
+        streamed, expected = module.val_set[index], local.val_set[index]
+        assert torch.equal(streamed[0], expected[0]) and torch.equal(streamed[1], expected[1])
+    assert {segment.path for segment in module.val_set.files} == {file.path for file in local.val_files}
+
+
+def test_streamed_training_batches_are_windows_with_shifted_targets(
+    published: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, remote = published
+    module = streaming(f"local:{remote}", tmp_path, num_workers=2)
+    batches = list(itertools.islice(module.train_dataloader(), 30))  # more than one epoch: the stream goes on
+    for inputs, targets in batches:
+        assert inputs.shape == targets.shape == (4, WINDOW - 1)
+        assert inputs.dtype == targets.dtype == torch.int64
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert len({inputs.numpy().tobytes() for inputs, _ in batches}) == len(batches)
+
+
+class OneEpochStarts(IterableDataset):
+    """The (file, start) of every window that one simulated rank's workers draw in epoch 1."""
+
+    def __init__(self, chunks: StreamedChunks, rank: int, world_size: int) -> None:
+        self.chunks, self.rank, self.world_size = chunks, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        records = self.chunks.records
+        records.distributed_env = _DistributedEnv(self.world_size, self.rank, 1)
+        records.set_epoch(1)
+        for record in records:
+            for start in self.chunks.starts(record, 1):
+                yield int(record["file"]), int(record["start"]) + start
+
+
+def test_two_ranks_with_two_workers_stream_disjoint_windows_on_one_grid(
+    published: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, remote = published
+    module = streaming(str(remote), tmp_path)
+    assert module.train_set is not None and module.manifest is not None
+    drawn = {
+        rank: [
+            (int(file), int(start))
+            for file, start in DataLoader(
+                OneEpochStarts(module.train_set, rank, 2), batch_size=None, num_workers=2
+            )
+        ]
+        for rank in range(2)
+    }
+    assert drawn[0] and drawn[1]
+    everything = drawn[0] + drawn[1]
+    assert len(set(everything)) == len(everything)
+    for file in {file for file, _ in everything}:
+        starts = np.sort([start for f, start in everything if f == file])
+        # One grid per file: segments continue it, so no two chunks of the epoch overlap.
+        assert np.all(np.diff(starts) % CHUNK == 0) and np.all(np.diff(starts) >= CHUNK)
+        assert starts[-1] <= module.manifest.files[file].frames - WINDOW
+
+
+def test_publishing_again_is_a_no_op_and_another_corpus_is_refused(
+    published: tuple[Path, Path], tmp_path: Path
+) -> None:
+    prepared, remote = published
+    mtime = (remote / "manifest" / "index.json").stat().st_mtime_ns
+    publish(prepared, str(remote), VAL_FRACTION, SEGMENT_SECONDS, workers=1, cache_dir=tmp_path / "lc")
+    assert (remote / "manifest" / "index.json").stat().st_mtime_ns == mtime
+    with pytest.raises(UserError, match="holds another published corpus"):
+        publish(prepared, str(remote), 0.5, SEGMENT_SECONDS, workers=1, cache_dir=tmp_path / "lc")
+    with pytest.raises(UserError, match="is not a prepared corpus"):
+        publish(tmp_path, str(tmp_path / "elsewhere"))
+
+
+def test_missing_remote_or_other_settings_are_user_errors(
+    published: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, remote = published
+    with pytest.raises(UserError, match=f"no published corpus at data.remote={tmp_path / 'nothing'}"):
+        streaming(str(tmp_path / "nothing"), tmp_path)
+    with pytest.raises(UserError, match="data.sample_rate=22050"):
+        streaming(str(remote), tmp_path, sample_rate=22050)
+    with pytest.raises(UserError, match="data.chunk_length"):
+        streaming(str(remote), tmp_path, chunk_length=10**6)
+
+
+@pytest.mark.slow
+def test_training_streams_from_the_remote(published: tuple[Path, Path], tmp_path: Path) -> None:
+    from wavenet.train import run
+
+    _, remote = published
+    overrides = [*TINY, "data=streaming", f"data.remote={remote}", f"paths.data_dir={tmp_path / 'data'}"]
+    cfg = compose_config(
+        "train", [*overrides, "trainer.max_steps=4", "trainer.val_check_interval=2"], tmp_path / "run"
+    )
+    metric = run(cfg)
+    assert metric is not None and 0.0 < metric < 9.0
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
