@@ -11,7 +11,7 @@ from wavenet.errors import UserError
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     # Imported here so `--help` and `--cfg job` answer without loading torch.
-    from wavenet.train import run
+    from wavenet.tasks.train import run
 
     try:
         return run(cfg)

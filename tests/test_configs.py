@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config
 from wavenet import WaveNetModule
-from wavenet.train import auto_precision
+from wavenet.tasks.train import auto_precision
 
 CONF = REPO / "conf"
 # Files starting with "_" are bases that options inherit, not options; conf/sweeps/ holds `wandb sweep` files.

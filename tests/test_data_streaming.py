@@ -173,7 +173,7 @@ def test_missing_remote_or_other_settings_are_user_errors(
 
 @pytest.mark.slow
 def test_training_streams_from_the_remote(published: tuple[Path, Path], tmp_path: Path) -> None:
-    from wavenet.train import run
+    from wavenet.tasks.train import run
 
     _, remote = published
     overrides = [*TINY, "data=streaming", f"data.remote={remote}", f"paths.data_dir={tmp_path / 'data'}"]

@@ -21,7 +21,7 @@ from tests.conftest import BUILTIN_SMALL, TINY, compose_config, run_script
 from wavenet.callbacks import _contiguous
 from wavenet.config import instantiate_checked, instantiate_group
 from wavenet.errors import UserError
-from wavenet.train import resolve_auto_settings, run, wandb_offline
+from wavenet.tasks.train import resolve_auto_settings, run, wandb_offline
 
 SCALARS = {"train/loss", "val/loss", "val/bits_per_sample", "train/grad_norm", "train/samples_per_sec"}
 # Samples at every validation, short, never skipped for time.

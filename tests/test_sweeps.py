@@ -13,7 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config, run_script
-from wavenet.train import run
+from wavenet.tasks.train import run
 
 EXPERIMENTS = sorted(path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml"))
 
