@@ -7,6 +7,7 @@ import netrc
 import os
 import socket
 import threading
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # `lightning` gives itself a console handler and also propagates to the root logger, which Hydra has set up
 # (console and the run's log file): without this every Lightning message would print twice.
 logging.getLogger("lightning").handlers.clear()
+# Lightning 2.6 calls a torch pytree API that torch 2.11 deprecates: a warning users can do nothing about.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 WANDB_SERVER = "https://api.wandb.ai"  # W&B's own default, when WANDB_BASE_URL does not name another
 
