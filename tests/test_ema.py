@@ -58,6 +58,7 @@ def test_validation_uses_the_average_and_training_weights_survive(tmp_path):
         assert torch.equal(value, training_weights[name])
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # resuming into a new run folder, on purpose
 def test_checkpoint_holds_both_and_resume_restores_the_average(tmp_path):
     L.seed_everything(0)
     module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=1, decay="constant")
