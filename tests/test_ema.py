@@ -3,9 +3,8 @@
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from tests.test_module import TINY, sine_batch
+from tests.test_module import TINY, fit, sine_batch
 from wavenet import WaveNetModule
 from wavenet.ema import EMA, EMA_STATE_KEY
 
@@ -25,28 +24,12 @@ def test_update_rule_with_warm_up():
     torch.testing.assert_close(ema.averaged["model.head.3.weight"], expected)
 
 
-def fit(module, callbacks, tmp_path, ckpt_path=None, **kwargs):
-    batch = sine_batch(module.receptive_field)
-    loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        check_val_every_n_epoch=None,
-        callbacks=callbacks,
-        **kwargs,
-    )
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader, ckpt_path=ckpt_path)
-    return trainer, batch
-
-
-def test_validation_uses_the_average_and_training_weights_survive(tmp_path):
+def test_validation_uses_the_average_and_training_weights_survive():
     L.seed_everything(0)
     module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=1, decay="constant")
     ema = EMA(decay=0.5)
-    trainer, batch = fit(module, [ema], tmp_path, max_steps=20, val_check_interval=20, enable_checkpointing=False)
+    batch = sine_batch(module.receptive_field)
+    trainer = fit(module, batch, callbacks=[ema], max_steps=20, val_check_interval=20)
     training_weights = {k: v.clone() for k, v in module.state_dict().items()}
     val_loss = trainer.callback_metrics["val/loss"].item()
     averaged_model = WaveNetModule(**TINY)
@@ -58,11 +41,11 @@ def test_validation_uses_the_average_and_training_weights_survive(tmp_path):
         assert torch.equal(value, training_weights[name])
 
 
-@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # resuming into a new run folder, on purpose
 def test_checkpoint_holds_both_and_resume_restores_the_average(tmp_path):
     L.seed_everything(0)
     module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=1, decay="constant")
-    trainer, _ = fit(module, [EMA(decay=0.9)], tmp_path, max_steps=10, val_check_interval=10)
+    batch = sine_batch(module.receptive_field)
+    trainer = fit(module, batch, callbacks=[EMA(decay=0.9)], max_steps=10, val_check_interval=10)
     path = tmp_path / "resume.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)
@@ -78,7 +61,7 @@ def test_checkpoint_holds_both_and_resume_restores_the_average(tmp_path):
             seen["updates"] = resumed_ema.updates
             seen["weight"] = resumed_ema.averaged["model.head.3.weight"].clone()
 
-    fit(WaveNetModule(**TINY), [resumed_ema, Peek()], tmp_path / "resumed", max_steps=12, val_check_interval=12, ckpt_path=path)
+    fit(WaveNetModule(**TINY), batch, ckpt_path=str(path), callbacks=[resumed_ema, Peek()], max_steps=12, val_check_interval=12)
     assert seen["updates"] == 10
     torch.testing.assert_close(seen["weight"], averaged["model.head.3.weight"])
 

@@ -20,18 +20,19 @@ def sine_batch(receptive_field: int, chunk: int = 256, batch: int = 4) -> tuple[
     return windows[:, :-1], windows[:, 1:]
 
 
-def fit(module: WaveNetModule, batch, **trainer_kwargs) -> L.Trainer:
+def fit(module: WaveNetModule, batch, ckpt_path: str | None = None, **trainer_kwargs) -> L.Trainer:
+    """Trains on the one batch, validating on it too; `trainer_kwargs` override the quiet CPU defaults."""
     loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
-    trainer = L.Trainer(
+    settings = dict(
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         check_val_every_n_epoch=None,  # with one batch an epoch, count validation intervals in steps
-        **trainer_kwargs,
     )
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    trainer = L.Trainer(**{**settings, **trainer_kwargs})
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer
 
 

@@ -15,6 +15,7 @@ import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -335,6 +336,8 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
         seconds_per_file: Length of each piece.
         synthesis_seed: Seed of the pieces themselves (training randomness has its own seed).
         root: Must be None: this module makes its own audio.
+        sample_rate: Rate the pieces are synthesised at (and the model works at).
+        folder_args: The other arguments of `AudioFolderDataModule`.
     """
 
     def __init__(
@@ -345,18 +348,8 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
         seconds_per_file: float = 10.0,
         synthesis_seed: int = 0,
         root: str | Path | None = None,
-        layout: str = "folder",
-        extensions: Sequence[str] = ("wav", "flac", "ogg", "mp3"),
         sample_rate: int = 16000,
-        quantization_channels: int = 256,
-        trim_db: float | None = None,
-        chunk_length: int = 4096,
-        batch_size: int = 4,
-        num_workers: int = 2,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        cache_dir: str | Path | None = None,
-        prepare_workers: int | None = None,
+        **folder_args: Any,
     ) -> None:
         if root is not None:
             raise UserError(
@@ -374,22 +367,7 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
         key = json.dumps([SYNTHESIS_VERSION, num_files, self.seconds_per_file, sample_rate, synthesis_seed])
         digest = hashlib.sha256(key.encode()).hexdigest()[:10]
         name = f"music-{num_files}x{self.seconds_per_file:g}s-{sample_rate}hz-{digest}"
-        super().__init__(
-            self.synthesis_dir / name,
-            receptive_field,
-            layout=layout,
-            extensions=extensions,
-            sample_rate=sample_rate,
-            quantization_channels=quantization_channels,
-            trim_db=trim_db,
-            chunk_length=chunk_length,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            cache_dir=cache_dir,
-            prepare_workers=prepare_workers,
-        )
+        super().__init__(self.synthesis_dir / name, receptive_field, sample_rate=sample_rate, **folder_args)
 
     def prepare_data(self) -> None:
         """Synthesises the dataset into `root` unless it is there already, then prepares it like a folder.
