@@ -117,10 +117,12 @@ def _load_checkpoint(path: Path, device: torch.device, use_ema: bool) -> WaveNet
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        module = WaveNetModule.load_from_checkpoint(path, map_location=device)
-        averaged = torch.load(path, map_location=device, weights_only=True).get(EMA_STATE_KEY) if use_ema else None
+        # Read once: the module is rebuilt from its primitive hyperparameters, as load_from_checkpoint would.
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        module = WaveNetModule(**checkpoint["hyper_parameters"]).to(device)
+        averaged = checkpoint.get(EMA_STATE_KEY) if use_ema else None
+        module.load_state_dict(averaged or checkpoint["state_dict"])
         if averaged:
-            module.load_state_dict(averaged)
             log.info("Using the EMA weights of %s", path)
         return module
     except pickle.UnpicklingError as error:
