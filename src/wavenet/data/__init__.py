@@ -4,8 +4,7 @@ The public names load on first use, as in `wavenet`: `wavenet.data.mulaw` (used 
 pull in Lightning.
 """
 
-from importlib import import_module
-from typing import Any
+from wavenet._lazy import lazy_exports
 
 _EXPORTS = {
     "AudioFolderDataModule": "wavenet.data.datamodule",
@@ -27,12 +26,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'wavenet.data' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
