@@ -3,9 +3,12 @@
     python bench/generate.py                                   # small, batch 1/16/256, every path
     python bench/generate.py --sizes small medium large --batches 1 16 --device cuda
 
-Paths:
-    incremental  `wavenet.generation.generate`: per-layer ring buffers, O(layers) work per sample.
+Paths (`wavenet.generate(method=...)`; per-layer ring buffers, O(layers) work per sample):
+    eager        the step op by op.
+    cuda_graph   chunks of 64 steps, sampling included, replayed from a CUDA graph (GPU only).
+    fused        one Triton kernel runs the whole network for a chunk of steps (GPU only).
     naive        the baseline: a full forward over the last receptive field for every sample.
+Paths that cannot run on the device are left out.
 
 Rates are the steady state: samples of all streams per second, after the first progress report, so
 building the state and the first steps (warm-up, allocator) are not counted. `x real time` is seconds of
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import subprocess
 import time
 from collections.abc import Callable
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from wavenet.generation import generate
+from wavenet.generation import generate, resolve_method
 from wavenet.models.wavenet import WaveNet
 
 MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -38,7 +42,7 @@ def build_model(size: str, device: torch.device) -> WaveNet:
     return WaveNet(**{key: int(cfg[key]) for key in DIMENSIONS}).to(device).eval()
 
 
-def incremental_rate(model: WaveNet, batch_size: int, num_samples: int) -> float:
+def incremental_rate(model: WaveNet, batch_size: int, num_samples: int, method: str) -> float:
     """Steady-state samples/s of `generate`, timed from its first progress report to its last."""
     reports: list[tuple[float, int]] = []
     done = 0
@@ -49,7 +53,9 @@ def incremental_rate(model: WaveNet, batch_size: int, num_samples: int) -> float
         done += steps
         reports.append((time.perf_counter(), done))
 
-    generate(model, num_samples, batch_size=batch_size, generator=_generator(model), progress=progress)
+    generate(
+        model, num_samples, batch_size=batch_size, generator=_generator(model), progress=progress, method=method
+    )
     if len(reports) < 2:
         raise SystemExit(f"--samples {num_samples} is too few for two progress reports at batch {batch_size}")
     (start, first), (end, last) = reports[0], reports[-1]
@@ -72,7 +78,20 @@ def naive_rate(model: WaveNet, batch_size: int, num_samples: int) -> float:
     return (num_samples - 1) * batch_size / (time.perf_counter() - start)
 
 
-PATHS: dict[str, Callable[[WaveNet, int, int], float]] = {"incremental": incremental_rate, "naive": naive_rate}
+PATHS: dict[str, Callable[[WaveNet, int, int], float]] = {
+    **{method: functools.partial(incremental_rate, method=method) for method in ("eager", "cuda_graph", "fused")},
+    "naive": naive_rate,
+}
+
+
+def runs_on(path: str, device: torch.device) -> bool:
+    if path == "naive":
+        return True
+    try:
+        resolve_method(path, device)
+    except ValueError:
+        return False
+    return True
 
 
 def _device(model: WaveNet) -> torch.device:
@@ -102,7 +121,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 256])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<index>")
-    parser.add_argument("--samples", type=int, default=2048, help="samples per stream, incremental path")
+    parser.add_argument("--samples", type=int, default=2048, help="samples per stream, incremental paths")
     parser.add_argument("--naive-samples", type=int, default=4, help="samples per stream, naive path")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (other load only slows)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's")
@@ -118,8 +137,8 @@ def main() -> None:
     for size in args.sizes:
         model = build_model(size, device)
         for batch_size in args.batches:
-            for path in args.paths:
-                samples = args.samples if path == "incremental" else args.naive_samples
+            for path in (path for path in args.paths if runs_on(path, device)):
+                samples = args.naive_samples if path == "naive" else args.samples
                 rate = max(PATHS[path](model, batch_size, samples) for _ in range(args.repeats))
                 print(
                     f"| {size:<7}| {batch_size:>6} | {path:<12}| {rate:>11,.0f} | {rate / SAMPLE_RATE:>11.3f} |",

@@ -31,9 +31,9 @@ def random_wavenet(kernel_size: int = 2, layers: int = 6, stacks: int = 2, bias:
     return model
 
 
-def teacher_forced(model: WaveNet, x: torch.Tensor, context: int = 0) -> torch.Tensor:
+def teacher_forced(model: WaveNet, x: torch.Tensor, context: int = 0, device_counter: bool = False) -> torch.Tensor:
     """(B, Q, T - context) logits of the incremental model stepping through x after resetting to x[:, :context]."""
-    stepper = IncrementalWaveNet(model, x.shape[0])
+    stepper = IncrementalWaveNet(model, x.shape[0], device_counter=device_counter)
     with torch.inference_mode():
         stepper.reset(x[:, :context])
         return torch.stack([stepper.step(x[:, t]).clone() for t in range(context, x.shape[1])], dim=2)
@@ -56,6 +56,16 @@ def test_teacher_forced_incremental_logits_equal_the_full_forward(kernel_size, l
     with torch.inference_mode():
         expected = model(x)
     assert_relative_close(teacher_forced(model, x), expected)
+    # The CUDA-graph step, ring positions from the device-side counter, is the same function.
+    assert_relative_close(teacher_forced(model, x, device_counter=True), expected)
+
+
+def test_the_device_counter_step_after_a_reset_to_a_context_equals_the_full_forward():
+    model = random_wavenet(3)
+    x = torch.randint(0, LEVELS, (2, 100))
+    with torch.inference_mode():
+        expected = model(x)[:, :, 37:]
+    assert_relative_close(teacher_forced(model, x, 37, device_counter=True), expected)
 
 
 @pytest.mark.parametrize("kernel_size", [2, 3])
@@ -145,6 +155,82 @@ def test_bad_primes_are_refused(prime):
         generate(random_wavenet(), 10, batch_size=2, prime=prime)
 
 
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [("fast", "method must be one of"), ("cuda_graph", "needs a CUDA device"), ("fused", "needs Triton and a CUDA")],
+)
+def test_methods_that_cannot_run_here_are_refused(method, message):
+    if torch.cuda.is_available() and method != "fast":
+        pytest.skip("they run on a GPU")
+    with pytest.raises(ValueError, match=message):
+        generate(random_wavenet(), 10, method=method)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_fused_generation_through_the_triton_interpreter_equals_eager_generation(monkeypatch, temperature):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel on CPU tensors; wavenet.kernels isolates it
+    model = WaveNet(4, 2, 16, 16, 16, kernel_size=3, quantization_channels=LEVELS)
+    prime = torch.randint(0, LEVELS, (3, 20))
+
+    def sample(method: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(5)
+        # 70 steps: a full chunk of 64, then a shorter one.
+        return generate(model, 70, 3, temperature, prime=prime, generator=generator, method=method)
+
+    assert torch.equal(sample("fused"), sample("eager"))
+
+
+# --- The GPU paths, against the eager path on the same GPU ------------------------------------------------
+
+
+@pytest.fixture
+def exact_cuda(monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """The GPU with TF32 off, so that fp32 convolutions and matmuls are as exact as on the CPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel_size", [2, 3])
+def test_cuda_graph_teacher_forced_logits_equal_the_full_forward(exact_cuda, kernel_size):
+    from wavenet.generation import CudaGraphSampler
+
+    model = random_wavenet(kernel_size).to(exact_cuda)
+    x = torch.randint(0, LEVELS, (3, 2 * model.receptive_field + 7), device=exact_cuda)
+    with torch.inference_mode():
+        expected = model(x)
+        stepper = IncrementalWaveNet(model, 3, device_counter=True)
+        graph = CudaGraphSampler(stepper, 1, sampling=False)
+        stepper.reset()
+        logits = []
+        for t in range(x.shape[1]):
+            graph(x[:, t], torch.empty(1, 3, dtype=torch.long, device=exact_cuda), None)
+            logits.append(stepper.logits.clone())
+    assert_relative_close(torch.stack(logits, dim=2), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["cuda_graph", "fused"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_gpu_generation_paths_equal_eager_generation_on_the_gpu(exact_cuda, method, temperature):
+    model = random_wavenet(3).to(exact_cuda)
+    prime = torch.randint(0, LEVELS, (4, 50), device=exact_cuda)
+
+    def sample(method: str) -> torch.Tensor:
+        generator = torch.Generator(exact_cuda).manual_seed(3)
+        # 150 steps: two full chunks (from the graph), then a shorter one (run eagerly by cuda_graph).
+        return generate(model, 150, 4, temperature, prime=prime, generator=generator, method=method)
+
+    fast = sample(method)
+    assert torch.equal(fast, sample("eager"))
+    if temperature == 0:
+        with torch.inference_mode():
+            expected = model(torch.cat([prime, fast[:, :-1]], dim=1))[:, :, prime.shape[1] - 1 :].argmax(dim=1)
+        assert torch.equal(fast, expected)
+
+
 # --- generate.py, as users run it -------------------------------------------------------------------------
 
 SAMPLE_RATE = 8000
@@ -225,3 +311,14 @@ def test_generate_task_uses_the_ema_weights_when_the_checkpoint_has_them(tmp_pat
     expected = mu_law_decode(generate(averaged.model.eval(), 300, temperature=0))[0].numpy()
     np.testing.assert_allclose(greedy(True), expected, atol=1 / 16384)  # up to 16-bit PCM rounding
     assert np.abs(greedy(True) - greedy(False)).max() > 0.01
+
+
+def test_generate_task_names_the_method_that_cannot_run_here(tmp_path, checkpoint):
+    from tests.conftest import compose_config
+    from wavenet.errors import UserError
+    from wavenet.tasks.generate import run
+
+    cfg = compose_config("generate", [f"ckpt_path={checkpoint}", "method=cuda_graph", "device=cpu"], tmp_path)
+    with pytest.raises(UserError, match="method=cuda_graph: .*needs a CUDA device"):
+        run(cfg)
+    assert not list(tmp_path.glob("*.wav"))

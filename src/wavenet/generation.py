@@ -5,8 +5,13 @@ time only needs, for each layer, the inputs it saw `dilation`, `2 * dilation`, .
 keeps its last `dilation * (kernel_size - 1)` inputs in a ring buffer, written in place, never shifted.
 
 A step is a fixed sequence of `out=` / in-place ops on preallocated buffers with pre-transposed weights:
-nothing is allocated per step and every buffer keeps its address. Ring positions are picked in Python,
-by `t % length`; a CUDA-graph path would read them from a device-side step counter instead.
+nothing is allocated per step and every buffer keeps its address. Ring positions are picked in Python, by
+`t % length`, or, for CUDA graphs, looked up on the device from a step counter that the step advances
+itself, so that a captured step replays correctly at every time.
+
+Paths (`generate(method=...)`): `eager` runs the step op by op (CPU, or CUDA for comparison);
+`cuda_graph` replays chunks of steps captured with their sampling, one launch per chunk; `fused` runs
+the whole layer stack for many steps in one Triton kernel (`wavenet.kernels.fused_step`).
 
 Pure PyTorch: no Lightning, no Hydra.
 """
@@ -24,8 +29,10 @@ from torch import Tensor, nn
 from wavenet.models.wavenet import WaveNet
 
 # Steps between progress reports and draws of Gumbel noise: at most this many, and at most as many as keep
-# one draw under _NOISE_ELEMENTS (step, stream, class) values, to bound its memory at large batch.
-_CHUNK_STEPS = 256
+# one draw under _NOISE_ELEMENTS (step, stream, class) values, to bound its memory at large batch. Every
+# path draws the noise in the same chunks, so that a seed gives the same samples whatever the path.
+# A CUDA graph holds one chunk of steps: 64 keeps capture short and the graph launch (~10 us) negligible.
+_CHUNK_STEPS = 64
 _NOISE_ELEMENTS = 1 << 22
 # Activations per tensor when `reset` runs the network over a context: about 256 MB in float32.
 _RESET_ELEMENTS = 1 << 26
@@ -40,7 +47,6 @@ class _Layer(NamedTuple):
     current_weight: Tensor  # (R, 2D) the current tap
     gated: Tensor  # (B, D) this layer's slice of the skip matmul's input
     residual_weight: Tensor | None  # (D, R); None on the last layer
-    next_slots: list[Tensor]  # (B, R) views of the next layer's ring columns, where the residual goes
 
 
 class IncrementalWaveNet:
@@ -63,14 +69,20 @@ class IncrementalWaveNet:
     Args:
         model: The network. Its parameters are copied here; later changes to them are not seen.
         batch_size: Number of independent streams B.
+        device_counter: Keep the step counter on the device (`phase`), so that `step` has no input from
+            Python that changes from one step to the next and can be captured in a CUDA graph. It costs
+            four small ops per step, so it is off for eager stepping.
     """
 
-    def __init__(self, model: WaveNet, batch_size: int) -> None:
+    def __init__(self, model: WaveNet, batch_size: int, device_counter: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
-        self.position = 0  # time of the next input; only its value modulo each ring length matters
+        # Time of the next input; only its value modulo each ring length matters. With `device_counter`,
+        # `phase` (= position % period, on the device) is the truth and steps replayed from a graph do
+        # not move `position`.
+        self.position = 0
         layers = list(model.layers)
         embedding = model.embedding.weight.detach()
         device, dtype = embedding.device, embedding.dtype
@@ -121,6 +133,15 @@ class IncrementalWaveNet:
             ],
             dim=1,
         ).to(device)  # (period, L (K-1))
+        # Per phase, the column where each layer's input of that step goes.
+        self.write_columns = torch.stack(
+            [start + time % length for start, length in zip(starts, lengths)], dim=1
+        ).to(device)  # (period, L)
+        # Both, side by side, so that the device-counter step looks them up with one index_select.
+        self.columns = torch.cat([self.tap_columns, self.write_columns], dim=1)
+        self.phase = torch.zeros(1, dtype=torch.long, device=device) if device_counter else None
+        self.columns_now = torch.empty(1, self.columns.shape[1], dtype=torch.long, device=device)  # its row
+        self.ring_starts, self.ring_lengths = starts, lengths
         self.past = torch.empty(batch_size, len(layers) * taps, residual_channels, device=device, dtype=dtype)
         self.past_by_layer = self.past.view(batch_size, len(layers), -1).transpose(0, 1)  # (L, B, (K-1) R)
         self.pre = torch.empty(len(layers), batch_size, 2 * dilation_channels, device=device, dtype=dtype)
@@ -128,10 +149,16 @@ class IncrementalWaveNet:
         self.skip = torch.empty(batch_size, self.skip_weight.shape[1], device=device, dtype=dtype)
         self.hidden = torch.empty(batch_size, self.head_weights[0].shape[1], device=device, dtype=dtype)
         self.logits = torch.empty(batch_size, model.quantization_channels, device=device, dtype=dtype)
+        # The (B, R) view of every ring column: layer l's input at time t goes to ring_slots[l][t % length],
+        # written there by the op that computes it, after the step has gathered every past tap (the oldest
+        # tap, dilation * (kernel_size - 1) back, is in the column this write goes to). The device-counter
+        # step cannot pick views by time: it writes every layer's input to `inputs`, then all of them to
+        # the rings with one index_copy at the end.
+        self.ring_slots = [ring.unbind(1) for ring in self.ring_views]
+        self.inputs = torch.empty(len(layers), batch_size, residual_channels, device=device, dtype=dtype)
+        self.inputs_by_stream = self.inputs.transpose(0, 1)  # (B, L, R), as the rings are laid out
+        self.input_rows = self.inputs.unbind(0)
 
-        # The (B, R) view of every ring column: layer l's input at time t goes to slots[l][t % lengths[l]].
-        slots = [list(ring.unbind(1)) for ring in self.ring_views]
-        self.first_slots = slots[0]
         self.layers = [
             _Layer(
                 pre=self.pre[index],
@@ -140,7 +167,6 @@ class IncrementalWaveNet:
                 current_weight=current[index],
                 gated=self.gated[:, index * dilation_channels : (index + 1) * dilation_channels],
                 residual_weight=residuals[index] if index < len(residuals) else None,
-                next_slots=slots[index + 1] if index + 1 < len(layers) else [],
             )
             for index in range(len(layers))
         ]
@@ -183,6 +209,8 @@ class IncrementalWaveNet:
                     if layer.residual is not None:
                         h = h[:, :, layer.context :] + layer.residual(layer.gated(h))
         self.position = 0
+        if self.phase is not None:
+            self.phase.zero_()
 
     def step(self, classes: Tensor) -> Tensor:
         """Consumes one input sample per stream and returns the logits of the next one.
@@ -193,22 +221,55 @@ class IncrementalWaveNet:
         Returns:
             (B, Q) logits, in a buffer that the next step overwrites: clone it to keep it.
         """
-        t = self.position
+        if self.phase is None:
+            t = self.position
+            tap_columns = self.tap_columns[t % self.period]
+            inputs = [slots[t % len(slots)] for slots in self.ring_slots]
+        else:
+            columns = torch.index_select(self.columns, 0, self.phase, out=self.columns_now)[0]
+            tap_columns, write_columns = columns.split([self.tap_columns.shape[1], self.write_columns.shape[1]])
+            inputs = self.input_rows
         # Every layer's past taps at once: all of them were written before this step began.
-        torch.index_select(self.rings, 1, self.tap_columns[t % self.period], out=self.past)
+        torch.index_select(self.rings, 1, tap_columns, out=self.past)
         torch.baddbmm(self.past_bias, self.past_by_layer, self.past_weight, out=self.pre)
-        h = torch.index_select(self.embedding, 0, classes, out=self.first_slots[t % len(self.first_slots)])
-        for layer in self.layers:
+        h = torch.index_select(self.embedding, 0, classes, out=inputs[0])
+        for index, layer in enumerate(self.layers):
             layer.pre.addmm_(h, layer.current_weight).tanh_()
             torch.addcmul(layer.filter_, layer.filter_, layer.gate, out=layer.gated)  # 2 tanh(f) sigmoid(g)
             if layer.residual_weight is not None:
-                slot = layer.next_slots[t % len(layer.next_slots)]
-                h = torch.addmm(h, layer.gated, layer.residual_weight, out=slot)
+                h = torch.addmm(h, layer.gated, layer.residual_weight, out=inputs[index + 1])
+        if self.phase is not None:
+            self.rings.index_copy_(1, write_columns, self.inputs_by_stream)
         torch.addmm(self.skip_bias, self.gated, self.skip_weight, out=self.skip).relu_()
         torch.addmm(self.head_biases[0], self.skip, self.head_weights[0], out=self.hidden).relu_()
         torch.addmm(self.head_biases[1], self.hidden, self.head_weights[1], out=self.logits)
-        self.position = t + 1
+        self.position += 1
+        if self.phase is not None:
+            self.phase.add_(1).remainder_(self.period)
         return self.logits
+
+
+METHODS = ("auto", "eager", "cuda_graph", "fused")
+
+
+def resolve_method(method: str, device: torch.device) -> str:
+    """The generation path `method` names on `device`: `auto` is `cuda_graph` on CUDA, else `eager`.
+
+    Raises:
+        ValueError: For an unknown method, or one that cannot run on `device`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "auto":
+        return "cuda_graph" if device.type == "cuda" else "eager"
+    if method == "cuda_graph" and device.type != "cuda":
+        raise ValueError(f"method 'cuda_graph' needs a CUDA device, the model is on {device}")
+    if method == "fused":
+        from wavenet.kernels.fused_step import fused_available
+
+        if not fused_available(device):
+            raise ValueError(f"method 'fused' needs Triton and a CUDA device, the model is on {device}")
+    return method
 
 
 @torch.inference_mode()
@@ -220,6 +281,7 @@ def generate(
     prime: Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
+    method: str = "auto",
 ) -> Tensor:
     """Samples `num_samples` mu-law classes per stream, one at a time, on the model's device.
 
@@ -234,7 +296,10 @@ def generate(
             shared by all streams. Only its last `receptive_field` samples matter; a shorter one is
             preceded by silence. None starts from silence.
         generator: Random source on the model's device; seed it for reproducible output on that device.
-        progress: Called with the number of new samples per stream, every 256 steps or fewer.
+        progress: Called with the number of new samples per stream, every 64 steps or fewer.
+        method: `eager`, `cuda_graph` or `fused` (see the module's docstring), or `auto`: `cuda_graph` on
+            a GPU, `eager` on the CPU. All of them compute the same function; with the same seed they
+            draw the same noise.
 
     Returns:
         (B, num_samples) int64 classes, without the prime.
@@ -245,30 +310,115 @@ def generate(
         raise ValueError(f"num_samples must not be negative, got {num_samples}")
     if temperature < 0:
         raise ValueError(f"temperature must not be negative, got {temperature}")
-    stepper = IncrementalWaveNet(model, batch_size)
-    device = stepper.device
+    device = model.embedding.weight.device
+    method = resolve_method(method, device)
     prime = _check_prime(prime, model, batch_size).to(device)
-    stepper.reset(prime[..., :-1])
+    levels = model.quantization_channels
+    chunk = min(_CHUNK_STEPS, max(1, _NOISE_ELEMENTS // (batch_size * levels)))
 
+    stepper = IncrementalWaveNet(model, batch_size, device_counter=method == "cuda_graph")
+    if method == "cuda_graph":
+        run_chunk: Callable[[Tensor, Tensor, Tensor | None], None] = CudaGraphSampler(
+            stepper, chunk, sampling=temperature > 0
+        )
+    elif method == "fused":
+        from wavenet.kernels.fused_step import fused_steps
+
+        def run_chunk(classes: Tensor, out: Tensor, noise: Tensor | None) -> None:
+            fused_steps(stepper, classes, out, noise=noise)
+
+    else:
+
+        def run_chunk(classes: Tensor, out: Tensor, noise: Tensor | None) -> None:
+            sample_steps(stepper, classes, out, noise)
+
+    stepper.reset(prime[..., :-1])  # after the capture above, whose warm-up steps write the state
     samples = torch.empty(num_samples, batch_size, dtype=torch.long, device=device)  # (N, B): rows contiguous
     classes = prime[..., -1].expand(batch_size).contiguous()
-    chunk = min(_CHUNK_STEPS, max(1, _NOISE_ELEMENTS // (batch_size * model.quantization_channels)))
     for start in range(0, num_samples, chunk):
-        steps = min(chunk, num_samples - start)
+        out = samples[start : start + chunk]
+        noise = None
         if temperature > 0:
             # Gumbel-max: argmax(logits / T + G) is a sample of softmax(logits / T); scaled by T, no division.
-            noise = torch.rand(
-                steps, batch_size, model.quantization_channels, generator=generator, device=device
-            )
+            noise = torch.rand(len(out), batch_size, levels, generator=generator, device=device)
             noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_().neg_().log_().neg_().mul_(temperature)
-        for index in range(steps):
-            logits = stepper.step(classes)
-            if temperature > 0:
-                logits.add_(noise[index])
-            classes = torch.argmax(logits, dim=1, out=samples[start + index])
+        run_chunk(classes, out, noise)
+        classes = out[-1]
         if progress is not None:
-            progress(steps)
+            progress(len(out))
     return samples.T.contiguous()
+
+
+def sample_steps(stepper: IncrementalWaveNet, classes: Tensor, out: Tensor, noise: Tensor | None) -> None:
+    """Runs `len(out)` steps from input `classes`, each fed the sample drawn at the step before.
+
+    Args:
+        stepper: The state, advanced by `len(out)` steps.
+        classes: (B,) the first step's input.
+        out: (steps, B) int64: receives argmax(logits + noise[i]) of every step (argmax alone if no noise).
+        noise: (steps, B, Q) Gumbel noise times the temperature, or None for greedy decoding.
+    """
+    for index in range(len(out)):
+        logits = stepper.step(classes)
+        if noise is not None:
+            logits.add_(noise[index])
+        classes = torch.argmax(logits, dim=1, out=out[index])
+
+
+class CudaGraphSampler:
+    """`sample_steps` for a fixed number of steps, captured once in a CUDA graph and replayed per chunk.
+
+    A step of `small` is about 90 kernels of a few microseconds each, too short for the CPU to launch them
+    as fast as the GPU runs them. Replaying a graph launches a whole chunk of steps, their sampling
+    included, at once: no launch and no host synchronisation per sample. The graph reads its ring
+    positions from the stepper's device-side counter, so a replay is right at any time.
+
+    Capturing runs warm-up steps that overwrite the stepper's state: `reset` it afterwards.
+
+    Args:
+        stepper: Built with `device_counter=True`, on a CUDA device.
+        steps: Steps per replay; calls with another number of steps run them eagerly.
+        sampling: Whether the graph adds noise before the argmax (temperature > 0).
+    """
+
+    def __init__(self, stepper: IncrementalWaveNet, steps: int, sampling: bool) -> None:
+        if stepper.phase is None or stepper.device.type != "cuda":
+            raise ValueError("a CUDA graph needs a stepper on a CUDA device, built with device_counter=True")
+        self.stepper = stepper
+        shape = (stepper.batch_size, stepper.model.quantization_channels)
+        # The graph's inputs and outputs: fixed addresses, refilled and read around every replay.
+        self.classes = torch.zeros(shape[0], dtype=torch.long, device=stepper.device)
+        self.noise = torch.zeros(steps, *shape, device=stepper.device) if sampling else None
+        self.out = torch.empty(steps, shape[0], dtype=torch.long, device=stepper.device)
+        with torch.cuda.device(stepper.device):  # capture happens on the current device's streams
+            # Warm-up on a side stream, as torch.cuda.graphs asks: lazy initialisation (cuBLAS workspaces,
+            # kernels' first use) must not happen during capture.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._steps()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._steps()
+
+    def _steps(self) -> None:
+        sample_steps(self.stepper, self.classes, self.out, self.noise)
+
+    def __call__(self, classes: Tensor, out: Tensor, noise: Tensor | None) -> None:
+        """As `sample_steps(stepper, classes, out, noise)`."""
+        if (noise is None) != (self.noise is None):
+            raise ValueError(f"this graph was captured {'with' if self.noise is not None else 'without'} noise")
+        if len(out) != len(self.out):
+            sample_steps(self.stepper, classes, out, noise)  # the last, shorter chunk
+            return
+        self.classes.copy_(classes)
+        if noise is not None:
+            self.noise.copy_(noise)
+        self.graph.replay()
+        out.copy_(self.out)
+        self.stepper.position += len(out)  # replays do not run the Python that counts
 
 
 def _check_prime(prime: Tensor | None, model: WaveNet, batch_size: int) -> Tensor:

@@ -19,7 +19,7 @@ from wavenet.data.audio import read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.ema import EMA_STATE_KEY
 from wavenet.errors import UserError
-from wavenet.generation import generate
+from wavenet.generation import generate, resolve_method
 from wavenet.module import WaveNetModule
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ def run(cfg: DictConfig) -> list[Path]:
     check_required(cfg)
     _check_settings(cfg)
     device = _device(str(cfg.device))
+    try:
+        method = resolve_method(str(cfg.method), device)
+    except ValueError as error:
+        raise UserError(f"method={cfg.method}: {error}") from error
     module = _load_checkpoint(Path(cfg.ckpt_path), device, use_ema=bool(cfg.use_ema))
     model = module.model.eval()
     sample_rate = int(module.hparams.sample_rate)
@@ -47,12 +51,13 @@ def run(cfg: DictConfig) -> list[Path]:
         prime = mu_law_encode(audio[-model.receptive_field :], levels)  # older samples cannot matter
     generator = None if cfg.seed is None else torch.Generator(device).manual_seed(int(cfg.seed))
     log.info(
-        "Generating %d x %d samples (%.2f s at %d Hz) on %s, temperature %g%s; receptive field %d samples",
+        "Generating %d x %d samples (%.2f s at %d Hz) on %s (%s), temperature %g%s; receptive field %d samples",
         cfg.batch_size,
         cfg.num_samples,
         cfg.num_samples / sample_rate,
         sample_rate,
         device,
+        method,
         cfg.temperature,
         "" if prime is None else f", continuing {cfg.prime}",
         model.receptive_field,
@@ -68,6 +73,7 @@ def run(cfg: DictConfig) -> list[Path]:
             prime=prime,
             generator=generator,
             progress=advance,
+            method=method,
         )
     seconds = time.perf_counter() - started
     rate = cfg.num_samples * cfg.batch_size / seconds
