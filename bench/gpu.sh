@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU half of the checks and benchmarks, as one command per part, for a machine without internet:
+#
+#     bash bench/gpu.sh tests generate     # pytest -m gpu, then bench/generate.py (about 5 min on an H100)
+#     bash bench/gpu.sh train data         # bench/train.py (compiled too) and the loader against training
+#
+# Wheels the machine lacks (hydra-core, omegaconf, antlr4, soundfile, wandb, litdata) are installed from .whl/
+# when it exists: make it here with `bash ../shared/tools/gpu-wheels.sh litdata` and send it along. Each
+# part's output goes to $OUT/<part>.txt (the device tool's folder) or bench-out/<part>.txt, and to the screen.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench-out}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$out/device.txt"
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(tests generate)
+status=0
+for part in "${parts[@]}"; do
+  case $part in
+    tests)  # only the files with GPU tests: the others import packages the GPU image may lack
+      python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) ;;
+    generate)
+      python3 bench/generate.py --sizes small medium large --batches 1 16 256 --repeats 2 ;;
+    train)
+      python3 bench/train.py --sizes small medium large --precision 32 bf16 --compile 0 1 --steps 20 ;;
+    data)
+      python3 bench/data.py ;;
+    *)
+      echo "unknown part: $part (tests, generate, train, data)" >&2; exit 2 ;;
+  esac 2>&1 | tee "$out/$part.txt"
+  status=$((status | ${PIPESTATUS[0]}))
+done
+exit $status
