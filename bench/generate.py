@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from wavenet.generation import generate, resolve_method
 from wavenet.models.wavenet import WaveNet
 
+PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16}
 MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 DIMENSIONS = ("layers", "stacks", "residual_channels", "dilation_channels", "skip_channels", "kernel_size")
 SAMPLE_RATE = 16000
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 256])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<index>")
+    parser.add_argument("--precision", nargs="+", default=["32"], choices=list(PRECISIONS), help="weights' dtype")
     parser.add_argument("--samples", type=int, default=2048, help="samples per stream, incremental paths")
     parser.add_argument("--naive-samples", type=int, default=4, help="samples per stream, naive path")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (other load only slows)")
@@ -132,18 +134,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"# {name}; torch {torch.__version__}; {datetime.date.today()}; commit {_commit()}")
-    print(f"| {'size':<7}| {'batch':>6} | {'path':<12}| {'samples/s':>11} | {'x real time':>11} |")
-    print(f"|{'-' * 8}|{'-' * 8}|{'-' * 13}|{'-' * 13}|{'-' * 13}|")
+    print(f"| {'size':<7}| {'dtype':<5} | {'batch':>6} | {'path':<12}| {'samples/s':>11} | {'x real time':>11} |")
+    print(f"|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 13}|{'-' * 13}|{'-' * 13}|")
     for size in args.sizes:
-        model = build_model(size, device)
-        for batch_size in args.batches:
-            for path in (path for path in args.paths if runs_on(path, device)):
-                samples = args.naive_samples if path == "naive" else args.samples
-                rate = max(PATHS[path](model, batch_size, samples) for _ in range(args.repeats))
-                print(
-                    f"| {size:<7}| {batch_size:>6} | {path:<12}| {rate:>11,.0f} | {rate / SAMPLE_RATE:>11.3f} |",
-                    flush=True,
-                )
+        for precision in args.precision:
+            model = build_model(size, device).to(PRECISIONS[precision])
+            for batch_size in args.batches:
+                for path in (path for path in args.paths if runs_on(path, device)):
+                    samples = args.naive_samples if path == "naive" else args.samples
+                    rate = max(PATHS[path](model, batch_size, samples) for _ in range(args.repeats))
+                    print(
+                        f"| {size:<7}| {precision:<5} | {batch_size:>6} | {path:<12}| {rate:>11,.0f} | "
+                        f"{rate / SAMPLE_RATE:>11.3f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

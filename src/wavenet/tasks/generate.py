@@ -42,7 +42,7 @@ def run(cfg: DictConfig) -> list[Path]:
     except ValueError as error:
         raise UserError(f"method={cfg.method}: {error}") from error
     module = _load_checkpoint(Path(cfg.ckpt_path), device, use_ema=bool(cfg.use_ema))
-    model = module.model.eval()
+    model = module.model.eval().to(_PRECISIONS[str(cfg.precision)])
     sample_rate = int(module.hparams.sample_rate)
     levels = model.quantization_channels
     prime = None
@@ -51,13 +51,14 @@ def run(cfg: DictConfig) -> list[Path]:
         prime = mu_law_encode(audio[-model.receptive_field :], levels)  # older samples cannot matter
     generator = None if cfg.seed is None else torch.Generator(device).manual_seed(int(cfg.seed))
     log.info(
-        "Generating %d x %d samples (%.2f s at %d Hz) on %s (%s), temperature %g%s; receptive field %d samples",
+        "Generating %d x %d samples (%.2f s at %d Hz) on %s (%s, %s), temperature %g%s; receptive field %d samples",
         cfg.batch_size,
         cfg.num_samples,
         cfg.num_samples / sample_rate,
         sample_rate,
         device,
         method,
+        cfg.precision,
         cfg.temperature,
         "" if prime is None else f", continuing {cfg.prime}",
         model.receptive_field,
@@ -95,8 +96,14 @@ def run(cfg: DictConfig) -> list[Path]:
     return paths
 
 
+# Weights and activations of the step; bf16 halves the bytes every step reads (see conf/generate.yaml).
+_PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16}
+
+
 def _check_settings(cfg: DictConfig) -> None:
     """Raises `UserError` for a value the generator would refuse, naming the key."""
+    if str(cfg.precision) not in _PRECISIONS:
+        raise UserError(f"precision must be 32 or bf16, got {cfg.precision}")
     if cfg.num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
     if cfg.batch_size < 1:
