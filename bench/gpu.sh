@@ -2,7 +2,8 @@
 # The GPU half of the checks and benchmarks, as one command per part, for a machine without internet:
 #
 #     bash bench/gpu.sh tests generate     # pytest -m gpu, then bench/generate.py (about 5 min on an H100)
-#     bash bench/gpu.sh train data         # bench/train.py (compiled too) and the loader against training
+#     bash bench/gpu.sh train compile      # bench/train.py with the loader beside it, then compiled against eager
+#     bash bench/gpu.sh layout data        # bench/layout.py (channels layout), bench/data.py
 #
 # Wheels the machine lacks (hydra-core, omegaconf, antlr4, soundfile, wandb, litdata) are installed from .whl/
 # when it exists: make it here with `bash ../shared/tools/gpu-wheels.sh litdata` and send it along. Each
@@ -31,12 +32,16 @@ for part in "${parts[@]}"; do
       python3 bench/generate.py --sizes small medium --batches 1 16 256 --precision 32 bf16 --repeats 2 &&
         python3 bench/generate.py --sizes large --batches 1 16 256 --precision 32 bf16 --repeats 2 \
           --paths eager cuda_graph naive ;;
-    train)
-      python3 bench/train.py --sizes small medium large --precision 32 bf16 --compile 0 1 --steps 20 ;;
+    train)  # eager, with the data loader timed on the same windows in the same run
+      python3 bench/train.py --sizes small medium large --precision 32 bf16 --steps 20 --loader ;;
+    compile)  # the measurement that decides model.compile's default on a GPU (< 2 min to compile large)
+      python3 bench/train.py --sizes small medium large --precision bf16 --compile 0 1 --steps 20 ;;
+    layout)
+      python3 bench/layout.py ;;
     data)
       python3 bench/data.py ;;
     *)
-      echo "unknown part: $part (tests, generate, train, data)" >&2; exit 2 ;;
+      echo "unknown part: $part (tests, generate, train, compile, layout, data)" >&2; exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
   status=$((status | ${PIPESTATUS[0]}))
 done

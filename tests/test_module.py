@@ -20,9 +20,13 @@ def sine_batch(receptive_field: int, chunk: int = 256, batch: int = 4) -> tuple[
     return windows[:, :-1], windows[:, 1:]
 
 
-def fit(module: WaveNetModule, batch, ckpt_path: str | None = None, **trainer_kwargs) -> L.Trainer:
-    """Trains on the one batch, validating on it too; `trainer_kwargs` override the quiet CPU defaults."""
+def fit(
+    module: WaveNetModule, batch, ckpt_path: str | None = None, val_batch_size: int | None = None, **trainer_kwargs
+) -> L.Trainer:
+    """Trains on the one batch, validating on it too (in batches of `val_batch_size`, default all of it);
+    `trainer_kwargs` override the quiet CPU defaults."""
     loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
+    val_loader = DataLoader(TensorDataset(*batch), batch_size=val_batch_size or len(batch[0]))
     settings = dict(
         accelerator="cpu",
         logger=False,
@@ -32,7 +36,7 @@ def fit(module: WaveNetModule, batch, ckpt_path: str | None = None, **trainer_kw
         check_val_every_n_epoch=None,  # with one batch an epoch, count validation intervals in steps
     )
     trainer = L.Trainer(**{**settings, **trainer_kwargs})
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader, ckpt_path=ckpt_path)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
     return trainer
 
 

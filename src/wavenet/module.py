@@ -31,6 +31,10 @@ class WaveNetModule(L.LightningModule):
         decay: Learning-rate shape after warm-up: "cosine" (to `min_lr_ratio * lr` at the last step)
             or "constant".
         min_lr_ratio: Final learning rate as a fraction of `lr`, for cosine decay.
+        compile: Whether `configure_model` compiles the network with `torch.compile` when a Trainer runs
+            it; a module built without a Trainer (generation) never compiles.
+        checkpoint_activations: Whether training recomputes each residual layer's activations in
+            backward instead of storing them; see `WaveNet`.
     """
 
     def __init__(
@@ -50,6 +54,8 @@ class WaveNetModule(L.LightningModule):
         warmup_steps: int = 100,
         decay: str = "cosine",
         min_lr_ratio: float = 0.1,
+        compile: bool = False,  # shadows the builtin, for the config key's sake: model.compile
+        checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
         if decay not in ("cosine", "constant"):
@@ -64,7 +70,9 @@ class WaveNetModule(L.LightningModule):
             kernel_size=kernel_size,
             quantization_channels=quantization_channels,
             bias=bias,
+            checkpoint_activations=checkpoint_activations,
         )
+        self._compiled = False
 
     @property
     def receptive_field(self) -> int:
@@ -72,6 +80,27 @@ class WaveNetModule(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def configure_model(self) -> None:
+        """Compiles the network in place if `compile` is set and a Trainer runs the module; once.
+
+        Lightning calls this on every rank at the start of fit, validate, test and predict, before the
+        strategy moves and wraps the module. `nn.Module.compile` leaves the network the same object with
+        the same parameters: state_dict keys and checkpoints are unchanged, the EMA callback swaps weights
+        in place under the compiled code, and generation, which runs the layers one by one, never enters it.
+        """
+        # `load_from_checkpoint` calls this hook too, with no Trainer attached: a module loaded for
+        # generation or in a notebook stays eager (and compiles if a Trainer runs it later).
+        if not self.hparams.compile or self._compiled or self._trainer is None:
+            return
+        # Shapes: dynamo's default, static first and dynamic in a dimension once it changes. Training and
+        # validation windows have the same length (receptive field + chunk) and training batches one size
+        # (drop_last), so training is one static graph. Validation is a second one whatever the shapes (no
+        # grad, no backward), and its smaller last batch a third, with the batch dynamic: compiled once per
+        # run. dynamic=False would compile the same three, but one more for each new shape should shapes
+        # ever vary; dynamic=True saves one graph but took twice as long to compile `small` (CPU, inductor).
+        self.model.compile()
+        self._compiled = True
 
     def _nll(self, batch: Batch) -> Tensor:
         """Mean cross-entropy (nats/sample) over the targets that see a full receptive field of real input."""

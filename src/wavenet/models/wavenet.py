@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class ResidualLayer(nn.Module):
@@ -76,6 +77,9 @@ class WaveNet(nn.Module):
         kernel_size: Taps of each dilated causal convolution (2 in the paper).
         quantization_channels: Number of mu-law classes, in and out (256 in the paper).
         bias: Whether convolutions carry a bias.
+        checkpoint_activations: Whether training (grad enabled) keeps only each residual layer's input and
+            recomputes the layer in backward: per step and layer R values stored instead of R + 3D, for one
+            more forward of the layers; for chunks too long to fit otherwise. The result is the same.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class WaveNet(nn.Module):
         kernel_size: int = 2,
         quantization_channels: int = 256,
         bias: bool = True,
+        checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
         if layers < 1 or stacks < 1 or layers % stacks:
@@ -97,6 +102,7 @@ class WaveNet(nn.Module):
         self.layers_per_stack = layers // stacks
         self.kernel_size = kernel_size
         self.quantization_channels = quantization_channels
+        self.checkpoint_activations = checkpoint_activations
         self.dilations = [2**i for _ in range(stacks) for i in range(self.layers_per_stack)]
 
         # A lookup table is a 1x1 convolution of the one-hot input, without building the one-hot.
@@ -161,8 +167,14 @@ class WaveNet(nn.Module):
                 f"input of {x.shape[-1]} steps is shorter than the receptive field ({self.receptive_field})"
             )
         h = self.embedding(x).transpose(1, 2)  # (B, R, T)
+        # Under no_grad (validation, generation) nothing is stored for backward, so nothing is recomputed.
+        recompute = self.checkpoint_activations and torch.is_grad_enabled()
         skips = 0
         for layer in self.layers:
-            h, skip = layer(h, output_length)
+            if recompute:
+                # Non-reentrant: works with torch.compile, and with inputs that do not require grad.
+                h, skip = checkpoint(layer, h, output_length, use_reentrant=False)
+            else:
+                h, skip = layer(h, output_length)
             skips = skips + skip
         return self.head(skips)
