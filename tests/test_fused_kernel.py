@@ -149,7 +149,7 @@ def check_mixing(
         fused = fused_logits(stepper, inputs[first : first + middle].contiguous(), interpret=interpret)
         after = eager_logits(stepper, inputs[first + middle :])
     assert_relative_close(torch.cat([before, fused, after]), expected)
-    if getattr(stepper, "phase", None) is not None:
+    if stepper.phase is not None:
         assert stepper.phase.item() == (stepper.position + lag) % stepper.period
 
 

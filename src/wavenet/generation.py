@@ -141,7 +141,6 @@ class IncrementalWaveNet:
         self.columns = torch.cat([self.tap_columns, self.write_columns], dim=1)
         self.phase = torch.zeros(1, dtype=torch.long, device=device) if device_counter else None
         self.columns_now = torch.empty(1, self.columns.shape[1], dtype=torch.long, device=device)  # its row
-        self.ring_starts, self.ring_lengths = starts, lengths
         self.past = torch.empty(batch_size, len(layers) * taps, residual_channels, device=device, dtype=dtype)
         self.past_by_layer = self.past.view(batch_size, len(layers), -1).transpose(0, 1)  # (L, B, (K-1) R)
         self.pre = torch.empty(len(layers), batch_size, 2 * dilation_channels, device=device, dtype=dtype)

@@ -331,7 +331,7 @@ def fused_steps(
     unused_float = out.new_empty(1, dtype=torch.float32)  # a pointer the variant does not read
     # A stepper built with `device_counter` keeps the truth about its phase on the device (CUDA graph
     # replays advance it, not `position`): the kernel reads it there, and it is advanced here as `step` does.
-    phase = getattr(stepper, "phase", None)
+    phase = stepper.phase
     kernel = _kernel_module(interpret).fused_steps_kernel
     launch = {} if interpret else {"num_warps": config.num_warps, "num_stages": config.num_stages}
     # Triton launches on the current CUDA device: make it the stepper's.
