@@ -23,24 +23,19 @@ import functools
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-
+from sizes import dimensions
 from wavenet.generation import generate, resolve_method
 from wavenet.models.wavenet import WaveNet
 
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16}
-MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-DIMENSIONS = ("layers", "stacks", "residual_channels", "dilation_channels", "skip_channels", "kernel_size")
 SAMPLE_RATE = 16000
 
 
 def build_model(size: str, device: torch.device) -> WaveNet:
-    """The WaveNet of conf/model/<size>.yaml (over _base.yaml), with random weights."""
-    cfg = OmegaConf.merge(OmegaConf.load(MODEL_CONF / "_base.yaml"), OmegaConf.load(MODEL_CONF / f"{size}.yaml"))
-    return WaveNet(**{key: int(cfg[key]) for key in DIMENSIONS}).to(device).eval()
+    """The WaveNet of conf/model/<size>.yaml, with random weights."""
+    return WaveNet(**dimensions(size)).to(device).eval()
 
 
 def incremental_rate(model: WaveNet, batch_size: int, num_samples: int, method: str) -> float:

@@ -36,13 +36,9 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from sizes import SIZES
 from wavenet import WaveNet
 
-SIZES = {
-    "small": dict(layers=20, stacks=2, residual_channels=64, dilation_channels=64, skip_channels=128, kernel_size=2),
-    "medium": dict(layers=30, stacks=3, residual_channels=128, dilation_channels=128, skip_channels=128, kernel_size=3),
-    "large": dict(layers=30, stacks=3, residual_channels=512, dilation_channels=512, skip_channels=512, kernel_size=2),
-}
 
 
 def synchronize(device: torch.device) -> None:
