@@ -6,7 +6,8 @@
 Paths (`wavenet.generate(method=...)`; per-layer ring buffers, O(layers) work per sample):
     eager        the step op by op.
     cuda_graph   chunks of 64 steps, sampling included, replayed from a CUDA graph (GPU only).
-    fused        one Triton kernel runs the whole network for a chunk of steps (GPU only).
+    fused        one kernel runs the whole network for a chunk of steps: Triton on a GPU, native code (built
+                 on first use) on the CPU, float32 only there.
     naive        the baseline: a full forward over the last receptive field for every sample.
 Paths that cannot run on the device are left out.
 
@@ -80,11 +81,11 @@ PATHS: dict[str, Callable[[WaveNet, int, int], float]] = {
 }
 
 
-def runs_on(path: str, device: torch.device) -> bool:
+def runs_on(path: str, device: torch.device, dtype: torch.dtype) -> bool:
     if path == "naive":
         return True
     try:
-        resolve_method(path, device)
+        resolve_method(path, device, dtype)
     except ValueError:
         return False
     return True
@@ -135,7 +136,7 @@ def main() -> None:
         for precision in args.precision:
             model = build_model(size, device).to(PRECISIONS[precision])
             for batch_size in args.batches:
-                for path in (path for path in args.paths if runs_on(path, device)):
+                for path in (path for path in args.paths if runs_on(path, device, PRECISIONS[precision])):
                     samples = args.naive_samples if path == "naive" else args.samples
                     rate = max(PATHS[path](model, batch_size, samples) for _ in range(args.repeats))
                     print(

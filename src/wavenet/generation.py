@@ -11,7 +11,8 @@ itself, so that a captured step replays correctly at every time.
 
 Paths (`generate(method=...)`): `eager` runs the step op by op (CPU, or CUDA for comparison);
 `cuda_graph` replays chunks of steps captured with their sampling, one launch per chunk; `fused` runs
-the whole layer stack for many steps in one Triton kernel (`wavenet.kernels.fused_step`).
+the whole layer stack for many steps in one kernel: Triton on a GPU (`wavenet.kernels.fused_step`), native
+code built on first use on the CPU (`wavenet.kernels.cpu_step`).
 
 Pure PyTorch: no Lightning, no Hydra.
 """
@@ -22,6 +23,7 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -249,26 +251,60 @@ class IncrementalWaveNet:
 
 
 METHODS = ("auto", "eager", "cuda_graph", "fused")
+# From this many streams on, `auto` keeps the CPU eager: its batched matmuls (oneDNN/MKL, cache-blocked over
+# streams) overtake the native kernel's matrix-vector products over groups of 8 streams. Measured on `small`
+# (BENCHMARKS.md): 1.5-3.4x faster fused up to 64 streams, 0.95x at 256, 0.74x at 1,024.
+_CPU_FUSED_BATCH = 256
 
 
-def resolve_method(method: str, device: torch.device) -> str:
-    """The generation path `method` names on `device`: `auto` is `cuda_graph` on CUDA, else `eager`.
+def resolve_method(
+    method: str, device: torch.device, dtype: torch.dtype = torch.float32, batch_size: int = 1
+) -> str:
+    """The generation path `method` names for `batch_size` streams with weights of `dtype` on `device`.
+
+    `auto` is `cuda_graph` on CUDA. On the CPU it is `fused` (the native kernel) for float32 weights where a
+    C++ compiler has built it, up to `_CPU_FUSED_BATCH` streams; beyond, and otherwise, `eager`.
 
     Raises:
-        ValueError: For an unknown method, or one that cannot run on `device`.
+        ValueError: For an unknown method, or one that cannot run here (the message says why).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "auto":
-        return "cuda_graph" if device.type == "cuda" else "eager"
+        if device.type == "cuda":
+            return "cuda_graph"
+        if device.type == "cpu" and batch_size < _CPU_FUSED_BATCH and _cpu_fused_problem(dtype) is None:
+            return "fused"
+        return "eager"
     if method == "cuda_graph" and device.type != "cuda":
         raise ValueError(f"method 'cuda_graph' needs a CUDA device, the model is on {device}")
     if method == "fused":
         from wavenet.kernels.fused_step import fused_available
 
-        if not fused_available(device):
-            raise ValueError(f"method 'fused' needs Triton and a CUDA device, the model is on {device}")
+        if device.type == "cpu" and not _triton_interpreted():
+            problem = _cpu_fused_problem(dtype)
+            if problem is not None:
+                raise ValueError(f"method 'fused' cannot run on the CPU here: {problem}")
+        elif not fused_available(device):
+            raise ValueError(f"method 'fused' needs Triton and a CUDA device (or the CPU), the model is on {device}")
     return method
+
+
+def _triton_interpreted() -> bool:
+    """Whether `fused` on CPU tensors means the Triton kernel through Triton's interpreter (TRITON_INTERPRET=1:
+    a debugging switch, for tests) rather than the native CPU kernel."""
+    from wavenet.kernels.fused_step import _interpreter_requested
+
+    return _interpreter_requested()
+
+
+def _cpu_fused_problem(dtype: torch.dtype) -> str | None:
+    """Why the native CPU kernel cannot run weights of `dtype` here, or None."""
+    if dtype != torch.float32:
+        return f"its kernel runs float32 weights, these are {dtype}"
+    from wavenet.kernels.cpu_step import cpu_kernel_problem
+
+    return cpu_kernel_problem()
 
 
 @torch.inference_mode()
@@ -297,8 +333,9 @@ def generate(
         generator: Random source on the model's device; seed it for reproducible output on that device.
         progress: Called with the number of new samples per stream, every 64 steps or fewer.
         method: `eager`, `cuda_graph` or `fused` (see the module's docstring), or `auto`: `cuda_graph` on
-            a GPU, `eager` on the CPU. All of them compute the same function; with the same seed they
-            draw the same noise.
+            a GPU; on the CPU `fused` for float32 weights and fewer than 256 streams where a C++ compiler is
+            found, else `eager`. All of them compute the same function; with the same seed they draw the same
+            noise.
 
     Returns:
         (B, num_samples) int64 classes, without the prime.
@@ -309,8 +346,8 @@ def generate(
         raise ValueError(f"num_samples must not be negative, got {num_samples}")
     if temperature < 0:
         raise ValueError(f"temperature must not be negative, got {temperature}")
-    device = model.embedding.weight.device
-    method = resolve_method(method, device)
+    device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
+    method = resolve_method(method, device, dtype, batch_size)
     prime = _check_prime(prime, model, batch_size).to(device)
     levels = model.quantization_channels
     chunk = min(_CHUNK_STEPS, max(1, _NOISE_ELEMENTS // (batch_size * levels)))
@@ -320,6 +357,12 @@ def generate(
         run_chunk: Callable[[Tensor, Tensor, Tensor | None], None] = CudaGraphSampler(
             stepper, chunk, sampling=temperature > 0
         )
+    elif method == "fused" and device.type == "cpu" and not _triton_interpreted():
+        from wavenet.kernels.cpu_step import cpu_steps
+
+        def run_chunk(classes: Tensor, out: Tensor, noise: Tensor | None) -> None:
+            cpu_steps(stepper, classes, out, noise=noise)
+
     elif method == "fused":
         from wavenet.kernels.fused_step import fused_steps
 
@@ -339,8 +382,7 @@ def generate(
         noise = None
         if temperature > 0:
             # Gumbel-max: argmax(logits / T + G) is a sample of softmax(logits / T); scaled by T, no division.
-            noise = torch.rand(len(out), batch_size, levels, generator=generator, device=device)
-            noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_().neg_().log_().neg_().mul_(temperature)
+            noise = _gumbel_(torch.rand(len(out), batch_size, levels, generator=generator, device=device), temperature)
         run_chunk(classes, out, noise)
         classes = out[-1]
         if progress is not None:
@@ -418,6 +460,24 @@ class CudaGraphSampler:
         self.graph.replay()
         out.copy_(self.out)
         self.stepper.position += len(out)  # replays do not run the Python that counts
+
+
+def _gumbel_(uniform: Tensor, temperature: float) -> Tensor:
+    """Turns uniform draws in [0, 1), in place, into Gumbel noise times `temperature`.
+
+    Gumbel-max: argmax(logits / T + G) is a sample of softmax(logits / T); scaled by T, no division. On the CPU
+    through numpy, on one thread: torch's log of a chunk's draws wakes its OpenMP threads, which then spin for
+    milliseconds on the very cores that the native kernel's threads are about to need.
+    """
+    if uniform.device.type == "cpu":
+        draws = uniform.numpy()
+        np.maximum(draws, np.finfo(draws.dtype).tiny, out=draws)
+        np.log(draws, out=draws)
+        np.negative(draws, out=draws)
+        np.log(draws, out=draws)
+        np.multiply(draws, -temperature, out=draws)
+        return uniform
+    return uniform.clamp_min_(torch.finfo(uniform.dtype).tiny).log_().neg_().log_().neg_().mul_(temperature)
 
 
 def _check_prime(prime: Tensor | None, model: WaveNet, batch_size: int) -> Tensor:

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from wavenet.generation import IncrementalWaveNet
+from wavenet.kernels import check_step_arguments
 
 _MIN_WIDTH = 16  # tl.dot needs K >= 16; channel counts are padded to it
 _KERNEL_MODULE = "wavenet.kernels._fused_step_kernel"
@@ -310,15 +311,8 @@ def fused_steps(
             "with interpret=True or TRITON_INTERPRET=1"
         )
     weights = fused_weights(stepper)
-    batch, steps = stepper.batch_size, out.shape[0] if out.dim() == 2 else -1
-    _check("out", out, (steps, batch), torch.long, device)
-    _check("classes", classes, (batch,), torch.long, device)
-    if noise is not None:
-        _check("noise", noise, (steps, batch, weights.classes), torch.float32, device)
-    if forced is not None:
-        _check("forced", forced, (steps, batch), torch.long, device)
-    if logits_out is not None:
-        _check("logits_out", logits_out, (steps, batch, weights.classes), torch.float32, device)
+    batch = stepper.batch_size
+    steps = check_step_arguments(device, batch, weights.classes, classes, out, noise, forced, logits_out)
     rings = stepper.rings
     assert rings.is_contiguous(), "the stepper's rings are one contiguous (B, columns, R) tensor"
     if steps == 0:
@@ -390,12 +384,3 @@ def _triton_dtype(dtype: torch.dtype):  # -> triton.language.dtype
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}[dtype]
-
-
-def _check(name: str, tensor: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    """A clear ValueError for an argument of the wrong shape, dtype or device, or not contiguous."""
-    if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device != device or not tensor.is_contiguous():
-        raise ValueError(
-            f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}, "
-            f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
-        )

@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> list[Path]:
     _check_settings(cfg)
     device = _device(str(cfg.device))
     try:
-        method = resolve_method(str(cfg.method), device)
+        method = resolve_method(str(cfg.method), device, _PRECISIONS[str(cfg.precision)], int(cfg.batch_size))
     except ValueError as error:
         raise UserError(f"method={cfg.method}: {error}") from error
     module = _load_checkpoint(Path(cfg.ckpt_path), device, use_ema=bool(cfg.use_ema))

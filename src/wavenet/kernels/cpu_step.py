@@ -1,0 +1,250 @@
+"""Autoregressive WaveNet generation on the CPU in native code: every layer of a chunk of steps per call.
+
+At batch 1 the eager step (`IncrementalWaveNet.step`) spends its time dispatching ~170 tiny tensor calls per
+sample, not multiplying. `cpu_step.cpp` runs the same arithmetic on the stepper's own buffers as plain loops:
+matrix-vector products over groups of up to 8 streams (each weight row read once per group), a vectorising
+tanh, Gumbel-max sampling, for all steps of a chunk. Threads (torch's intra-op count, started per call): up to
+8 streams, every layer's gated channels are split between them, so that each core keeps its share of the
+weights in its own L2 (one barrier per layer); more streams are split into ranges that never wait for each
+other. ctypes releases the GIL for the call.
+
+The library is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`;
+about a second, no torch headers) for this machine's CPU (`-march=native`), and cached under
+`$WAVENET_CACHE_DIR` (default `~/.cache/wavenet`) by a hash of the source, the compiler and the CPU, so that a
+home directory shared across different machines never loads one's build on another. Without a compiler,
+`cpu_kernel_available()` is False and generation stays eager.
+
+float32 only; the logits equal the eager step's up to float summation order and the tanh approximation
+(~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from wavenet.generation import IncrementalWaveNet
+from wavenet.kernels import check_step_arguments
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_step.cpp")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-ffp-contract=fast")
+
+
+class _Net(ctypes.Structure):
+    """`struct Net` of cpu_step.cpp, field for field."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("layers", "taps", "residual", "dilation", "skip", "hidden", "classes")),
+        ("ring_columns", ctypes.c_int64),
+        ("period", ctypes.c_int64),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "tap_columns",
+                "write_columns",
+                "embedding",
+                "filter_gate",
+                "filter_gate_bias",
+                "residual_weight",
+                "skip_weight",
+                "skip_bias",
+                "head_weight",
+                "head_bias",
+                "output_weight",
+                "output_bias",
+            )
+        ),
+    ]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` compiles for: the CPU's model and feature flags where the OS tells them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("WAVENET_CACHE_DIR"):
+        return Path(os.environ["WAVENET_CACHE_DIR"]) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wavenet" / "kernels"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The compiled kernel, built once per machine; or, where it cannot be built, the reason why."""
+    compiler = _compiler()
+    if compiler is None:
+        return "no C++ compiler found ($CXX, c++, g++ or clang++)"
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        return f"{compiler} --version failed: {error}"
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
+    path = _cache_dir() / f"cpu_step-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Built beside its final name and renamed into place: a process that dies mid-build, or two that
+            # build at once, never leave a partial library under that name.
+            with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+                built = Path(scratch) / path.name
+                result = subprocess.run(
+                    [compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True
+                )
+                if result.returncode != 0:
+                    return f"{compiler} could not build {_SOURCE.name}: {result.stderr.strip()[-2000:]}"
+                os.replace(built, path)
+        except OSError as error:
+            return f"could not write the CPU kernel to {path.parent}: {error}"
+        log.info("Built the CPU generation kernel: %s", path)
+    library = ctypes.CDLL(str(path))
+    function = library.wavenet_cpu_steps
+    function.argtypes = [ctypes.POINTER(_Net), ctypes.c_void_p, *[ctypes.c_int64] * 5, *[ctypes.c_void_p] * 5]
+    function.restype = None
+    return library
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the CPU kernel is built (building it on the first call, if a compiler is there)."""
+    return not isinstance(_library(), str)
+
+
+def cpu_kernel_problem() -> str | None:
+    """Why the CPU kernel cannot run here, or None when it can."""
+    library = _library()
+    return library if isinstance(library, str) else None
+
+
+class _Weights:
+    """A stepper's weights in the kernel's layout (a few copies, made once per stepper), and the `Net` that
+    points at them: the tensors live as long as this object does."""
+
+    def __init__(self, stepper: IncrementalWaveNet) -> None:
+        if stepper.rings.dtype != torch.float32:
+            raise ValueError(f"the CPU kernel runs float32 weights, got {stepper.rings.dtype}")
+        if len(stepper.head_weights) != 2:
+            raise ValueError(f"the CPU kernel runs a head of 2 convolutions, got {len(stepper.head_weights)}")
+        layers = len(stepper.layers)
+        classes, residual = stepper.embedding.shape
+        taps = stepper.past_weight.shape[1] // residual
+        current = torch.stack([layer.current_weight for layer in stepper.layers])  # (L, R, 2D)
+        self.tensors = {
+            "tap_columns": stepper.tap_columns.contiguous(),
+            "write_columns": stepper.write_columns.contiguous(),
+            "embedding": stepper.embedding.contiguous(),
+            "filter_gate": torch.cat([stepper.past_weight, current], dim=1).contiguous(),
+            "filter_gate_bias": stepper.past_bias.reshape(layers, -1).contiguous(),
+            "residual_weight": torch.stack([layer.residual_weight for layer in stepper.layers[:-1]]).contiguous()
+            if layers > 1
+            else stepper.embedding.new_zeros(1),
+            "skip_weight": stepper.skip_weight.contiguous(),
+            "skip_bias": stepper.skip_bias.contiguous(),
+            "head_weight": stepper.head_weights[0],
+            "head_bias": stepper.head_biases[0].contiguous(),
+            "output_weight": stepper.head_weights[1],
+            "output_bias": stepper.head_biases[1].contiguous(),
+        }
+        self.net = _Net(
+            layers=layers,
+            taps=taps,
+            residual=residual,
+            dilation=current.shape[2] // 2,
+            skip=stepper.skip_weight.shape[1],
+            hidden=stepper.head_weights[0].shape[1],
+            classes=classes,
+            ring_columns=stepper.rings.shape[1],
+            period=stepper.period,
+            **{name: tensor.data_ptr() for name, tensor in self.tensors.items()},
+        )
+
+
+_weights: weakref.WeakKeyDictionary[IncrementalWaveNet, _Weights] = weakref.WeakKeyDictionary()
+
+
+def cpu_steps(
+    stepper: IncrementalWaveNet,
+    classes: Tensor,
+    out: Tensor,
+    noise: Tensor | None = None,
+    forced: Tensor | None = None,
+    logits_out: Tensor | None = None,
+    threads: int | None = None,
+) -> None:
+    """Runs `steps = out.shape[0]` calls of `stepper.step` for all streams, as `fused_steps` does on a GPU.
+
+    Updates `stepper.rings` in place and advances `stepper.position` (and its `phase`, if it has one) by
+    `steps`. Step 0 consumes `classes`; step i > 0 the sample step i - 1 drew, or `forced[i]` when given.
+    Classes are not range-checked: out-of-range ones read outside the embedding.
+
+    Args:
+        stepper: Its streams' state, on the CPU in float32, after `reset`.
+        classes: (B,) int64, the input of step 0.
+        out: (steps, B) int64, contiguous: receives argmax(logits + noise[i]) of every step.
+        noise: (steps, B, Q) float32 Gumbel noise already scaled by the temperature; None is greedy.
+        forced: (steps, B) int64: teacher forcing, the input of every step.
+        logits_out: (steps, B, Q) float32: receives every step's logits (for tests).
+        threads: Threads to run on; None: torch.get_num_threads().
+
+    Raises:
+        RuntimeError: Where the kernel cannot be built (see `cpu_kernel_problem`).
+        ValueError: Tensors of the wrong shape, dtype or device.
+    """
+    library = _library()
+    if isinstance(library, str):
+        raise RuntimeError(f"the CPU generation kernel is not available: {library}")
+    device = torch.device("cpu")
+    if stepper.device != device:
+        raise ValueError(f"the CPU kernel runs a stepper on the CPU, this one is on {stepper.device}")
+    weights = _weights.get(stepper)
+    if weights is None:
+        weights = _weights[stepper] = _Weights(stepper)
+    batch = stepper.batch_size
+    steps = check_step_arguments(device, batch, weights.net.classes, classes, out, noise, forced, logits_out)
+    rings = stepper.rings
+    assert rings.is_contiguous(), "the stepper's rings are one contiguous (B, columns, R) tensor"
+    if steps == 0:
+        return
+    phase = int(stepper.phase) if stepper.phase is not None else stepper.position % stepper.period
+
+    library.wavenet_cpu_steps(
+        ctypes.byref(weights.net),
+        rings.data_ptr(),
+        rings.stride(0),
+        batch,
+        steps,
+        phase,
+        threads or torch.get_num_threads(),
+        classes.data_ptr(),
+        forced.data_ptr() if forced is not None else None,
+        noise.data_ptr() if noise is not None else None,
+        out.data_ptr(),
+        logits_out.data_ptr() if logits_out is not None else None,
+    )
+    stepper.position += steps
+    if stepper.phase is not None:
+        stepper.phase.add_(steps).remainder_(stepper.period)

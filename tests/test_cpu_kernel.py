@@ -1,0 +1,182 @@
+"""The native CPU generation kernel equals the eager incremental step: logits, state, samples, threads, build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wavenet.generation import IncrementalWaveNet, generate, resolve_method
+from wavenet.kernels import cpu_step
+from wavenet.kernels.cpu_step import cpu_kernel_available, cpu_steps
+from wavenet.models.wavenet import WaveNet
+
+pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="no C++ compiler to build the CPU kernel")
+
+LEVELS = 48
+
+
+def random_wavenet(kernel_size: int, widths: tuple[int, int, int], layers: int = 6) -> WaveNet:
+    """Weights large enough that every layer, bias and gate moves the logits, small enough that the wide net's
+    activations stay where float32 sums agree to 1e-5 whatever their order."""
+    torch.manual_seed(kernel_size * 1000 + sum(widths))
+    model = WaveNet(layers, 2, *widths, kernel_size=kernel_size, quantization_channels=LEVELS)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 2.0 / widths[1] ** 0.5)
+    return model.eval()
+
+
+def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
+    scale = expected.abs().max().item()
+    assert scale > 1.0  # the outputs are not trivially small
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * scale)
+
+
+# Widths (residual, dilation, skip) that differ from each other, so a transposed weight cannot go unnoticed:
+# below one register tile of 32 columns, and above it with a remainder, whole or split across threads.
+NARROW, WIDE = (8, 6, 12), (40, 80, 36)
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "widths", "batch", "threads"),
+    [
+        (2, NARROW, 1, 1),
+        (3, WIDE, 1, 2),  # one stream, its gated channels split across 2 threads
+        (2, WIDE, 3, 3),  # one group of 3 streams split across 3 threads
+        (3, NARROW, 8, 2),  # the largest group, split
+        (3, NARROW, 11, 2),  # streams split across threads: 5 and 6
+        (2, WIDE, 9, 1),  # groups of 8 and 1 on one thread
+    ],
+)
+def test_teacher_forced_logits_equal_the_eager_step_and_the_full_forward(kernel_size, widths, batch, threads):
+    model = random_wavenet(kernel_size, widths)
+    longest_ring = max(layer.context for layer in model.layers)
+    steps = model.receptive_field + 2 * longest_ring + 3  # every ring wraps twice
+    x = torch.randint(0, LEVELS, (batch, steps + 20))
+    context, inputs = x[:, :20], x[:, 20:].T.contiguous()
+    with torch.inference_mode():
+        expected = model(x).permute(2, 0, 1)[20:]  # (steps, B, Q)
+        eager, native = IncrementalWaveNet(model, batch), IncrementalWaveNet(model, batch)
+        eager.reset(context)
+        native.reset(context)
+        eager_out = torch.stack([eager.step(classes).clone() for classes in inputs])
+        logits = torch.empty(steps, batch, LEVELS)
+        out = torch.empty(steps, batch, dtype=torch.long)
+        cpu_steps(native, inputs[0], out, forced=inputs, logits_out=logits, threads=threads)
+    assert_relative_close(logits, eager_out)
+    assert_relative_close(logits, expected)
+    assert torch.equal(out, logits.argmax(dim=2))
+    # The state is the eager path's too: same position, same rings (what later steps read).
+    assert native.position == eager.position == steps
+    assert_relative_close(native.rings, eager.rings)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 13])
+def test_sampled_classes_follow_the_same_noise_as_eager_and_turns_can_alternate(batch):
+    """Chunks alternate between the kernel and the eager step on one state, with a device-side counter too."""
+    model = random_wavenet(2, WIDE)
+    noise = -0.9 * torch.log(-torch.log(torch.rand(5, 30, batch, LEVELS).clamp_min(1e-30)))
+    with torch.inference_mode():
+        for device_counter in (False, True):
+            eager = IncrementalWaveNet(model, batch)
+            mixed = IncrementalWaveNet(model, batch, device_counter=device_counter)
+            eager.reset()
+            mixed.reset()
+            expected, sampled = [], []
+            classes_eager = classes_mixed = torch.full((batch,), 3)
+            for chunk in range(5):
+                for index in range(30):
+                    classes_eager = torch.argmax(eager.step(classes_eager) + noise[chunk, index], dim=1)
+                    expected.append(classes_eager)
+                out = torch.empty(30, batch, dtype=torch.long)
+                if chunk % 2 == 0:
+                    cpu_steps(mixed, classes_mixed, out, noise=noise[chunk].contiguous(), threads=2)
+                else:
+                    for index in range(30):
+                        out[index] = torch.argmax(mixed.step(classes_mixed) + noise[chunk, index], dim=1)
+                        classes_mixed = out[index]
+                classes_mixed = out[-1]
+                sampled.append(out)
+            assert torch.equal(torch.cat(sampled), torch.stack(expected))
+            if device_counter:
+                assert int(mixed.phase) == 150 % mixed.period
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_generate_fused_on_the_cpu_equals_eager_and_auto_picks_it(temperature):
+    model = random_wavenet(3, NARROW)
+    prime = torch.randint(0, LEVELS, (2, 40))
+
+    def sample(method: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(7)
+        return generate(model, 150, 2, temperature, prime=prime, generator=generator, method=method)
+
+    assert resolve_method("auto", torch.device("cpu"), batch_size=2) == "fused"
+    assert resolve_method("auto", torch.device("cpu"), batch_size=256) == "eager"  # batched matmuls win there
+    assert torch.equal(sample("fused"), sample("eager"))
+    assert torch.equal(sample("auto"), sample("eager"))
+
+
+def test_bfloat16_weights_stay_eager_on_the_cpu_and_fused_says_why():
+    cpu = torch.device("cpu")
+    assert resolve_method("auto", cpu, torch.bfloat16) == "eager"
+    with pytest.raises(ValueError, match="cannot run on the CPU here: its kernel runs float32 weights"):
+        resolve_method("fused", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_steps(IncrementalWaveNet(random_wavenet(2, NARROW).bfloat16(), 1), *_chunk_arguments(1))
+
+
+def _chunk_arguments(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(batch, dtype=torch.long), torch.empty(4, batch, dtype=torch.long)
+
+
+def test_without_a_compiler_auto_stays_eager_and_fused_names_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAVENET_CACHE_DIR", str(tmp_path))  # an empty cache: the kernel must be built
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no c++, g++ or clang++
+    cpu_step._library.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert resolve_method("auto", cpu) == "eager"
+        with pytest.raises(ValueError, match="no C\\+\\+ compiler found"):
+            resolve_method("fused", cpu)
+        with pytest.raises(RuntimeError, match="CPU generation kernel is not available"):
+            cpu_steps(IncrementalWaveNet(random_wavenet(2, NARROW), 1), *_chunk_arguments(1))
+    finally:
+        cpu_step._library.cache_clear()
+
+
+def test_the_build_is_cached_per_machine_and_a_failed_build_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAVENET_CACHE_DIR", str(tmp_path))
+    cpu_step._library.cache_clear()
+    try:
+        assert cpu_kernel_available()
+        (library,) = (tmp_path / "kernels").iterdir()  # nothing else: the scratch folder is gone
+        assert library.name.startswith("cpu_step-") and library.suffix == ".so"
+        built = library.stat().st_mtime_ns
+        cpu_step._library.cache_clear()
+        assert cpu_kernel_available()  # found again, not rebuilt
+        assert library.stat().st_mtime_ns == built
+
+        # A compiler that fails (a source it cannot build): the reason comes back, and no library is left.
+        broken = tmp_path / "broken.cpp"
+        broken.write_text("this is not C++\n")
+        monkeypatch.setattr(cpu_step, "_SOURCE", broken)
+        cpu_step._library.cache_clear()
+        assert "could not build broken.cpp" in cpu_step.cpu_kernel_problem()
+        assert [path.name for path in (tmp_path / "kernels").iterdir()] == [library.name]
+    finally:
+        cpu_step._library.cache_clear()
+
+
+def test_an_unwritable_cache_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be\n")  # unwritable even for root
+    monkeypatch.setenv("WAVENET_CACHE_DIR", str(not_a_folder))
+    cpu_step._library.cache_clear()
+    try:
+        assert "could not write the CPU kernel to" in cpu_step.cpu_kernel_problem()
+        assert resolve_method("auto", torch.device("cpu")) == "eager"
+        assert not_a_folder.read_text() == "a file where the cache folder should be\n"
+    finally:
+        cpu_step._library.cache_clear()
