@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -293,8 +294,6 @@ void run(const Net& net, const Streams& s, int64_t count, int64_t steps, int64_t
 
 }  // namespace
 
-extern "C" int wavenet_cpu_max_group() { return kMaxGroup; }
-
 // Runs `steps` steps of all `batch` streams from ring phase `phase` (the step counter modulo net->period) on
 // `threads` threads: split over the gated channels when the batch is one group, else over streams.
 extern "C" void wavenet_cpu_steps(const Net* net, float* rings, int64_t ring_stride, int64_t batch, int64_t steps,
@@ -306,24 +305,47 @@ extern "C" void wavenet_cpu_steps(const Net* net, float* rings, int64_t ring_str
         run(*net, all, batch, steps, phase, nullptr, 0, 1);
         return;
     }
+    // A thread that cannot be started (a process out of threads) costs speed, never the process: split
+    // groups wait at a gate until all of theirs run, else run alone; ranges run on the caller instead.
     std::vector<std::thread> helpers;
     if (batch <= kMaxGroup) {
         Shared shared(*net, static_cast<int>(threads), static_cast<int>(batch));
-        for (int rank = 1; rank < threads; ++rank)
-            helpers.emplace_back(run, std::cref(*net), std::cref(all), batch, steps, phase, &shared, rank, threads);
-        run(*net, all, batch, steps, phase, &shared, 0, static_cast<int>(threads));
+        std::atomic<int> gate{0};  // 1: all started, go; -1: give up
+        try {
+            for (int rank = 1; rank < threads; ++rank) {
+                helpers.emplace_back([&, rank] {
+                    int state;
+                    while ((state = gate.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
+                    if (state > 0) run(*net, all, batch, steps, phase, &shared, rank, static_cast<int>(threads));
+                });
+            }
+            gate.store(1, std::memory_order_release);
+        } catch (const std::system_error&) {
+            gate.store(-1, std::memory_order_release);
+        }
+        if (gate.load() > 0) {
+            run(*net, all, batch, steps, phase, &shared, 0, static_cast<int>(threads));
+        }
         for (auto& helper : helpers) helper.join();
+        if (gate.load() < 0) run(*net, all, batch, steps, phase, nullptr, 0, 1);
         return;
     }
     std::vector<Streams> ranges(threads, all);
+    std::vector<int64_t> counts(threads);
     for (int64_t t = 0; t < threads; ++t) {
         const int64_t first = batch * t / threads, last = batch * (t + 1) / threads;
         ranges[t].rings += first * ring_stride;
         ranges[t].first = first;
-        if (t > 0) {
-            helpers.emplace_back(run, std::cref(*net), std::cref(ranges[t]), last - first, steps, phase, nullptr, 0, 1);
+        counts[t] = last - first;
+    }
+    std::vector<int64_t> inline_ranges{0};
+    for (int64_t t = 1; t < threads; ++t) {
+        try {
+            helpers.emplace_back(run, std::cref(*net), std::cref(ranges[t]), counts[t], steps, phase, nullptr, 0, 1);
+        } catch (const std::system_error&) {
+            inline_ranges.push_back(t);
         }
     }
-    run(*net, ranges[0], batch / threads, steps, phase, nullptr, 0, 1);
+    for (const int64_t t : inline_ranges) run(*net, ranges[t], counts[t], steps, phase, nullptr, 0, 1);
     for (auto& helper : helpers) helper.join();
 }
