@@ -281,7 +281,7 @@ def resolve_method(
     if method == "fused":
         from wavenet.kernels.fused_step import fused_available
 
-        if device.type == "cpu" and not _triton_interpreted():
+        if _native_cpu(device):
             problem = _cpu_fused_problem(dtype)
             if problem is not None:
                 raise ValueError(f"method 'fused' cannot run on the CPU here: {problem}")
@@ -290,12 +290,14 @@ def resolve_method(
     return method
 
 
-def _triton_interpreted() -> bool:
-    """Whether `fused` on CPU tensors means the Triton kernel through Triton's interpreter (TRITON_INTERPRET=1:
-    a debugging switch, for tests) rather than the native CPU kernel."""
+def _native_cpu(device: torch.device) -> bool:
+    """Whether `fused` on `device` is the native CPU kernel: on the CPU, unless TRITON_INTERPRET=1 asks for the
+    Triton kernel through Triton's interpreter there (a debugging switch, for tests)."""
+    if device.type != "cpu":
+        return False
     from wavenet.kernels.fused_step import _interpreter_requested
 
-    return _interpreter_requested()
+    return not _interpreter_requested()
 
 
 def _cpu_fused_problem(dtype: torch.dtype) -> str | None:
@@ -357,14 +359,11 @@ def generate(
         run_chunk: Callable[[Tensor, Tensor, Tensor | None], None] = CudaGraphSampler(
             stepper, chunk, sampling=temperature > 0
         )
-    elif method == "fused" and device.type == "cpu" and not _triton_interpreted():
-        from wavenet.kernels.cpu_step import cpu_steps
-
-        def run_chunk(classes: Tensor, out: Tensor, noise: Tensor | None) -> None:
-            cpu_steps(stepper, classes, out, noise=noise)
-
     elif method == "fused":
-        from wavenet.kernels.fused_step import fused_steps
+        if _native_cpu(device):
+            from wavenet.kernels.cpu_step import cpu_steps as fused_steps
+        else:
+            from wavenet.kernels.fused_step import fused_steps
 
         def run_chunk(classes: Tensor, out: Tensor, noise: Tensor | None) -> None:
             fused_steps(stepper, classes, out, noise=noise)

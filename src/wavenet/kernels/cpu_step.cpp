@@ -35,7 +35,7 @@ constexpr int64_t kTile = 16;
 // The network, laid out by cpu_step.py. Matrices are (in, out) row-major; float32 throughout.
 struct Net {
     int64_t layers, taps, residual, dilation, skip, hidden, classes;
-    int64_t ring_columns, period;
+    int64_t period;
     const int64_t* tap_columns;      // (period, layers * taps): ring column of each layer's past taps
     const int64_t* write_columns;    // (period, layers): ring column that each layer's input goes to
     const float* embedding;          // (classes, residual)

@@ -49,7 +49,6 @@ class _Net(ctypes.Structure):
 
     _fields_ = [
         *((name, ctypes.c_int64) for name in ("layers", "taps", "residual", "dilation", "skip", "hidden", "classes")),
-        ("ring_columns", ctypes.c_int64),
         ("period", ctypes.c_int64),
         *(
             (name, ctypes.c_void_p)
@@ -177,7 +176,6 @@ class _Weights:
             skip=stepper.skip_weight.shape[1],
             hidden=stepper.head_weights[0].shape[1],
             classes=classes,
-            ring_columns=stepper.rings.shape[1],
             period=stepper.period,
             **{name: tensor.data_ptr() for name, tensor in self.tensors.items()},
         )
