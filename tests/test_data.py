@@ -321,6 +321,78 @@ def test_two_ranks_with_two_workers_each_load_disjoint_windows(tmp_path: Path) -
     assert np.diff(positions).min() >= CHUNK
 
 
+def test_sampler_skip_passes_over_the_head_of_the_epoch_on_every_world_size(folder: Path) -> None:
+    dataset = ready(folder, batch_size=1).train_set
+    whole = ChunkSampler(dataset, seed=3)
+    whole.set_epoch(2)
+    order = list(whole)
+    resumed = ChunkSampler(dataset, seed=3)
+    resumed.set_epoch(2)
+    resumed.skip = 4
+    assert list(resumed) == order[4:]
+    # Trained on 4 windows with one rank, resumed with two: the rest of the same order, shared equally.
+    ranks = []
+    for rank in range(2):
+        sampler = ChunkSampler(dataset, num_replicas=2, rank=rank, seed=3)
+        sampler.set_epoch(2)
+        sampler.skip = 4
+        ranks.append(list(sampler))
+    assert len(ranks[0]) == len(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(order[4 : 4 + 2 * len(ranks[0])])
+
+
+class BatchRecorder(L.Callback):
+    """The training batches a run trains on, by their bytes."""
+
+    def __init__(self) -> None:
+        self.batches: list[bytes] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(batch[0].numpy().tobytes())
+
+
+def test_a_run_resumed_mid_epoch_trains_on_the_batches_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Resuming from last.ckpt (saved at a validation mid-epoch, as train.py's default callbacks do) must
+    neither repeat the start of the interrupted epoch nor replay epoch 0's order in a later epoch."""
+    from wavenet import WaveNetModule
+
+    root = tmp_path / "noise"
+    for index in range(5):
+        write(root / f"noise{index}.wav", noise(0.1, RATE, seed=index), RATE)
+
+    def run(max_steps: int, ckpt_path: Path | None = None, checkpoints: Path | None = None) -> list[bytes]:
+        L.seed_everything(0)
+        model = WaveNetModule(layers=4, stacks=1, residual_channels=8, dilation_channels=8, skip_channels=8)
+        data = make_module(root, receptive_field=model.receptive_field, num_workers=2, val_fraction=0.2)
+        recorder = BatchRecorder()
+        callbacks: list[L.Callback] = [recorder]
+        if checkpoints is not None:
+            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(checkpoints, monitor="val/loss", save_last=True))
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            max_epochs=-1,
+            val_check_interval=13,
+            check_val_every_n_epoch=None,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=checkpoints is not None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            assert trainer.num_training_batches == 10  # so step 13 is in the middle of the second epoch
+        return recorder.batches
+
+    uninterrupted = run(max_steps=24)
+    first = run(max_steps=13, checkpoints=tmp_path / "checkpoints")
+    second = run(max_steps=24, ckpt_path=tmp_path / "checkpoints" / "last.ckpt", checkpoints=tmp_path / "again")
+    assert first == uninterrupted[:13]
+    assert second == uninterrupted[13:]
+
+
 def test_dataloader_round_trip_gives_batches_of_windows(folder: Path) -> None:
     module = ready(folder, batch_size=3)
     train = module.train_dataloader()

@@ -183,3 +183,41 @@ def test_training_streams_from_the_remote(published: tuple[Path, Path], tmp_path
     metric = run(cfg)
     assert metric is not None and 0.0 < metric < 9.0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    # The checkpoint holds how far the stream got, and a run resumed from it goes on.
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    [state] = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert state["windows"] >= 4 * 4  # 4 steps of 4 windows (and the batch Lightning fetches ahead)
+    resumed = compose_config(
+        "train",
+        [*overrides, "trainer.max_steps=6", "trainer.val_check_interval=2", f"ckpt_path={last}"],
+        tmp_path / "resumed",
+    )
+    assert run(resumed) is not None
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_a_resumed_stream_starts_a_new_epoch_instead_of_replaying_the_start(
+    published: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, remote = published
+
+    def windows(loader: DataLoader, batches: int) -> list[bytes]:
+        return [window.numpy().tobytes() for inputs, _ in itertools.islice(loader, batches) for window in inputs]
+
+    fresh = streaming(str(remote), tmp_path)
+    loader = fresh.train_dataloader()
+    first = windows(loader, 6)
+    state = loader.state_dict()
+    assert state == {"windows": 6 * 4}
+
+    again = streaming(str(remote), tmp_path)
+    replay = again.train_dataloader()
+    assert windows(replay, 6) == first  # the same seed streams the same windows
+
+    module = streaming(str(remote), tmp_path)
+    resumed = module.train_dataloader()
+    resumed.load_state_dict(state)
+    after = windows(resumed, 6)
+    assert not set(after) & set(first)
+    assert resumed.state_dict() == {"windows": 12 * 4}  # counting goes on from the checkpoint's

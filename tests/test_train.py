@@ -42,7 +42,8 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir
     first, second = tmp_path / "first", tmp_path / "second"
     train(first, data_dir)
     last = first / "checkpoints" / "last.ckpt"
-    train(second, data_dir, f"ckpt_path={last}", "trainer.max_steps=9")
+    result = train(second, data_dir, f"ckpt_path={last}", "trainer.max_steps=9")
+    assert "not resumable" not in result.stderr  # the epoch goes on where it stopped (test_data has the proof)
     resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 9
     steps = [int(row["step"]) for row in read_metrics(second) if row.get("train/loss")]

@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from wavenet.data.datasets import ChunkSampler, FixedChunks, RandomChunks, ShardReader
+from wavenet.data.datasets import ChunkLoader, ChunkSampler, FixedChunks, RandomChunks, ShardReader
 from wavenet.data.layouts import LAYOUTS
 from wavenet.data.prepare import (
     MANIFEST,
@@ -145,9 +145,14 @@ class ChunkDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(
-        self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, sampler: Sampler | None = None
+        self,
+        dataset: Dataset,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        sampler: Sampler | None = None,
+        loader_class: Callable[..., DataLoader] = DataLoader,
     ) -> DataLoader[tuple[Tensor, Tensor]]:
-        return DataLoader(
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -295,7 +300,7 @@ class AudioFolderDataModule(ChunkDataModule):
         assert self.train_set is not None, "setup() must run first"
         rank, world_size = self._distributed()
         sampler = ChunkSampler(self.train_set, num_replicas=world_size, rank=rank, seed=self.seed)
-        return self._loader(self.train_set, sampler=sampler, drop_last=True)
+        return self._loader(self.train_set, sampler=sampler, drop_last=True, loader_class=ChunkLoader)
 
     def _warn_left_out(self, manifest: Manifest, short: list[PreparedFile]) -> None:
         """One warning for every file left out, whether at preparation or for being shorter than a window."""

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wavenet.data.prepare import PreparedFile
 
@@ -157,6 +157,10 @@ class ChunkSampler(DistributedSampler):
         num_replicas: Number of ranks.
         rank: This process's rank.
         seed: Seed of the epochs' shifts and orders.
+
+    Attributes:
+        skip: Windows of the epoch's order, all ranks together, that the next iteration passes over
+            because they were trained on before a resume (`ChunkLoader` sets it).
     """
 
     def __init__(self, dataset: RandomChunks, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
@@ -168,13 +172,55 @@ class ChunkSampler(DistributedSampler):
         # Every rank takes the same number of windows, or DDP would wait at the end of an epoch forever.
         self.num_samples = self.strata // num_replicas
         self.total_size = self.num_samples * num_replicas
+        self.skip = 0
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed % 2**63, self.epoch])
         shift = rng.random()
-        order = rng.permutation(self.strata)[self.rank : self.total_size : self.num_replicas]
+        # Rounded up to whole rounds of ranks, so ranks still take equal shares after a world-size change.
+        first = -(-self.skip // self.num_replicas) * self.num_replicas + self.rank
+        order = rng.permutation(self.strata)[first : self.total_size : self.num_replicas]
         positions = np.floor((order + shift) * (self.starts / self.strata)).astype(np.int64)
         return iter(positions.tolist())
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ChunkLoader(DataLoader):
+    """The training DataLoader of a `ChunkSampler`, which resumes mid-epoch where a checkpoint left off.
+
+    Lightning saves a loader's `state_dict()` in every checkpoint and passes it back to `load_state_dict`
+    when a run resumes, before the first batch. The state is the epoch and the number of windows all
+    ranks have trained on in it: an interrupted epoch continues with the next window of its order
+    instead of starting over (which would train twice on its first part), also after a change of batch
+    size or world size. Lightning does not prefetch from a loader with a length, so the batches this
+    loader has handed out are exactly those trained on.
+    """
+
+    sampler: ChunkSampler
+
+    def __init__(self, dataset: RandomChunks, *args: Any, sampler: ChunkSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, sampler=sampler, **kwargs)
+        self._epoch_batches = 0
+        self._resume_state: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        windows = self._epoch_batches * self.batch_size * self.sampler.num_replicas
+        return {"epoch": self.sampler.epoch, "windows": windows}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_state = dict(state_dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator, so nothing is read until the first batch is asked for: Lightning creates the
+        # iterator of a resumed run before it sets the sampler's epoch, and the epoch decides the order.
+        resume, self._resume_state = self._resume_state, None
+        # A state without this epoch (another epoch's, or a streamed run's) leaves nothing to pass over.
+        done = resume.get("windows", 0) if resume is not None and resume.get("epoch") == self.sampler.epoch else 0
+        self.sampler.skip = done
+        per_batch = self.batch_size * self.sampler.num_replicas
+        self._epoch_batches = -(-done // per_batch)
+        for batch in super().__iter__():
+            self._epoch_batches += 1
+            yield batch

@@ -25,6 +25,7 @@ fits in it: segments lose no window start, and none is drawn twice.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -227,6 +228,10 @@ class StreamedChunks(IterableDataset[tuple[Tensor, Tensor]]):
         chunk_length: Targets per example that the loss uses.
         shuffle_buffer: Windows held back to shuffle.
         seed: Seed of the windows' offsets and the buffer's order (litdata's shuffle has its own copy).
+        epoch_windows: About how many windows an epoch has, all ranks together (`StreamLoader` uses it).
+
+    Attributes:
+        first_epoch: The epoch the stream starts with (`StreamLoader` sets it when a run resumes).
     """
 
     def __init__(
@@ -236,19 +241,22 @@ class StreamedChunks(IterableDataset[tuple[Tensor, Tensor]]):
         chunk_length: int,
         shuffle_buffer: int,
         seed: int,
+        epoch_windows: int,
     ) -> None:
         self.records = records
         self.chunk_length = chunk_length
         self.window = receptive_field + chunk_length
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed % 2**63
+        self.epoch_windows = max(epoch_windows, 1)
+        self.first_epoch = 1
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         worker = get_worker_info()
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        rng = np.random.default_rng([self.seed, rank, worker.id if worker is not None else 0])
+        rng = np.random.default_rng([self.seed, rank, worker.id if worker is not None else 0, self.first_epoch])
         buffer: list[np.ndarray] = []
-        for epoch in itertools.count(1):
+        for epoch in itertools.count(self.first_epoch):
             self.records.set_epoch(epoch)
             drawn = 0
             for record in self.records:
@@ -285,6 +293,43 @@ class StreamedChunks(IterableDataset[tuple[Tensor, Tensor]]):
     def _example(window: np.ndarray) -> tuple[Tensor, Tensor]:
         classes = torch.from_numpy(window.astype(np.int64))
         return classes[:-1], classes[1:]
+
+
+class StreamLoader(DataLoader):
+    """The training DataLoader of a `StreamedChunks`: a resumed run streams a new epoch, not its start again.
+
+    Lightning saves a loader's `state_dict()` in every checkpoint and passes it back to `load_state_dict`
+    when a run resumes, before the first batch. The state is the number of windows all ranks have trained
+    on, which says how many epochs the run has begun; the resumed stream starts with the next one (without
+    this, every resume would train again on the run's first windows, in the same order). The rest of the
+    interrupted epoch is not trained on: its windows wait in the workers' shuffle buffers and litdata's
+    readers, which a checkpoint does not hold; a new epoch is a new draw, uniform over samples like any.
+    """
+
+    dataset: StreamedChunks
+
+    def __init__(self, dataset: StreamedChunks, *args: Any, world_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.world_size = world_size
+        self._run_batches = 0
+        self._resume_state: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"windows": self._run_batches * self.batch_size * self.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_state = dict(state_dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator, so the epoch is set before the workers take their copy of the dataset.
+        resume, self._resume_state = self._resume_state, None
+        if resume is not None:
+            windows = resume.get("windows", 0)
+            self.dataset.first_epoch = windows // self.dataset.epoch_windows + 2
+            self._run_batches = windows // (self.batch_size * self.world_size)
+        for batch in super().__iter__():
+            self._run_batches += 1
+            yield batch
 
 
 class _SegmentReader:
@@ -379,8 +424,14 @@ class StreamingDataModule(ChunkDataModule):
         train_records = litdata.StreamingDataset(
             _join(self.remote, "train"), shuffle=True, seed=self.seed % 2**31, **records
         )
+        train_starts = sum(max(manifest.files[i].frames - self.window + 1, 0) for i in published["train_files"])
         self.train_set = StreamedChunks(
-            train_records, self.receptive_field, self.chunk_length, self.shuffle_buffer, self.seed
+            train_records,
+            self.receptive_field,
+            self.chunk_length,
+            self.shuffle_buffer,
+            self.seed,
+            epoch_windows=train_starts // self.chunk_length,
         )
         # Item i of the validation dataset is the i-th segment of the validation files in manifest order.
         val_files = [manifest.files[index] for index in published["val_files"]]
@@ -412,7 +463,8 @@ class StreamingDataModule(ChunkDataModule):
 
     def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         assert self.train_set is not None, "setup() must run first"
-        return self._loader(self.train_set)
+        _, world_size = self._distributed()
+        return self._loader(self.train_set, loader_class=functools.partial(StreamLoader, world_size=world_size))
 
 
 def main(argv: list[str] | None = None) -> None:
