@@ -2,6 +2,7 @@
 
     python bench/generate.py                                   # small, batch 1/16/256, every path
     python bench/generate.py --sizes small medium large --batches 1 16 --device cuda
+    python bench/generate.py --sizes --widths 256 320 384 --batches 1 --paths eager fused   # between medium and large
 
 Paths (`wavenet.generate(method=...)`; per-layer ring buffers, O(layers) work per sample):
     eager        the step op by op.
@@ -35,7 +36,11 @@ SAMPLE_RATE = 16000
 
 
 def build_model(size: str, device: torch.device) -> WaveNet:
-    """The WaveNet of conf/model/<size>.yaml, with random weights."""
+    """The WaveNet of conf/model/<size>.yaml, or `large` at the width `w<channels>` names; random weights."""
+    if size.startswith("w"):
+        width = int(size[1:])
+        shape = {**dimensions("large"), "residual_channels": width, "dilation_channels": width, "skip_channels": width}
+        return WaveNet(**shape).to(device).eval()
     return WaveNet(**dimensions(size)).to(device).eval()
 
 
@@ -114,7 +119,10 @@ def _commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["small"], help="model configs in conf/model/")
+    parser.add_argument("--sizes", nargs="*", default=["small"], help="model configs in conf/model/")
+    parser.add_argument(
+        "--widths", nargs="*", type=int, default=[], help="also `large` at these widths (all channels), as w<width>"
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 256])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<index>")
@@ -132,7 +140,7 @@ def main() -> None:
     print(f"# {name}; torch {torch.__version__}; {datetime.date.today()}; commit {_commit()}")
     print(f"| {'size':<7}| {'dtype':<5} | {'batch':>6} | {'path':<12}| {'samples/s':>11} | {'x real time':>11} |")
     print(f"|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 13}|{'-' * 13}|{'-' * 13}|")
-    for size in args.sizes:
+    for size in [*args.sizes, *(f"w{width}" for width in args.widths)]:
         for precision in args.precision:
             model = build_model(size, device).to(PRECISIONS[precision])
             for batch_size in args.batches:

@@ -113,6 +113,9 @@ def test_generate_fused_on_the_cpu_equals_eager_and_auto_picks_it(temperature):
 
     assert resolve_method("auto", torch.device("cpu"), batch_size=2) == "fused"
     assert resolve_method("auto", torch.device("cpu"), batch_size=256) == "eager"  # batched matmuls win there
+    medium, large = 4_000_000, 47_500_000  # parameters; `large` streams its weights from DRAM either way
+    assert resolve_method("auto", torch.device("cpu"), parameters=medium) == "fused"
+    assert resolve_method("auto", torch.device("cpu"), parameters=large) == "eager"
     assert torch.equal(sample("fused"), sample("eager"))
     assert torch.equal(sample("auto"), sample("eager"))
 

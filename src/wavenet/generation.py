@@ -255,15 +255,27 @@ METHODS = ("auto", "eager", "cuda_graph", "fused")
 # streams) overtake the native kernel's matrix-vector products over groups of 8 streams. Measured on `small`
 # (BENCHMARKS.md): 1.5-3.4x faster fused up to 64 streams, 0.95x at 256, 0.74x at 1,024.
 _CPU_FUSED_BATCH = 256
+# Models whose float32 weights take more than this stay eager on the CPU: a step then streams every weight from
+# DRAM, as eager's one matmul per weight matrix does too, and the kernel's split across cores adds traffic (each
+# core reads all residual weights). Fused / eager at batch 1 on a 2-core CPU (`python bench/generate.py --widths`,
+# BENCHMARKS.md): 1.57x for `medium` (15 MiB), then `large` at widths 256, 320, 384, 512: 1.19x (46 MiB), 1.09x
+# (71 MiB), 0.98x (102 MiB), 0.97x (181 MiB).
+_CPU_FUSED_MAX_BYTES = 80 * 2**20
 
 
 def resolve_method(
-    method: str, device: torch.device, dtype: torch.dtype = torch.float32, batch_size: int = 1
+    method: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 1,
+    parameters: int = 0,
 ) -> str:
-    """The generation path `method` names for `batch_size` streams with weights of `dtype` on `device`.
+    """The generation path `method` names for `batch_size` streams of a model of `parameters` weights of
+    `dtype` on `device`.
 
     `auto` is `cuda_graph` on CUDA. On the CPU it is `fused` (the native kernel) for float32 weights where a
-    C++ compiler has built it, up to `_CPU_FUSED_BATCH` streams; beyond, and otherwise, `eager`.
+    C++ compiler has built it, below `_CPU_FUSED_BATCH` streams and up to `_CPU_FUSED_MAX_BYTES` of weights;
+    otherwise `eager`.
 
     Raises:
         ValueError: For an unknown method, or one that cannot run here (the message says why).
@@ -273,7 +285,12 @@ def resolve_method(
     if method == "auto":
         if device.type == "cuda":
             return "cuda_graph"
-        if device.type == "cpu" and batch_size < _CPU_FUSED_BATCH and _cpu_fused_problem(dtype) is None:
+        if (
+            device.type == "cpu"
+            and batch_size < _CPU_FUSED_BATCH
+            and parameters * 4 <= _CPU_FUSED_MAX_BYTES
+            and _cpu_fused_problem(dtype) is None
+        ):
             return "fused"
         return "eager"
     if method == "cuda_graph" and device.type != "cuda":
@@ -335,9 +352,9 @@ def generate(
         generator: Random source on the model's device; seed it for reproducible output on that device.
         progress: Called with the number of new samples per stream, every 64 steps or fewer.
         method: `eager`, `cuda_graph` or `fused` (see the module's docstring), or `auto`: `cuda_graph` on
-            a GPU; on the CPU `fused` for float32 weights and fewer than 256 streams where a C++ compiler is
-            found, else `eager`. All of them compute the same function; with the same seed they draw the same
-            noise.
+            a GPU; on the CPU `fused` for float32 weights, fewer than 256 streams and models up to 80 MiB
+            (`medium`, not `large`) where a C++ compiler is found, else `eager`. All of them compute the same
+            function; with the same seed they draw the same noise.
 
     Returns:
         (B, num_samples) int64 classes, without the prime.
@@ -349,7 +366,7 @@ def generate(
     if temperature < 0:
         raise ValueError(f"temperature must not be negative, got {temperature}")
     device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
-    method = resolve_method(method, device, dtype, batch_size)
+    method = resolve_method(method, device, dtype, batch_size, sum(p.numel() for p in model.parameters()))
     prime = _check_prime(prime, model, batch_size).to(device)
     levels = model.quantization_channels
     chunk = min(_CHUNK_STEPS, max(1, _NOISE_ELEMENTS // (batch_size * levels)))

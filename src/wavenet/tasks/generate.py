@@ -37,12 +37,15 @@ def run(cfg: DictConfig) -> list[Path]:
     check_required(cfg)
     _check_settings(cfg)
     device = _device(str(cfg.device))
-    try:
-        method = resolve_method(str(cfg.method), device, _PRECISIONS[str(cfg.precision)], int(cfg.batch_size))
+    dtype = _PRECISIONS[str(cfg.precision)]
+    try:  # before the checkpoint is read, so that a method that cannot run here costs no loading
+        resolve_method(str(cfg.method), device, dtype, int(cfg.batch_size))
     except ValueError as error:
         raise UserError(f"method={cfg.method}: {error}") from error
     module = _load_checkpoint(Path(cfg.ckpt_path), device, use_ema=bool(cfg.use_ema))
-    model = module.model.eval().to(_PRECISIONS[str(cfg.precision)])
+    model = module.model.eval().to(dtype)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    method = resolve_method(str(cfg.method), device, dtype, int(cfg.batch_size), parameters)
     sample_rate = int(module.hparams.sample_rate)
     levels = model.quantization_channels
     prime = None
