@@ -30,8 +30,8 @@ import torch
 from sizes import dimensions
 from wavenet.generation import generate, resolve_method
 from wavenet.models.wavenet import WaveNet
+from wavenet.tasks.generate import PRECISIONS
 
-PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16}
 SAMPLE_RATE = 16000
 
 

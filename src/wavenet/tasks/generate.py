@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> list[Path]:
     check_required(cfg)
     _check_settings(cfg)
     device = _device(str(cfg.device))
-    dtype = _PRECISIONS[str(cfg.precision)]
+    dtype = PRECISIONS[str(cfg.precision)]
     try:  # before the checkpoint is read, so that a method that cannot run here costs no loading
         resolve_method(str(cfg.method), device, dtype, int(cfg.batch_size))
     except ValueError as error:
@@ -100,12 +100,12 @@ def run(cfg: DictConfig) -> list[Path]:
 
 
 # Weights and activations of the step; bf16 halves the bytes every step reads (see conf/generate.yaml).
-_PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _check_settings(cfg: DictConfig) -> None:
     """Raises `UserError` for a value the generator would refuse, naming the key."""
-    if str(cfg.precision) not in _PRECISIONS:
+    if str(cfg.precision) not in PRECISIONS:
         raise UserError(f"precision must be 32 or bf16, got {cfg.precision}")
     if cfg.num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
