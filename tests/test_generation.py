@@ -326,8 +326,9 @@ def test_generate_task_uses_the_ema_weights_when_the_checkpoint_has_them(tmp_pat
         return sf.read(wav, dtype="float32")[0]
 
     expected = mu_law_decode(generate(averaged.model.eval(), 300, temperature=0))[0].numpy()
-    np.testing.assert_allclose(greedy(True), expected, atol=1 / 16384)  # up to 16-bit PCM rounding
-    assert np.abs(greedy(True) - greedy(False)).max() > 0.01
+    with_ema = greedy(True)
+    np.testing.assert_allclose(with_ema, expected, atol=1 / 16384)  # up to 16-bit PCM rounding
+    assert np.abs(with_ema - greedy(False)).max() > 0.01
 
 
 def test_generate_task_names_the_method_that_cannot_run_here(tmp_path, checkpoint):
@@ -351,3 +352,56 @@ def test_generate_task_runs_in_bfloat16_and_refuses_other_precisions(tmp_path, c
     assert sf.info(wav).frames == 200
     with pytest.raises(UserError, match="precision must be 32 or bf16, got 16"):
         run(compose_config("generate", [*overrides, "precision=16"], tmp_path / "16"))
+
+
+def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], str]]:
+    """Overrides a user could type, each with the start of the one error it must give (found in an audit)."""
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(checkpoint.read_bytes()[:2000])
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.full(800, np.nan, np.float32), SAMPLE_RATE, subtype="FLOAT")
+    return {
+        "nan temperature": (["temperature=nan"], "temperature must be a number"),
+        "inf temperature": (["temperature=inf"], "temperature must be a number"),
+        "text num_samples": (["num_samples=abc"], "num_samples must be a positive integer, got 'abc'"),
+        "fractional batch": (["batch_size=2.5"], "batch_size must be a positive integer, got 2.5"),
+        "text seed": (["seed=abc"], "seed must be an integer or null"),
+        "use_ema no": (["use_ema=no"], "use_ema must be true or false, got 'no'"),
+        "folder checkpoint": ([f"ckpt_path={tmp_path}"], f"checkpoint {tmp_path} is a folder"),
+        "text checkpoint": ([f"ckpt_path={text}"], f"{text} is not a PyTorch checkpoint"),
+        "cut checkpoint": ([f"ckpt_path={cut}"], f"{cut} is not a PyTorch checkpoint"),
+        "folder prime": ([f"prime={tmp_path}"], f"prime {tmp_path} is a folder"),
+        "nan prime": ([f"prime={nan}"], f"prime file {nan} holds NaN"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["nan temperature", "inf temperature", "text num_samples", "fractional batch", "text seed", "use_ema no",
+     "folder checkpoint", "text checkpoint", "cut checkpoint", "folder prime", "nan prime"],
+)  # fmt: skip
+def test_generate_task_refuses_bad_input_naming_the_key_or_file(tmp_path, checkpoint, case):
+    from tests.conftest import compose_config
+    from wavenet.errors import UserError
+    from wavenet.tasks.generate import run
+
+    overrides, message = bad_inputs(tmp_path, checkpoint)[case]
+    cfg = compose_config("generate", [f"ckpt_path={checkpoint}", "device=cpu", *overrides], tmp_path / "run")
+    with pytest.raises(UserError) as error:
+        run(cfg)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+
+
+def test_generate_task_never_writes_over_the_samples_of_an_earlier_run(tmp_path, checkpoint):
+    from tests.conftest import compose_config
+    from wavenet.errors import UserError
+    from wavenet.tasks.generate import run
+
+    overrides = [f"ckpt_path={checkpoint}", "num_samples=100", "device=cpu", "batch_size=2"]
+    first = run(compose_config("generate", overrides, tmp_path))
+    written = [path.read_bytes() for path in first]
+    with pytest.raises(UserError, match="already holds 2 sample_\\*.wav of an earlier run"):
+        run(compose_config("generate", [*overrides, "batch_size=1"], tmp_path))
+    assert [path.read_bytes() for path in first] == written

@@ -102,8 +102,14 @@ def test_too_short_input_is_an_error():
 
 
 def test_bad_shape_arguments():
+    shape = dict(layers=4, stacks=2, residual_channels=4, dilation_channels=4, skip_channels=4)
     with pytest.raises(ValueError, match="multiple of stacks"):
-        WaveNet(layers=5, stacks=2, residual_channels=4, dilation_channels=4, skip_channels=4)
+        WaveNet(**{**shape, "layers": 5})
+    for name, value in [("residual_channels", 0), ("stacks", 0), ("skip_channels", "8"), ("kernel_size", 1)]:
+        with pytest.raises(ValueError, match=f"{name} must be an integer of at least"):
+            WaveNet(**{**shape, name: value})
+    with pytest.raises(ValueError, match="quantization_channels"):
+        WaveNet(**shape, quantization_channels=1)
 
 
 @pytest.mark.parametrize("channels", [256, 64])

@@ -91,6 +91,21 @@ def test_learning_rate_warms_up_then_decays():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
 
-def test_unknown_decay_is_rejected():
-    with pytest.raises(ValueError, match="decay"):
-        WaveNetModule(**TINY, decay="linear")
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(decay="linear"), "decay"),
+        (dict(lr=-1e-3), "lr must be positive"),
+        (dict(lr=float("inf")), "lr must be a finite number"),
+        (dict(lr="abc"), "lr must be a finite number"),
+        (dict(weight_decay=-1.0), "weight_decay must not be negative"),
+        (dict(warmup_steps=-1), "warmup_steps must not be negative"),
+        # Below 0 the cosine schedule drives the learning rate negative: training would ascend the loss.
+        (dict(min_lr_ratio=-1.0), "min_lr_ratio must be between 0 and 1"),
+        (dict(betas=(2.0, 0.9)), "betas must be two numbers"),
+        (dict(betas=(0.9,)), "betas must be two numbers"),
+    ],
+)
+def test_optimiser_settings_that_would_train_on_garbage_are_rejected(setting, message):
+    with pytest.raises(ValueError, match=message):
+        WaveNetModule(**TINY, **setting)

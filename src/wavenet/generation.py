@@ -363,8 +363,8 @@ def generate(
         model = model.model
     if num_samples < 0:
         raise ValueError(f"num_samples must not be negative, got {num_samples}")
-    if temperature < 0:
-        raise ValueError(f"temperature must not be negative, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number, 0 or more, got {temperature}")
     device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
     method = resolve_method(method, device, dtype, batch_size, sum(p.numel() for p in model.parameters()))
     prime = _check_prime(prime, model, batch_size).to(device)

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import math
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wavenet.errors import UserError, first_line
 from wavenet.models.wavenet import WaveNet
 
 Batch = tuple[Tensor, Tensor]
+
+
+def _finite(name: str, value: object) -> float:
+    """`value`, or ValueError naming `name` if it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
 
 
 class WaveNetModule(L.LightningModule):
@@ -60,6 +72,19 @@ class WaveNetModule(L.LightningModule):
         super().__init__()
         if decay not in ("cosine", "constant"):
             raise ValueError(f"decay must be 'cosine' or 'constant', got {decay!r}")
+        # Checked here, not when the optimiser is built: a negative rate or decay would train, on garbage.
+        if _finite("lr", lr) <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if _finite("weight_decay", weight_decay) < 0:
+            raise ValueError(f"weight_decay must not be negative, got {weight_decay}")
+        if _finite("warmup_steps", warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must not be negative, got {warmup_steps}")
+        if not 0 <= _finite("min_lr_ratio", min_lr_ratio) <= 1:
+            raise ValueError(f"min_lr_ratio must be between 0 and 1, got {min_lr_ratio}")
+        if isinstance(betas, (str, bytes)) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not all(0 <= _finite("betas", beta) < 1 for beta in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
         self.save_hyperparameters()
         self.model = WaveNet(
             layers=layers,
@@ -148,3 +173,34 @@ class WaveNetModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device | None = None, mmap: bool = False) -> dict[str, Any]:
+    """The contents of a checkpoint of a `WaveNetModule` (as train.py writes them), read with `torch.load`.
+
+    Args:
+        path: The checkpoint file.
+        map_location: Where tensors go, as for `torch.load`.
+        mmap: Map the file instead of reading it (CPU tensors only): to look at a checkpoint cheaply.
+
+    Raises:
+        UserError: Saying why `path` is not such a checkpoint: missing, a folder, not (or no longer) a
+            `torch.save` archive, unreadable, or without the module's hyperparameters and weights.
+    """
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a file (a run's are in checkpoints/, e.g. last.ckpt)")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a PyTorch checkpoint (torch.save's zip archive), or it was cut short")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        # torch.load's own message here is a paragraph about weights_only, misleading for a non-checkpoint.
+        reason = "it holds objects torch.load will not unpickle (weights_only)"
+        raise UserError(f"cannot read checkpoint {path}: {reason}") from error
+    except Exception as error:  # noqa: BLE001 (zip and pickle errors of many types; all mean a bad file)
+        raise UserError(f"cannot read checkpoint {path}: {first_line(error)}") from error
+    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
+        raise UserError(f"{path} is not a checkpoint of a WaveNet model (no hyper_parameters and state_dict)")
+    return checkpoint

@@ -13,6 +13,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
+def _check_integers(least: int, **values: object) -> None:
+    """Raises ValueError naming the first of `values` that is not an integer of at least `least`."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+
+
 class ResidualLayer(nn.Module):
     """One gated layer: dilated causal conv -> tanh * sigmoid -> 1x1 residual and 1x1 skip.
 
@@ -95,10 +102,17 @@ class WaveNet(nn.Module):
         checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
-        if layers < 1 or stacks < 1 or layers % stacks:
-            raise ValueError(f"layers ({layers}) must be a positive multiple of stacks ({stacks})")
-        if kernel_size < 2:
-            raise ValueError(f"kernel_size must be at least 2, got {kernel_size}")
+        _check_integers(
+            1,
+            layers=layers,
+            stacks=stacks,
+            residual_channels=residual_channels,
+            dilation_channels=dilation_channels,
+            skip_channels=skip_channels,
+        )
+        _check_integers(2, kernel_size=kernel_size, quantization_channels=quantization_channels)
+        if layers % stacks:
+            raise ValueError(f"layers ({layers}) must be a multiple of stacks ({stacks})")
         self.layers_per_stack = layers // stacks
         self.kernel_size = kernel_size
         self.quantization_channels = quantization_channels

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import pickle
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,9 +18,9 @@ from wavenet.config import check_required
 from wavenet.data.audio import read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.ema import EMA_STATE_KEY
-from wavenet.errors import UserError
+from wavenet.errors import UserError, first_line
 from wavenet.generation import generate, resolve_method
-from wavenet.module import WaveNetModule
+from wavenet.module import WaveNetModule, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ def run(cfg: DictConfig) -> list[Path]:
     """
     check_required(cfg)
     _check_settings(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    _check_output_dir(output_dir)
     device = _device(str(cfg.device))
     dtype = PRECISIONS[str(cfg.precision)]
     try:  # before the checkpoint is read, so that a method that cannot run here costs no loading
@@ -82,7 +84,6 @@ def run(cfg: DictConfig) -> list[Path]:
     seconds = time.perf_counter() - started
     rate = cfg.num_samples * cfg.batch_size / seconds
 
-    output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, stream in enumerate(mu_law_decode(classes.cpu(), levels)):
@@ -107,12 +108,32 @@ def _check_settings(cfg: DictConfig) -> None:
     """Raises `UserError` for a value the generator would refuse, naming the key."""
     if str(cfg.precision) not in PRECISIONS:
         raise UserError(f"precision must be 32 or bf16, got {cfg.precision}")
-    if cfg.num_samples < 1:
-        raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {cfg.batch_size}")
-    if cfg.temperature < 0:
-        raise UserError(f"temperature must be 0 (greedy) or positive, got {cfg.temperature}")
+    for key in ("num_samples", "batch_size"):
+        if not _is_integer(cfg[key]) or cfg[key] < 1:
+            raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    temperature = cfg.temperature
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature):
+        raise UserError(f"temperature must be a number, 0 (greedy) or more, got {temperature!r}")
+    if temperature < 0:
+        raise UserError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if cfg.seed is not None and not _is_integer(cfg.seed):
+        raise UserError(f"seed must be an integer or null, got {cfg.seed!r}")
+    if not isinstance(cfg.use_ema, bool):
+        raise UserError(f"use_ema must be true or false, got {cfg.use_ema!r}")
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuses a folder holding samples of an earlier run: writing over some of them would mix two runs."""
+    earlier = sorted(output_dir.glob("sample_*.wav"))
+    if earlier:
+        raise UserError(
+            f"{output_dir} already holds {len(earlier)} sample_*.wav of an earlier run; "
+            "choose another hydra.run.dir or remove them"
+        )
 
 
 def _device(name: str) -> torch.device:
@@ -130,41 +151,32 @@ def _device(name: str) -> torch.device:
 
 def _load_checkpoint(path: Path, device: torch.device, use_ema: bool) -> WaveNetModule:
     """The trained module, with the EMA weights in place of the training weights where there are some."""
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+    # Read once: the module is rebuilt from its primitive hyperparameters, as load_from_checkpoint would.
+    checkpoint = read_checkpoint(path, map_location=device)
     try:
-        # Read once: the module is rebuilt from its primitive hyperparameters, as load_from_checkpoint would.
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
         module = WaveNetModule(**checkpoint["hyper_parameters"]).to(device)
         averaged = checkpoint.get(EMA_STATE_KEY) if use_ema else None
         module.load_state_dict(averaged or checkpoint["state_dict"])
-        if averaged:
-            log.info("Using the EMA weights of %s", path)
-        return module
-    except pickle.UnpicklingError as error:
-        # torch.load's own message here is a paragraph about weights_only, misleading for a non-checkpoint.
-        reason = "not a PyTorch checkpoint, or it holds objects torch.load will not unpickle (weights_only)"
-        raise UserError(f"cannot read checkpoint {path}: {reason}") from error
-    except Exception as error:  # noqa: BLE001
-        # torch.load and Lightning raise many types (zip, missing keys, shape mismatch); all of them mean
-        # the file is not a checkpoint of this model.
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(error)}") from error
+    except (TypeError, ValueError, RuntimeError) as error:
+        # Hyperparameters or weights that do not fit this version's WaveNetModule.
+        raise UserError(f"cannot load the model of checkpoint {path}: {first_line(error)}") from error
+    if averaged:
+        log.info("Using the EMA weights of %s", path)
+    return module
 
 
 def _read_prime(path: Path, sample_rate: int) -> torch.Tensor:
     """The prime file as float audio at the model's rate; read_audio raises UserError if it is unreadable."""
+    if path.is_dir():
+        raise UserError(f"prime {path} is a folder, not an audio file")
     if not path.is_file():
         raise UserError(f"prime file not found: {path}")
     audio = read_audio(path, sample_rate)
     if audio.numel() == 0:
         raise UserError(f"prime file {path} has no samples")
+    if not torch.isfinite(audio).all():
+        raise UserError(f"prime file {path} holds NaN or infinite samples")
     return audio
-
-
-def _first_line(error: Exception) -> str:
-    """`KeyError: 'state_dict'`: the type tells what went wrong when the message is only a name."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 class _SpeedColumn(ProgressColumn):
