@@ -462,6 +462,13 @@ def test_bad_settings_are_user_errors(folder: Path) -> None:
         dict(trim_db=-20),
         dict(layout="timit"),
         dict(prepare_workers=0),
+        # Text where a number belongs (a mistyped override) is named, not a TypeError from a comparison.
+        dict(batch_size="abc"),
+        dict(sample_rate="16k"),
+        dict(val_fraction="abc"),
+        dict(trim_db="abc"),
+        dict(num_workers=1.5),
+        dict(seed="abc"),
     ]:
         with pytest.raises(UserError, match=next(iter(overrides))):
             make_module(folder, **overrides)

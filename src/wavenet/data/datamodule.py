@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 import zlib
@@ -53,6 +54,14 @@ def _collate(examples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Stacks examples into `(inputs, targets)`, each (B, T); `default_collate` alone would give a list."""
     inputs, targets = default_collate(examples)
     return inputs, targets
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _validation_score(relative_path: str) -> float:
@@ -110,15 +119,17 @@ class ChunkDataModule(L.LightningDataModule):
             ("chunk_length", chunk_length),
             ("batch_size", batch_size),
         ]:
-            if value < 1:
-                raise UserError(f"data.{name} must be a positive integer, got {value}")
-        if not 2 <= quantization_channels <= 256:
+            if not _is_integer(value) or value < 1:
+                raise UserError(f"data.{name} must be a positive integer, got {value!r}")
+        if not _is_integer(quantization_channels) or not 2 <= quantization_channels <= 256:
             raise UserError(
                 f"data.quantization_channels must be between 2 and 256 (one byte per sample), "
-                f"got {quantization_channels}"
+                f"got {quantization_channels!r}"
             )
-        if num_workers < 0:
-            raise UserError(f"data.num_workers must not be negative, got {num_workers}")
+        if not _is_integer(num_workers) or num_workers < 0:
+            raise UserError(f"data.num_workers must be 0 or more, got {num_workers!r}")
+        if not _is_integer(seed):
+            raise UserError(f"seed must be an integer, got {seed!r}")
         self.receptive_field = receptive_field
         self.sample_rate = sample_rate
         self.quantization_channels = quantization_channels
@@ -214,12 +225,12 @@ class AudioFolderDataModule(ChunkDataModule):
         )
         if layout not in LAYOUTS:
             raise UserError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        if trim_db is not None and trim_db <= 0:
-            raise UserError(f"data.trim_db must be positive (dB below the peak) or null, got {trim_db}")
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-        if prepare_workers is not None and prepare_workers < 1:
-            raise UserError(f"data.prepare_workers must be at least 1 or null, got {prepare_workers}")
+        if trim_db is not None and (not _is_number(trim_db) or trim_db <= 0):
+            raise UserError(f"data.trim_db must be positive (dB below the peak) or null, got {trim_db!r}")
+        if not _is_number(val_fraction) or not 0.0 < val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+        if prepare_workers is not None and (not _is_integer(prepare_workers) or prepare_workers < 1):
+            raise UserError(f"data.prepare_workers must be at least 1 or null, got {prepare_workers!r}")
         self.root = Path(root)
         self.layout = layout
         self.extensions = tuple(str(extension) for extension in extensions)
