@@ -183,3 +183,26 @@ def test_an_unwritable_cache_is_a_reason_not_a_crash(monkeypatch, tmp_path):
         assert not_a_folder.read_text() == "a file where the cache folder should be\n"
     finally:
         cpu_step._library.cache_clear()
+
+
+def test_the_thread_count_follows_the_load_on_the_machine():
+    from wavenet.kernels.cpu_step import _RETRY_EVERY, _ThreadChoice
+
+    choice = _ThreadChoice(most=2)
+    seconds_per_step = {2: 5e-4, 1: 1e-4}  # beside a busy process: a barrier per layer waits on a lost core
+
+    def run(calls: int) -> list[int]:
+        picks = []
+        for _ in range(calls):
+            threads = choice.pick()
+            picks.append(threads)
+            choice.record(threads, seconds_per_step[threads] * 64, 64)
+        return picks
+
+    picks = run(3 * _RETRY_EVERY)
+    assert picks[:2] == [2, 1]  # each candidate timed once
+    assert picks.count(2) == 1 + 3  # then only the retries, one call in _RETRY_EVERY
+    seconds_per_step[2] = 0.5e-4  # the other process is gone
+    assert run(_RETRY_EVERY)[-1] == 2  # noticed at the next retry
+    assert set(run(_RETRY_EVERY - 1)) == {2}
+    assert _ThreadChoice(most=1).candidates == [1]

@@ -6,7 +6,8 @@ matrix-vector products over groups of up to 8 streams (each weight row read once
 tanh, Gumbel-max sampling, for all steps of a chunk. Threads (torch's intra-op count, started per call): up to
 8 streams, every layer's gated channels are split between them, so that each core keeps its share of the
 weights in its own L2 (one barrier per layer); more streams are split into ranges that never wait for each
-other. ctypes releases the GIL for the call.
+other. Beside other busy processes one thread can be faster: calls are timed and take the faster count
+(`_ThreadChoice`). ctypes releases the GIL for the call.
 
 The library is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`;
 about a second, no torch headers) for this machine's CPU (`-march=native`), and cached under
@@ -29,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -140,8 +142,8 @@ def cpu_kernel_problem() -> str | None:
 
 
 class _Weights:
-    """A stepper's weights in the kernel's layout (a few copies, made once per stepper), and the `Net` that
-    points at them: the tensors live as long as this object does."""
+    """A stepper's weights in the kernel's layout (a few copies, made once per stepper), the `Net` that
+    points at them (the tensors live as long as this object does), and its calls' `_ThreadChoice`."""
 
     def __init__(self, stepper: IncrementalWaveNet) -> None:
         if stepper.rings.dtype != torch.float32:
@@ -179,9 +181,40 @@ class _Weights:
             period=stepper.period,
             **{name: tensor.data_ptr() for name, tensor in self.tensors.items()},
         )
+        self.thread_choice = _ThreadChoice(torch.get_num_threads())
 
 
 _weights: weakref.WeakKeyDictionary[IncrementalWaveNet, _Weights] = weakref.WeakKeyDictionary()
+
+# One call in this many runs on the thread count not in use, to notice that the load on the machine changed.
+_RETRY_EVERY = 32
+
+
+class _ThreadChoice:
+    """How many threads the calls for one stepper run on, when the caller leaves it to the kernel.
+
+    On cores of its own the kernel is fastest on all of them; beside another busy process it is not: a core
+    taken away stalls every layer's barrier. Beside one busy process on 2 cores, `small` at batch 1 ran at
+    2,500 samples/s on 2 threads and 11,800 on 1 (23,700 on 2 when alone). So calls are timed: the first
+    ones try each candidate (all threads, one), later ones take the faster, and one call in `_RETRY_EVERY`
+    tries the other again.
+    """
+
+    def __init__(self, most: int) -> None:
+        self.candidates = [most, 1] if most > 1 else [1]
+        self.seconds_per_step: dict[int, float] = {}
+        self.calls = 0
+
+    def pick(self) -> int:
+        self.calls += 1
+        untried = [count for count in self.candidates if count not in self.seconds_per_step]
+        if untried:
+            return untried[0]
+        ranked = sorted(self.candidates, key=self.seconds_per_step.__getitem__)
+        return ranked[-1] if self.calls % _RETRY_EVERY == 0 else ranked[0]
+
+    def record(self, threads: int, seconds: float, steps: int) -> None:
+        self.seconds_per_step[threads] = seconds / steps
 
 
 def cpu_steps(
@@ -206,7 +239,8 @@ def cpu_steps(
         noise: (steps, B, Q) float32 Gumbel noise already scaled by the temperature; None is greedy.
         forced: (steps, B) int64: teacher forcing, the input of every step.
         logits_out: (steps, B, Q) float32: receives every step's logits (for tests).
-        threads: Threads to run on; None: torch.get_num_threads().
+        threads: Threads to run on; None: torch.get_num_threads() or 1, whichever the calls for this
+            stepper have found faster (see `_ThreadChoice`).
 
     Raises:
         RuntimeError: Where the kernel cannot be built (see `cpu_kernel_problem`).
@@ -229,6 +263,11 @@ def cpu_steps(
         return
     phase = int(stepper.phase) if stepper.phase is not None else stepper.position % stepper.period
 
+    choice = None
+    if threads is None:
+        choice = weights.thread_choice
+        threads = choice.pick()
+    started = time.perf_counter()
     library.wavenet_cpu_steps(
         ctypes.byref(weights.net),
         rings.data_ptr(),
@@ -236,13 +275,15 @@ def cpu_steps(
         batch,
         steps,
         phase,
-        threads or torch.get_num_threads(),
+        threads,
         classes.data_ptr(),
         forced.data_ptr() if forced is not None else None,
         noise.data_ptr() if noise is not None else None,
         out.data_ptr(),
         logits_out.data_ptr() if logits_out is not None else None,
     )
+    if choice is not None:
+        choice.record(threads, time.perf_counter() - started, steps)
     stepper.position += steps
     if stepper.phase is not None:
         stepper.phase.add_(steps).remainder_(stepper.period)
