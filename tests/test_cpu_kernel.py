@@ -200,9 +200,16 @@ def test_the_thread_count_follows_the_load_on_the_machine():
         return picks
 
     picks = run(3 * _RETRY_EVERY)
-    assert picks[:2] == [2, 1]  # each candidate timed once
-    assert picks.count(2) == 1 + 3  # then only the retries, one call in _RETRY_EVERY
+    assert picks[:4] == [2, 1, 2, 1]  # each candidate timed twice: a first call is slow
+    assert picks.count(2) == 2 + 3  # then only the retries, one call in _RETRY_EVERY
     seconds_per_step[2] = 0.5e-4  # the other process is gone
     assert run(_RETRY_EVERY)[-1] == 2  # noticed at the next retry
     assert set(run(_RETRY_EVERY - 1)) == {2}
+    # Alone on the machine, a call slowed down by an interrupt now and then does not switch counts.
+    seconds_per_step[1] = 1.45e-4
+    for call in range(5 * _RETRY_EVERY):
+        seconds_per_step[2] = 1.7e-4 if call % 7 == 0 else 1.1e-4
+        threads = choice.pick()
+        assert threads == 2 or choice.calls % _RETRY_EVERY == 0
+        choice.record(threads, seconds_per_step[threads] * 64, 64)
     assert _ThreadChoice(most=1).candidates == [1]

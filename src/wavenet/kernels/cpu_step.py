@@ -188,6 +188,8 @@ _weights: weakref.WeakKeyDictionary[IncrementalWaveNet, _Weights] = weakref.Weak
 
 # One call in this many runs on the thread count not in use, to notice that the load on the machine changed.
 _RETRY_EVERY = 32
+# Weight of the latest call in the time per step of the count in use.
+_SMOOTHING = 0.25
 
 
 class _ThreadChoice:
@@ -196,25 +198,34 @@ class _ThreadChoice:
     On cores of its own the kernel is fastest on all of them; beside another busy process it is not: a core
     taken away stalls every layer's barrier. Beside one busy process on 2 cores, `small` at batch 1 ran at
     2,500 samples/s on 2 threads and 11,800 on 1 (23,700 on 2 when alone). So calls are timed: the first
-    ones try each candidate (all threads, one), later ones take the faster, and one call in `_RETRY_EVERY`
-    tries the other again.
+    ones try each candidate (all threads, one) twice, later ones take the faster, and one call in
+    `_RETRY_EVERY` tries the other again.
     """
 
     def __init__(self, most: int) -> None:
         self.candidates = [most, 1] if most > 1 else [1]
         self.seconds_per_step: dict[int, float] = {}
         self.calls = 0
+        self.last: int | None = None
 
     def pick(self) -> int:
         self.calls += 1
-        untried = [count for count in self.candidates if count not in self.seconds_per_step]
-        if untried:
-            return untried[0]
+        # Each count twice, alternating, before any choice: a first call is slow (threads, caches, pages).
+        if self.calls <= 2 * len(self.candidates):
+            return self.candidates[(self.calls - 1) % len(self.candidates)]
         ranked = sorted(self.candidates, key=self.seconds_per_step.__getitem__)
         return ranked[-1] if self.calls % _RETRY_EVERY == 0 else ranked[0]
 
     def record(self, threads: int, seconds: float, steps: int) -> None:
-        self.seconds_per_step[threads] = seconds / steps
+        measured = seconds / steps
+        previous = self.seconds_per_step.get(threads)
+        if previous is None or threads != self.last:
+            # A count taken up again: what it measured calls ago may no longer hold.
+            self.seconds_per_step[threads] = measured
+        else:
+            # A count in use: smoothed, or one call slowed by an interrupt would switch counts for a while.
+            self.seconds_per_step[threads] = previous + _SMOOTHING * (measured - previous)
+        self.last = threads
 
 
 def cpu_steps(
