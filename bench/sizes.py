@@ -9,13 +9,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 DIMENSIONS = ("layers", "stacks", "residual_channels", "dilation_channels", "skip_channels", "kernel_size")
 
 
 def dimensions(size: str) -> dict[str, int]:
-    """`WaveNet` arguments of conf/model/<size>.yaml (over _base.yaml)."""
-    cfg = OmegaConf.merge(OmegaConf.load(MODEL_CONF / "_base.yaml"), OmegaConf.load(MODEL_CONF / f"{size}.yaml"))
+    """`WaveNet` arguments of conf/model/<size>.yaml (over conf/model_base.yaml)."""
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / "model_base.yaml"), OmegaConf.load(CONF / "model" / f"{size}.yaml"))
     return {key: int(cfg[key]) for key in DIMENSIONS}
 
 

@@ -7,14 +7,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config, run_script
 from wavenet import WaveNetModule
 from wavenet.tasks.train import auto_precision
 
 CONF = REPO / "conf"
-# Files starting with "_" are bases that options inherit, not options; conf/sweeps/ holds `wandb sweep` files.
+# conf/sweeps/ holds `wandb sweep` files, not options.
 GROUPS = {
-    group.name: sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_"))
+    group.name: sorted(p.stem for p in group.glob("*.yaml"))
     for group in CONF.iterdir()
     if group.is_dir() and group.name != "sweeps"
 }
@@ -28,6 +28,16 @@ def test_expected_groups_exist():
     assert {"tiny", "small", "medium", "large"} <= set(GROUPS["model"])
     assert {"default", "cpu", "gpu", "ddp", "ddp_sim"} <= set(GROUPS["trainer"])
     assert {"csv", "tensorboard", "wandb", "many"} <= set(GROUPS["logger"])
+
+
+def test_help_offers_the_options_of_each_group_and_nothing_else():
+    result = run_script("train.py", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    offered = dict(line.split(": ", 1) for line in groups.splitlines() if ": " in line)
+    assert offered["model"] == "large, medium, small, tiny"  # not the base every size inherits
+    app_groups = [group for group in GROUPS if group != "hydra"]  # Hydra lists its own under --hydra-help
+    assert {group: offered[group] for group in app_groups} == {group: ", ".join(GROUPS[group]) for group in app_groups}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)

@@ -1,4 +1,5 @@
-"""Dashboards: what TensorBoard and W&B (offline) receive, when W&B runs offline, the sample logger's settings."""
+"""Dashboards: what TensorBoard and W&B (offline) receive, when W&B runs offline, how W&B runs are named, the
+sample logger's settings, when the gradient norm is taken, what a run prints as it starts."""
 
 from __future__ import annotations
 
@@ -9,16 +10,22 @@ import socket
 import struct
 from pathlib import Path
 
+import lightning as L
 import pytest
 import soundfile as sf
 import torch
+import wandb
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import AUDIO, IMAGES, EventAccumulator
 from torch.utils.data import Dataset
 from wandb.proto import wandb_internal_pb2
 
 from tests.conftest import BUILTIN_SMALL, TINY, compose_config, run_script
-from wavenet.callbacks import _contiguous
+from tests.test_module import TINY as TINY_MODULE
+from tests.test_module import fit, sine_batch
+from wavenet import WaveNetModule
+from wavenet.callbacks import TrainingMonitor, _contiguous
 from wavenet.config import instantiate_checked, instantiate_group
 from wavenet.errors import UserError
 from wavenet.tasks.train import resolve_auto_settings, run, wandb_offline
@@ -100,9 +107,12 @@ def test_wandb_offline_run_has_scalars_config_audio_and_images(logged_sweep):
 def test_multirun_logs_one_wandb_run_per_job(logged_sweep):
     runs = [offline_run(logged_sweep / job) for job in ("0", "1")]
     assert runs[0].name.split("-")[-1] != runs[1].name.split("-")[-1]  # the run ids differ
-    for run_dir in runs:
+    for job, run_dir in enumerate(runs):
         records = wandb_records(next(run_dir.glob("run-*.wandb")))
         assert any(r.HasField("exit") for r in records)  # each finished
+        (run_record,) = [r.run for r in records if r.HasField("run")]
+        assert run_record.display_name == f"{logged_sweep.name}/{job}"  # named after its run folder
+        assert run_record.run_group == logged_sweep.name
 
 
 @pytest.mark.slow
@@ -132,6 +142,79 @@ class Tiles(Dataset):
         file, start = self.tiles[index]
         window = file[start : start + self.window]
         return window[:-1], window[1:]
+
+
+def test_wandb_runs_are_named_after_their_run_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = tmp_path / "multiruns" / "2026-01-31_12-00-00"
+    multirun = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"]
+    jobs = [([], tmp_path / "runs" / "2026-01-31_12-00-00"), (multirun, sweep / "0"), (multirun, sweep / "1")]
+    runs = []
+    for overrides, output_dir in jobs:
+        cfg = compose_config("train", ["logger=wandb", *overrides], output_dir)
+        resolve_auto_settings(cfg)
+        experiment = instantiate_checked(cfg.logger.wandb).experiment  # starts the (offline) W&B run
+        runs.append((experiment.name, experiment.group))
+        wandb.finish()
+    assert runs == [
+        ("2026-01-31_12-00-00", ""),  # no group
+        ("2026-01-31_12-00-00/0", "2026-01-31_12-00-00"),
+        ("2026-01-31_12-00-00/1", "2026-01-31_12-00-00"),
+    ]
+    cfg = compose_config("train", ["logger=wandb", "logger.wandb.name=mine", "logger.wandb.group=ours"], tmp_path)
+    resolve_auto_settings(cfg)
+    assert (cfg.logger.wandb.name, cfg.logger.wandb.group) == ("mine", "ours")
+
+
+def test_start_of_training_shows_no_advert_and_no_flops(tmp_path, data_dir, capfd, caplog):
+    with_summary = [override for override in TINY if override != "callbacks.model_summary=null"]
+    overrides = [*with_summary, *BUILTIN_SMALL, f"paths.data_dir={data_dir}", "trainer.max_steps=1"]
+    with caplog.at_level(logging.INFO):
+        run(compose_config("train", overrides, tmp_path))
+    captured = capfd.readouterr()
+    shown = captured.out + captured.err + caplog.text
+    assert "Trainable params" in shown and "GPU available" in shown  # the summary and Lightning's own lines
+    assert "litlogger" not in shown and "Tip:" not in shown
+    assert "FLOPs" not in shown
+
+
+class RecordGradNorms(L.Callback):
+    """The gradient norm at every step, as `{step: norm}`, computed apart from `TrainingMonitor`."""
+
+    def __init__(self) -> None:
+        self.norms: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        grads = [p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]
+        self.norms[trainer.global_step] = torch.cat(grads).norm().item()
+
+
+# One batch an epoch: Lightning warns that an epoch is shorter than the log interval, which counts steps anyway.
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+def test_grad_norm_is_taken_on_logged_steps_only_with_the_same_values(tmp_path, monkeypatch):
+    taken = []
+    get_total_norm = torch.nn.utils.get_total_norm
+
+    def counted(*args, **kwargs):
+        taken.append(1)
+        return get_total_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted)
+    L.seed_everything(0)
+    module = WaveNetModule(**TINY_MODULE)
+    every_step = RecordGradNorms()
+    logger = CSVLogger(tmp_path, name="", version="")
+    fit(
+        module, sine_batch(module.receptive_field), max_steps=7, log_every_n_steps=3, limit_val_batches=0,
+        logger=logger, callbacks=[TrainingMonitor(), every_step],
+    )  # fmt: skip
+    with (tmp_path / "metrics.csv").open() as file:
+        rows = [row for row in csv.DictReader(file) if row["train/grad_norm"]]
+    logged = {int(row["step"]): float(row["train/grad_norm"]) for row in rows}
+    assert list(logged) == [2, 5]  # Lightning logs every 3rd step
+    assert len(taken) == 2 and len(every_step.norms) == 7
+    for step, norm in logged.items():
+        assert norm == pytest.approx(every_step.norms[step], rel=1e-5)
 
 
 def test_sample_audio_is_contiguous_audio_of_one_file():

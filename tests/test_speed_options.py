@@ -12,9 +12,6 @@ from tests.test_module import TINY, fit, sine_batch
 from wavenet import WaveNet, WaveNetModule
 from wavenet.ema import EMA
 
-# torch's own import of inductor (torch.utils.mkldnn) warns about torch.jit: nothing this project can change.
-pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit\.script_method. is deprecated:DeprecationWarning")
-
 # Many layers against a small head, as in the real sizes (the head's memory does not change).
 DEEP = dict(layers=12, stacks=2, residual_channels=32, dilation_channels=32, skip_channels=16, quantization_channels=64)
 

@@ -11,10 +11,15 @@ from tests.conftest import BUILTIN_SMALL, TINY, run_script
 pytestmark = pytest.mark.slow
 
 
+# With the model summary users see (without ours, Lightning prints its own).
+TINY_WITH_SUMMARY = [override for override in TINY if override != "callbacks.model_summary=null"]
+
+
 def train(run_dir: Path, data_dir: Path, *overrides: str):
     result = run_script(
-        "train.py", *TINY, *BUILTIN_SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides
-    )
+        "train.py", *TINY_WITH_SUMMARY, *BUILTIN_SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+        *overrides,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -26,7 +31,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 def test_train_writes_checkpoints_logs_and_config(tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    train(run_dir, data_dir)
+    result = train(run_dir, data_dir)
+    shown = result.stdout + result.stderr
+    assert "Trainable params" in shown and "GPU available" in shown
+    assert "litlogger" not in shown and "FLOPs" not in shown  # Lightning's advert, and its count of 0 FLOPs
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2, checkpoints  # last + best on val/loss
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
@@ -55,6 +63,13 @@ def test_ddp_sim_trains_on_two_cpu_processes(tmp_path, data_dir):
     result = train(run_dir, data_dir, "trainer=ddp_sim")
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    # The spawned ranks log as the main process: in its format, into the run's log file, nothing bare on stderr.
+    log = (run_dir / "train.log").read_text()
+    for rank in (0, 1):
+        assert f"[lightning.fabric.utilities.distributed][INFO] - Initializing distributed: GLOBAL_RANK: {rank}," in log
+    assert "[wavenet.data.datamodule][INFO] - Audio under " in log  # set up in the ranks
+    assert "[lightning.pytorch.utilities.rank_zero][INFO] - `Trainer.fit` stopped: `max_steps=6` reached." in log
+    assert result.stderr == "", result.stderr[-2000:]
 
 
 def test_multirun_makes_one_run_per_value(tmp_path, data_dir):

@@ -10,10 +10,13 @@ from typing import Any, NamedTuple
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from rich import get_console
+from rich.table import Table
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchaudio.transforms import MelSpectrogram
@@ -40,6 +43,44 @@ class StepProgressBar(RichProgressBar):
         return super()._get_train_description(current_epoch)
 
 
+class ModelSummaryWithoutFlops(RichModelSummary):
+    """Lightning's rich model summary without its FLOPs column and total, which read 0 here.
+
+    Lightning counts FLOPs only in a forward pass of the module's `example_input_array`, run at every start
+    (and compiled once more under `model.compile`); the count would be that of one window of an arbitrary
+    length. `train/samples_per_sec` measures the speed that matters.
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        columns = [(name, cells) for name, cells in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            justify = "left" if name in ("Name", "Type", "Mode") else "right"  # counts and sizes line up right
+            table.add_column(name, justify=justify, style="dim" if name == " " else None, no_wrap=name == "Name")
+        for row in zip(*(cells for _, cells in columns)):
+            table.add_row(*row)
+        totals = Table.grid(expand=True)
+        totals.add_row(f"[bold]Trainable params[/]: {get_human_readable_count(trainable_parameters)}")
+        frozen = total_parameters - trainable_parameters
+        totals.add_row(f"[bold]Non-trainable params[/]: {get_human_readable_count(frozen)}")
+        totals.add_row(f"[bold]Total params[/]: {get_human_readable_count(total_parameters)}")
+        totals.add_row(f"[bold]Total estimated model params size (MB)[/]: {get_formatted_model_size(model_size)}")
+        totals.add_row(f"[bold]Modules in train mode[/]: {total_training_modes['train']}")
+        totals.add_row(f"[bold]Modules in eval mode[/]: {total_training_modes['eval']}")
+        console = get_console()
+        console.print(table)
+        console.print(totals)
+
+
 class TrainingMonitor(L.Callback):
     """Logs the gradient norm and the training throughput, at the trainer's `log_every_n_steps`.
 
@@ -60,7 +101,10 @@ class TrainingMonitor(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Lightning calls this after unscaling the gradients (fp16) and before clipping them.
+        # Lightning calls this after unscaling the gradients (fp16) and before clipping them. The norm reads every
+        # gradient, so it is taken only on steps whose metrics reach the loggers (Lightning's own condition).
+        if not (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
+            return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads:
             pl_module.log("train/grad_norm", torch.nn.utils.get_total_norm(grads, foreach=True))

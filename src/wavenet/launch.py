@@ -1,18 +1,25 @@
-"""Lightning's DDP launcher under Hydra multirun.
+"""The processes that train under Hydra: how Lightning's DDP ranks are started, and how every process logs.
 
 Lightning's `ddp` strategy starts ranks 1..N-1 by re-running the script with the original command line
 plus `hydra.run.dir=<run dir>`. Under `-m`, that command line is the whole sweep: every rank would start
 a sweep of its own, in a second sweep folder. This module makes the ranks re-run only their own job:
 the job's overrides, without `-m`, into the job's own folder. And since multirun jobs share one process,
 it undoes what a DDP job leaves behind there (the process group, the rank variables) before the next job.
+
+Ranks that are spawned instead (`SpawnStrategy`, trainer=ddp_sim) start a fresh Python that has never seen
+Hydra: they are given the job's logging config, so that they log as the process that started them.
 """
 
 from __future__ import annotations
 
+import logging
+import logging.config
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import __main__
 import torch.distributed
@@ -20,7 +27,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd, to_absolute_path
 from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
+from omegaconf import OmegaConf
 
 _lightning_command = fabric_launcher._hydra_subprocess_cmd
 # What Lightning's launcher sets in the launching process's environment; left there, the next job would
@@ -64,3 +73,46 @@ def ddp_job() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    """Sends Lightning's log records to the root logger's handlers alone (Hydra's console and the run's log file),
+    without its advertisements, and silences a warning of Lightning's that users can do nothing about."""
+    # Lightning gives its loggers console handlers of their own, and stops them propagating where it is imported
+    # before logging is set up (as in a spawned rank): its messages would print twice, or never reach the log file.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    # At every start Lightning suggests installing its cloud services (litlogger, litmodels) in a "💡 Tip:" line
+    # that no setting turns off (Lightning-AI/pytorch-lightning#21294).
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
+    # Lightning 2.6 calls a torch pytree API that torch 2.11 deprecates.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+class SpawnStrategy(DDPStrategy):
+    """Lightning's `ddp_spawn` (DDP on processes started afresh), whose ranks log as the process that starts them.
+
+    A spawned process begins with Python's default logging: Lightning's bare console handlers and no log file.
+    Each rank here takes the Hydra job's logging config first thing, so its lines have the job's format and
+    reach the run's log file, as they do from the ranks of `ddp`, which re-run the script under Hydra.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(start_method="spawn", **kwargs)
+        # Read in the Hydra job, where it is set; the strategy carries it into every rank.
+        self._logging_config = (
+            OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True) if HydraConfig.initialized() else None
+        )
+
+    def setup_environment(self) -> None:
+        # Each rank's first step of `fit`, before the process group (which logs) and the data.
+        if self._logging_config is not None:
+            logging.config.dictConfig(self._logging_config)
+        quiet_lightning()
+        super().setup_environment()

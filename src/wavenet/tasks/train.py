@@ -7,26 +7,23 @@ import netrc
 import os
 import socket
 import threading
-import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from wavenet.config import check_required, instantiate_checked, instantiate_group, print_config_tree
 from wavenet.errors import UserError
-from wavenet.launch import ddp_job
+from wavenet.launch import ddp_job, quiet_lightning
 
 log = logging.getLogger(__name__)
 
-# `lightning` gives itself a console handler and also propagates to the root logger, which Hydra has set up
-# (console and the run's log file): without this every Lightning message would print twice.
-logging.getLogger("lightning").handlers.clear()
-# Lightning 2.6 calls a torch pytree API that torch 2.11 deprecates: a warning users can do nothing about.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+quiet_lightning()
 
 WANDB_SERVER = "https://api.wandb.ai"  # W&B's own default, when WANDB_BASE_URL does not name another
 
@@ -93,6 +90,17 @@ def wandb_offline(setting: bool | str) -> bool:
     return False
 
 
+def wandb_run_names(output_dir: Path) -> tuple[str, str | None]:
+    """W&B's name and group for the run of this job, after its run folder: `<time>` for a single run; under
+    multirun `<sweep time>/<job>`, grouped as `<sweep time>`, so that a sweep's runs are told apart and seen together.
+    """
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return output_dir.name, None
+    sweep = Path(hydra_cfg.sweep.dir).name
+    return f"{sweep}/{output_dir.name}", sweep
+
+
 def resolve_auto_settings(cfg: DictConfig) -> None:
     """Replaces the `auto` values Lightning and W&B do not understand by what they mean on this machine."""
     with open_dict(cfg):
@@ -101,6 +109,11 @@ def resolve_auto_settings(cfg: DictConfig) -> None:
         wandb_cfg = (cfg.get("logger") or {}).get("wandb")
         if wandb_cfg is None:
             return
+        name, group = wandb_run_names(Path(cfg.paths.output_dir))
+        if wandb_cfg.get("name") == "auto":
+            wandb_cfg.name = name
+        if wandb_cfg.get("group") == "auto":
+            wandb_cfg.group = group
         setting = wandb_cfg.get("offline", False)
         wandb_cfg.offline = wandb_offline(setting)
         if wandb_cfg.offline and wandb_cfg.get("log_model"):
