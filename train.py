@@ -3,13 +3,15 @@
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from wavenet.errors import UserError
+from wavenet.errors import FailedJob, UserError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | FailedJob | None:
     # Imported here so `--help` and `--cfg job` answer without loading torch.
     from wavenet.tasks.train import run
 
@@ -17,6 +19,10 @@ def main(cfg: DictConfig) -> float | None:
         return run(cfg)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # One job of a sweep: the others still run; the sweep's summary lists this one as failed and the
+            # sweep exits non-zero at its end.
+            return FailedJob(error)
         sys.exit(1)
 
 

@@ -109,3 +109,19 @@ def test_learning_rate_warms_up_then_decays():
 def test_optimiser_settings_that_would_train_on_garbage_are_rejected(setting, message):
     with pytest.raises(ValueError, match=message):
         WaveNetModule(**TINY, **setting)
+
+
+def test_a_run_resumes_only_from_a_checkpoint_of_the_same_network(tmp_path):
+    from wavenet.errors import UserError
+    from wavenet.module import check_resumable
+
+    module = WaveNetModule(**TINY)
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    check_resumable(path, {**module.hparams, "lr": 5e-4, "warmup_steps": 0})  # the optimiser may change
+    with pytest.raises(UserError, match=r"model.residual_channels=64 \(the checkpoint's: 16\)"):
+        check_resumable(path, {**module.hparams, "residual_channels": 64})
+    with pytest.raises(UserError, match=r"data.sample_rate=8000 \(the checkpoint's: 16000\)"):
+        check_resumable(path, {**module.hparams, "sample_rate": 8000})
+    with pytest.raises(UserError, match="checkpoint not found"):
+        check_resumable(tmp_path / "missing.ckpt", module.hparams)

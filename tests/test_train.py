@@ -1,12 +1,15 @@
 """`python train.py ...` end to end, as users run it: single runs, resuming, DDP on CPU, multirun, errors."""
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from tests.conftest import BUILTIN_SMALL, TINY, run_script
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -90,10 +93,27 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
     [
         (["data=folder"], "data.root"),
         (["data=folder", "data.root=/nonexistent/wavs"], "/nonexistent/wavs"),
+        # Found by an audit: each was a traceback, or (min_lr_ratio) trained with a negative learning rate.
+        (["model.layers=7"], "model: layers (7) must be a multiple of stacks (2)"),
+        (["model.min_lr_ratio=-1"], "model: min_lr_ratio must be between 0 and 1"),
+        (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["trainer.val_check_interval=0"], "trainer.val_check_interval must be positive"),
+        (["trainer.accelerator=gpu"], "trainer.accelerator=gpu but no CUDA GPU is available here"),
+        (["ckpt_path={tmp}/missing.ckpt"], "checkpoint not found: {tmp}/missing.ckpt"),
+        (["ckpt_path={tmp}"], "checkpoint {tmp} is a folder"),
+        (["ckpt_path={tiny}", "model=small"], "trained with other settings: model.layers=20 (the checkpoint's: 6)"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, data_dir, overrides, expected):
-    result = run_script("train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}", *overrides)
+    from wavenet import WaveNetModule
+
+    tiny = tmp_path / "tiny.ckpt"
+    module = WaveNetModule(layers=6, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tiny)
+    overrides = [override.format(tmp=tmp_path, tiny=tiny) for override in overrides]
+    expected = expected.format(tmp=tmp_path)
+    run_dir = tmp_path / "run"
+    result = run_script("train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -111,6 +131,44 @@ def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path, data_
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (log_dir / "train" / "multiruns").iterdir()
-    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml", "multirun_summary.yaml"]
     for job in ("0", "1"):
         assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_a_job_of_a_sweep_with_bad_input_fails_alone_and_the_sweep_says_so(tmp_path, data_dir):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        "train.py", "-m", *TINY, *BUILTIN_SMALL, "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "model.min_lr_ratio=0.1,-1,0.2", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 1  # a sweep with a failed job is a failed command
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: model: min_lr_ratio must be between 0 and 1, got -1"], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
+    assert [trial["failed"] for trial in summary["trials"]] == [False, True, False]  # the others ran
+    assert (sweep_dir / "2" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, data_dir):
+    # A job array or a script starts several runs at once: they must never share a folder.
+    log_dir = tmp_path / "outputs"
+    command = [sys.executable, "train.py", *TINY, *BUILTIN_SMALL, "train=false", f"paths.data_dir={data_dir}",
+               f"paths.log_dir={log_dir}"]  # fmt: skip
+    runs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for process in runs:
+        assert process.wait(timeout=120) == 0, process.stderr.read()[-2000:]
+    folders = sorted((log_dir / "train" / "runs").iterdir())
+    assert len(folders) == 2, folders  # two started together: before microseconds, one folder for both
+
+
+def test_a_sweep_whose_jobs_log_no_metric_is_not_a_failure(tmp_path, data_dir):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        "train.py", "-m", *TINY, *BUILTIN_SMALL, "train=false", "model.layers=4,6", f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
+    assert [(trial["failed"], trial["value"]) for trial in summary["trials"]] == [(False, None), (False, None)]

@@ -13,11 +13,12 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from wavenet.errors import UserError
+from wavenet.errors import FailedJob, UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,23 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
 
 
 def instantiate_checked(config: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, letting a `UserError` of the target through as it is.
+    """`hydra.utils.instantiate`, turning the target's refusal of a setting into one `UserError` line.
 
-    Hydra wraps whatever the target raises in an `InstantiationException` with its traceback; a user's
-    mistake (a bad value of a setting) should reach the entry point as the one clear message it is.
+    Hydra wraps whatever the target raises in an `InstantiationException` with its traceback and the
+    whole command line; a user's mistake (a bad value of a setting) should reach the entry point as the
+    one clear message it is: a `UserError` as it is, and the `ValueError`s (and Lightning's
+    `MisconfigurationException`s) with which constructors refuse their arguments prefixed by the config
+    key, e.g. `model: layers (7) must be a multiple of stacks (2)`.
     """
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as error:
-        if isinstance(error.__cause__, UserError):
-            raise error.__cause__ from None
+        cause = error.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, (ValueError, MisconfigurationException)):
+            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise UserError(f"{config._get_full_key(None)}: {reason}") from None
         raise
 
 
@@ -88,19 +96,24 @@ class SweepSummary(Callback):
             raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
         self.metric = metric
         self.direction = direction
-        self.jobs: list[dict[str, Any]] = []
+        self.jobs: list[dict[str, Any]] | None = None  # a list from the start of a multirun
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.jobs = []
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self.jobs is None:  # a single run (conf/hydra/default.yaml configures this callback for every run)
+            return
         # A failed job's return_value re-raises its exception; the launcher reports that failure itself.
-        value = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
+        completed = job_return.status == JobStatus.COMPLETED
+        value = job_return.return_value if completed else None
+        failed = not completed or isinstance(value, FailedJob)
         hydra_cfg = job_return.hydra_cfg.hydra
         self.jobs.append(
             {
                 "job": int(hydra_cfg.job.num),
-                "value": None if value is None else float(value),
+                "failed": failed,
+                "value": None if failed or value is None else float(value),
                 "overrides": dict(override.split("=", 1) for override in job_return.overrides or []),
                 "output_dir": str(hydra_cfg.runtime.output_dir),
             }
@@ -114,6 +127,7 @@ class SweepSummary(Callback):
         trials = [
             {
                 "job": job["job"],
+                "failed": job["failed"],
                 "value": job["value"],
                 "params": {key: job["overrides"].get(key) for key in varying},
                 "output_dir": job["output_dir"],
@@ -129,9 +143,14 @@ class SweepSummary(Callback):
 
         lines = [f"Multirun summary ({self.metric}, {self.direction}), saved to {path}:"]
         for trial in trials:
-            value = "failed" if trial["value"] is None else f"{trial['value']:.4f}"
+            value = "failed" if trial["failed"] else "-" if trial["value"] is None else f"{trial['value']:.4f}"
             params = " ".join(f"{key}={setting}" for key, setting in trial["params"].items())
             lines.append(f"  job {trial['job']:>3}  {value:>9}  {params}")
         if best is not None:
             lines.append(f"Best: job {best['job']}, {self.metric} = {best['value']:.4f}, in {best['output_dir']}")
         log.info("\n".join(lines))
+        failed = [trial["job"] for trial in trials if trial["failed"]]
+        if failed:
+            log.error("%d of %d jobs failed: %s", len(failed), len(trials), failed)
+            # After the summary is written: a sweep with failed jobs is a failed command, for scripts and CI.
+            raise SystemExit(1)

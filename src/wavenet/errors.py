@@ -12,3 +12,18 @@ def first_line(error: BaseException) -> str:
     """`KeyError: 'state_dict'`: an exception in one line, its type first, as a `UserError` can quote it."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+class FailedJob:
+    """What a job of a multirun returns when a `UserError` stopped it, so the sweep goes on without it.
+
+    Not a number, so the Optuna sweeper counts the trial as failed; `wavenet.config.SweepSummary` lists it
+    as failed (a job that ran but logged no metric returns None, which is not a failure) and makes the
+    sweep exit non-zero.
+    """
+
+    def __init__(self, error: UserError) -> None:
+        self.reason = str(error)
+
+    def __str__(self) -> str:
+        return self.reason

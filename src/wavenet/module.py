@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,35 @@ def read_checkpoint(path: Path, map_location: str | torch.device | None = None, 
     if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint of a WaveNet model (no hyper_parameters and state_dict)")
     return checkpoint
+
+
+# What the config a run resumes under must share with its checkpoint, by config key: the network's shape and
+# what its classes mean (the optimiser's settings may change).
+_SHAPE = ("layers", "stacks", "residual_channels", "dilation_channels", "skip_channels", "kernel_size", "bias")
+_RESUMED_AS_SAVED = {
+    **{name: f"model.{name}" for name in _SHAPE},
+    "quantization_channels": "data.quantization_channels",
+    "sample_rate": "data.sample_rate",
+}
+
+
+def check_resumable(path: Path, hparams: Mapping[str, Any]) -> None:
+    """Checks, before anything is prepared or trained, that `path` is a checkpoint a run of the module
+    that `hparams` (the config's `model`) describe can resume from.
+
+    Raises:
+        UserError: Saying why `path` is no checkpoint (see `read_checkpoint`), or naming each setting
+            whose value differs from the checkpoint's (a resumed network cannot change shape, nor its
+            audio its sample rate or mu-law levels).
+    """
+    saved = read_checkpoint(path, map_location="cpu", mmap=True)["hyper_parameters"]
+    differ = [
+        f"{key}={hparams.get(name)} (the checkpoint's: {saved.get(name)})"
+        for name, key in _RESUMED_AS_SAVED.items()
+        if hparams.get(name) != saved.get(name)
+    ]
+    if differ:
+        raise UserError(
+            f"ckpt_path={path} was trained with other settings: {', '.join(differ)}; resume with its settings "
+            "(e.g. its model= option)"
+        )

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from wavenet.config import check_required, instantiate_checked, instantiate_group, print_config_tree
 from wavenet.errors import UserError
 from wavenet.launch import ddp_job, quiet_lightning
+from wavenet.module import check_resumable
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,25 @@ def resolve_auto_settings(cfg: DictConfig) -> None:
             wandb_cfg.log_model = False
 
 
+# What Lightning's fit(ckpt_path=...) takes besides a path: it finds those checkpoints itself.
+_LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Raises `UserError` for top-level and trainer settings that would fail only later, naming the key."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise UserError(f"seed must be an integer, got {cfg.seed!r}")
+    interval = cfg.trainer.get("val_check_interval")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+        raise UserError(f"trainer.val_check_interval must be positive (steps, or a fraction of an epoch): {interval}")
+    accelerator = str(cfg.trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use trainer=cpu, or trainer=default "
+            "(the GPU when there is one)"
+        )
+
+
 def run(cfg: DictConfig) -> float | None:
     """Trains as the config says and returns `cfg.optimized_metric` (for sweepers), if it was logged."""
     check_required(cfg)
@@ -134,8 +154,13 @@ def run(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 
+    _check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = instantiate_checked(cfg.model)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and ckpt_path not in _LIGHTNING_CHECKPOINT_NAMES:
+        # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
+        check_resumable(Path(ckpt_path), module.hparams)
     datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
     loggers = instantiate_group(cfg.get("logger"))
     try:
