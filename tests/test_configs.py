@@ -12,12 +12,7 @@ from wavenet import WaveNetModule
 from wavenet.tasks.train import auto_precision
 
 CONF = REPO / "conf"
-# conf/sweeps/ holds `wandb sweep` files, not options.
-GROUPS = {
-    group.name: sorted(p.stem for p in group.glob("*.yaml"))
-    for group in CONF.iterdir()
-    if group.is_dir() and group.name != "sweeps"
-}
+GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in CONF.iterdir() if group.is_dir()}
 OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for option in options]
 REQUIRED = {("data", "folder"): ["data.root=/some/wavs"]}
 
@@ -37,7 +32,16 @@ def test_help_offers_the_options_of_each_group_and_nothing_else():
     offered = dict(line.split(": ", 1) for line in groups.splitlines() if ": " in line)
     assert offered["model"] == "large, medium, small, tiny"  # not the base every size inherits
     app_groups = [group for group in GROUPS if group != "hydra"]  # Hydra lists its own under --hydra-help
-    assert {group: offered[group] for group in app_groups} == {group: ", ".join(GROUPS[group]) for group in app_groups}
+    assert offered == {group: ", ".join(GROUPS[group]) for group in app_groups}
+
+
+def test_generate_help_offers_its_settings_not_the_training_groups():
+    result = run_script("generate.py", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("python generate.py ckpt_path=<checkpoint>")
+    assert "Configuration groups" not in result.stdout and "trainer" not in result.stdout
+    for key in ("ckpt_path", "num_samples", "batch_size", "temperature", "seed", "prime", "method", "precision"):
+        assert f"\n{key}: " in result.stdout, key
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)

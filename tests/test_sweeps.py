@@ -77,7 +77,7 @@ def test_optuna_search_of_three_trials_reports_the_best(tmp_path, data_dir):
 
 
 def test_wandb_sweep_trials_are_train_py_overrides(tmp_path):
-    sweep = yaml.safe_load((REPO / "conf" / "sweeps" / "wandb.yaml").read_text())
+    sweep = yaml.safe_load((REPO / "conf" / "wandb_sweep.yaml").read_text())
     train_cfg = yaml.safe_load((REPO / "conf" / "train.yaml").read_text())
     assert sweep["metric"] == {"name": train_cfg["optimized_metric"], "goal": "minimize"}
     assert sweep["program"] == "train.py" and (REPO / sweep["program"]).is_file()
