@@ -71,6 +71,7 @@ def test_loggers_and_callbacks_instantiate(tmp_path):
     callbacks = [instantiate(entry) for entry in cfg.callbacks.values() if entry is not None]
     assert {type(c).__name__ for c in callbacks} == {
         "ModelCheckpoint",
+        "InterruptCheckpoint",
         "LearningRateMonitor",
         "EMA",
         "TrainingMonitor",

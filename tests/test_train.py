@@ -1,8 +1,10 @@
 """`python train.py ...` end to end, as users run it: single runs, resuming, DDP on CPU, multirun, errors."""
 
 import csv
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,38 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir
     assert resumed["global_step"] == 9
     steps = [int(row["step"]) for row in read_metrics(second) if row.get("train/loss")]
     assert steps and min(steps) >= 6, steps
+
+
+@pytest.mark.parametrize("stop,status", [(signal.SIGINT, 1), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, stop, status):
+    # Ctrl-C, or a scheduler's SIGTERM (preemption): the steps since the last validation are not lost.
+    run_dir = tmp_path / "stopped"
+    command = [sys.executable, "train.py", *TINY, *BUILTIN_SMALL, "trainer.max_steps=100000",
+               "trainer.val_check_interval=50", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    while not last.exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.1)
+    time.sleep(0.5)  # training goes on past step 50's checkpoint
+    process.send_signal(stop)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == status, stderr[-2000:]  # never 0: a preempted job is not a finished one
+    assert "Traceback" not in stderr
+    interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
+    assert f"resume with ckpt_path={interrupted}" in stdout + stderr
+    stopped_at = torch.load(interrupted, weights_only=False)["global_step"]
+    assert stopped_at > 50 and stopped_at >= torch.load(last, weights_only=False)["global_step"]
+
+    # Validated (and so checkpointed to last.ckpt) after each step.
+    resumed = run_script("train.py", *TINY, *BUILTIN_SMALL, f"trainer.max_steps={stopped_at + 2}",
+                         "trainer.val_check_interval=1",
+                         f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'resumed'}",
+                         f"ckpt_path={interrupted}")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len([row for row in read_metrics(tmp_path / "resumed") if row.get("train/loss")]) == 2
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == stopped_at + 2  # two steps trained after the stop, to max_steps
 
 
 def test_ddp_sim_trains_on_two_cpu_processes(tmp_path, data_dir):

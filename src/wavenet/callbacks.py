@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -12,7 +13,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich import get_console
@@ -79,6 +83,26 @@ class ModelSummaryWithoutFlops(RichModelSummary):
         console = get_console()
         console.print(table)
         console.print(totals)
+
+
+class InterruptCheckpoint(L.Callback):
+    """Saves `<dirpath>/interrupted.ckpt` when training is stopped: Ctrl-C, or SIGTERM (a preempted job).
+
+    Without it, a stop loses everything since the last validation (up to `val_check_interval` steps). On
+    SIGTERM Lightning stops at the end of a step, so the checkpoint resumes exactly; on Ctrl-C the step in
+    progress is not retrained. Other exceptions (a bug, out of memory) save nothing: their state may be
+    broken. Not Lightning's `OnExceptionCheckpoint`, which saves on every exception and, when present,
+    makes every `fit` without `ckpt_path` look for a checkpoint to resume from.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
+        self.path = Path(dirpath) / filename
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        rank_zero_info(f"Stopped at step {trainer.global_step}; resume with ckpt_path={self.path}")
 
 
 class TrainingMonitor(L.Callback):

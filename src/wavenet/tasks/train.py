@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from wavenet.config import check_required, instantiate_checked, instantiate_group, print_config_tree
@@ -179,8 +181,12 @@ def run(cfg: DictConfig) -> float | None:
             1000 * module.receptive_field / module.hparams.sample_rate,
         )
         if cfg.train:
-            with ddp_job():
-                trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            try:
+                with ddp_job():
+                    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            except SIGTERMException:
+                # Lightning's exits with status 0: a preempted job must not look finished to its scheduler.
+                raise SystemExit(128 + signal.SIGTERM) from None
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
                 log.info("Best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
     finally:
