@@ -179,6 +179,14 @@ def test_mu_law_is_exported_and_round_trips() -> None:
 # AudioFolderDataModule
 
 
+def test_paths_starting_with_a_tilde_are_under_the_home_folder(folder: Path, monkeypatch) -> None:
+    # `root: ~/corpus` in a YAML config, or a quoted override: no shell expands the `~` there.
+    monkeypatch.setenv("HOME", str(folder.parent))
+    module = ready(Path("~/corpus"), cache_dir="~/cache")
+    assert module.root == folder and module.cache_dir == folder.parent / "cache"
+    assert module.train_files and (folder.parent / "cache").is_dir()
+
+
 def test_setup_lists_every_left_out_file_in_one_warning(folder: Path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="wavenet.data")
     module = ready(folder)

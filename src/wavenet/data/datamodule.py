@@ -231,12 +231,12 @@ class AudioFolderDataModule(ChunkDataModule):
             raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
         if prepare_workers is not None and (not _is_integer(prepare_workers) or prepare_workers < 1):
             raise UserError(f"data.prepare_workers must be at least 1 or null, got {prepare_workers!r}")
-        self.root = Path(root)
+        self.root = Path(root).expanduser()  # also `~/...` from a YAML config or a quoted override
         self.layout = layout
         self.extensions = tuple(str(extension) for extension in extensions)
         self.settings = PrepareSettings(sample_rate, quantization_channels, trim_db)
         self.val_fraction = val_fraction
-        self.cache_dir = default_data_dir() / "prepared" if cache_dir is None else Path(cache_dir)
+        self.cache_dir = default_data_dir() / "prepared" if cache_dir is None else Path(cache_dir).expanduser()
         self.prepare_workers = prepare_workers
         self.manifest: Manifest | None = None
         self.train_files: list[PreparedFile] = []
@@ -376,7 +376,7 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
             raise UserError(f"data.num_files must be at least 2 (one for validation), got {num_files}")
         if seconds_per_file <= 0:
             raise UserError(f"data.seconds_per_file must be positive, got {seconds_per_file}")
-        self.synthesis_dir = Path(synthesis_dir)
+        self.synthesis_dir = Path(synthesis_dir).expanduser()
         self.num_files = num_files
         self.seconds_per_file = float(seconds_per_file)
         self.synthesis_seed = synthesis_seed

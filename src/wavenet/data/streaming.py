@@ -388,8 +388,8 @@ class StreamingDataModule(ChunkDataModule):
         )
         if shuffle_buffer < 1:
             raise UserError(f"data.shuffle_buffer must be a positive integer, got {shuffle_buffer}")
-        self.remote = str(remote)
-        self.cache_dir = default_data_dir() / "streaming" if cache_dir is None else Path(cache_dir)
+        self.remote = str(remote) if "://" in str(remote) else str(Path(remote).expanduser())
+        self.cache_dir = default_data_dir() / "streaming" if cache_dir is None else Path(cache_dir).expanduser()
         self.max_cache_size = max_cache_size
         self.shuffle_buffer = shuffle_buffer
         self.manifest: Manifest | None = None

@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> list[Path]:
         resolve_method(str(cfg.method), device, dtype, int(cfg.batch_size))
     except ValueError as error:
         raise UserError(f"method={cfg.method}: {error}") from error
-    module = _load_checkpoint(Path(cfg.ckpt_path), device, use_ema=bool(cfg.use_ema))
+    module = _load_checkpoint(Path(cfg.ckpt_path).expanduser(), device, use_ema=bool(cfg.use_ema))
     model = module.model.eval().to(dtype)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     method = resolve_method(str(cfg.method), device, dtype, int(cfg.batch_size), parameters)
@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> list[Path]:
     levels = model.quantization_channels
     prime = None
     if cfg.prime is not None:
-        audio = _read_prime(Path(cfg.prime), sample_rate)
+        audio = _read_prime(Path(cfg.prime).expanduser(), sample_rate)
         prime = mu_law_encode(audio[-model.receptive_field :], levels)  # older samples cannot matter
     generator = None if cfg.seed is None else torch.Generator(device).manual_seed(int(cfg.seed))
     log.info(

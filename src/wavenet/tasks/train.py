@@ -161,6 +161,7 @@ def run(cfg: DictConfig) -> float | None:
     module = instantiate_checked(cfg.model)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path not in _LIGHTNING_CHECKPOINT_NAMES:
+        ckpt_path = str(Path(str(ckpt_path)).expanduser())
         # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
         check_resumable(Path(ckpt_path), module.hparams)
     datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
@@ -183,7 +184,7 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.train:
             try:
                 with ddp_job():
-                    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+                    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             except SIGTERMException:
                 # Lightning's exits with status 0: a preempted job must not look finished to its scheduler.
                 raise SystemExit(128 + signal.SIGTERM) from None
