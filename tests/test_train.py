@@ -127,6 +127,7 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
     [
         (["data=folder"], "data.root"),
         (["data=folder", "data.root=/nonexistent/wavs"], "/nonexistent/wavs"),
+        (["data=folder", "data.root=/nonexistent/wavs", "train=false"], "/nonexistent/wavs"),  # checks the data
         # Found by an audit: each was a traceback, or (min_lr_ratio) trained with a negative learning rate.
         (["model.layers=7"], "model: layers (7) must be a multiple of stacks (2)"),
         (["model.min_lr_ratio=-1"], "model: min_lr_ratio must be between 0 and 1"),

@@ -190,6 +190,11 @@ def run(cfg: DictConfig) -> float | None:
                 raise SystemExit(128 + signal.SIGTERM) from None
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
                 log.info("Best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
+        else:
+            # A check of the data too, and a way to prepare a corpus on a CPU machine before the GPU job.
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            log.info("train=false: config, model and data are ready; nothing trained")
     finally:
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
