@@ -102,7 +102,7 @@ class SweepSummary(Callback):
         self.jobs = []
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if self.jobs is None:  # a single run (conf/hydra/default.yaml configures this callback for every run)
+        if self.jobs is None:  # a single run (conf/train.yaml configures this callback for every run)
             return
         # A failed job's return_value re-raises its exception; the launcher reports that failure itself.
         completed = job_return.status == JobStatus.COMPLETED
