@@ -1,8 +1,11 @@
 """EMA of the weights: the update rule, validation on the average, checkpoints and resuming."""
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from tests.test_module import TINY, fit, sine_batch
 from wavenet import WaveNetModule
@@ -12,15 +15,45 @@ from wavenet.ema import EMA, EMA_STATE_KEY
 def test_update_rule_with_warm_up():
     module = WaveNetModule(**TINY)
     ema = EMA(decay=0.9)
-    ema.on_fit_start(None, module)
+    ema.on_fit_start(SimpleNamespace(global_step=0), module)
     weight = module.model.head[-1].weight
     expected = weight.detach().clone()
     for step in range(1, 30):
         with torch.no_grad():
             weight.add_(1.0)
-        ema.on_train_batch_end(None, module)
+        ema.on_train_batch_end(SimpleNamespace(global_step=step), module)
         decay = min(0.9, (1 + step) / (10 + step))
         expected = decay * expected + (1 - decay) * weight.detach()
+    torch.testing.assert_close(ema.averaged["model.head.3.weight"], expected)
+
+
+def test_with_accumulated_gradients_the_average_follows_optimiser_steps_not_batches():
+    L.seed_everything(0)
+    module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=1, decay="constant")
+    ema = EMA(decay=0.9)
+    stepped: list[torch.Tensor] = []  # the weights after each optimiser step
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            stepped.append(None)  # filled in after the step, at the end of the batch
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if stepped and stepped[-1] is None:
+                stepped[-1] = pl_module.model.head[-1].weight.detach().clone()
+
+    initial = module.model.head[-1].weight.detach().clone()
+    batch = sine_batch(module.receptive_field)
+    loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]) // 4)  # 4 batches an epoch
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, max_steps=4, accumulate_grad_batches=2,
+                        callbacks=[Record(), ema])  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == len(stepped) == 4
+    assert ema.updates == 4  # one per optimiser step, not one per batch (8)
+    expected = initial
+    for update, weight in enumerate(stepped, start=1):
+        decay = min(0.9, (1 + update) / (10 + update))
+        expected = decay * expected + (1 - decay) * weight
     torch.testing.assert_close(ema.averaged["model.head.3.weight"], expected)
 
 

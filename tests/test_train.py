@@ -193,7 +193,8 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, data
                f"paths.log_dir={log_dir}"]  # fmt: skip
     runs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
     for process in runs:
-        assert process.wait(timeout=120) == 0, process.stderr.read()[-2000:]
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr[-2000:]
     folders = sorted((log_dir / "train" / "runs").iterdir())
     assert len(folders) == 2, folders  # two started together: before microseconds, one folder for both
 

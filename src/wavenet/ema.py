@@ -13,7 +13,8 @@ EMA_STATE_KEY = "ema_state_dict"
 
 
 class EMA(L.Callback):
-    """Keeps `ema = d * ema + (1 - d) * weights` after every optimiser step, in fp32.
+    """Keeps `ema = d * ema + (1 - d) * weights` after every optimiser step (not every batch: with
+    `accumulate_grad_batches` the weights change once per step), in fp32.
 
     The decay warms up as `min(decay, (1 + n) / (10 + n))` after n updates, so short runs average over
     their own steps instead of staying near the initial weights. Validation runs on the averaged weights
@@ -33,6 +34,7 @@ class EMA(L.Callback):
         self.updates = 0
         self.averaged: dict[str, Tensor] = {}
         self._training_weights: dict[str, Tensor] | None = None
+        self._averaged_at_step = 0  # trainer.global_step of the last update
 
     def _float_state(self, module: L.LightningModule) -> dict[str, Tensor]:
         return {name: p for name, p in module.state_dict().items() if p.is_floating_point()}
@@ -41,9 +43,13 @@ class EMA(L.Callback):
         if not self.averaged:  # fresh run; a resumed one has it from the checkpoint already
             self.averaged = {k: v.detach().float().clone() for k, v in self._float_state(pl_module).items()}
         self.averaged = {k: v.to(pl_module.device) for k, v in self.averaged.items()}
+        self._averaged_at_step = trainer.global_step
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._averaged_at_step:
+            return  # a batch whose gradients were accumulated: the weights did not change
+        self._averaged_at_step = trainer.global_step
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         current = self._float_state(pl_module)
