@@ -405,3 +405,47 @@ def test_generate_task_never_writes_over_the_samples_of_an_earlier_run(tmp_path,
     with pytest.raises(UserError, match="already holds 2 sample_\\*.wav of an earlier run"):
         run(compose_config("generate", [*overrides, "batch_size=1"], tmp_path))
     assert [path.read_bytes() for path in first] == written
+
+
+def test_generate_task_continues_the_last_receptive_field_of_the_prime_from_the_seed(tmp_path):
+    from tests.conftest import compose_config
+    from wavenet.data.audio import read_audio
+    from wavenet.data.mulaw import mu_law_encode
+    from wavenet.tasks.generate import run
+
+    torch.manual_seed(0)
+    module = WaveNetModule(layers=4, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16,
+                           quantization_channels=32, sample_rate=SAMPLE_RATE)  # fmt: skip
+    with torch.no_grad():  # samples that depend on their context (entropy ~2.4 nats of 3.5): the prime matters
+        for parameter in module.parameters():
+            parameter.normal_(0.0, 0.5) if parameter.dim() > 1 else parameter.zero_()
+    path = tmp_path / "strong.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    field = module.receptive_field
+    rng = np.random.default_rng(0)
+    prime = (0.5 * rng.standard_normal(3 * field)).astype(np.float32)
+    older_differs = prime.copy()
+    older_differs[:field] = 0.0  # only samples before the last receptive field differ
+    last_differs = prime.copy()
+    last_differs[-field:] = -last_differs[-field:]
+
+    def task(audio: np.ndarray, seed: int, name: str) -> np.ndarray:
+        sf.write(tmp_path / f"{name}.wav", audio, SAMPLE_RATE, subtype="FLOAT")
+        overrides = [f"ckpt_path={path}", "num_samples=400", "batch_size=2", f"seed={seed}", "device=cpu",
+                     "method=eager", f"prime={tmp_path / name}.wav"]  # fmt: skip
+        wavs = run(compose_config("generate", overrides, tmp_path / name))
+        return np.stack([sf.read(wav, dtype="float32")[0] for wav in wavs])
+
+    written = task(prime, 1, "prime")
+    read_back = read_audio(tmp_path / "prime.wav", SAMPLE_RATE)
+    with torch.no_grad():
+        classes = generate(
+            module.model.eval(), 400, batch_size=2, prime=mu_law_encode(read_back[-field:], 32),
+            generator=torch.Generator().manual_seed(1), method="eager",
+        )  # fmt: skip
+    np.testing.assert_allclose(written, mu_law_decode(classes, 32).numpy(), atol=1 / 16384)  # 16-bit PCM rounding
+    assert not np.array_equal(written[0], written[1])  # two streams, not one copied
+    np.testing.assert_array_equal(task(prime, 1, "again"), written)  # the seed reproduces the files
+    assert not np.array_equal(task(prime, 2, "other_seed"), written)
+    np.testing.assert_array_equal(task(older_differs, 1, "older"), written)  # older samples cannot matter
+    assert not np.array_equal(task(last_differs, 1, "last"), written)
