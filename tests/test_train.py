@@ -1,6 +1,7 @@
 """`python train.py ...` end to end, as users run it: single runs, resuming, DDP on CPU, multirun, errors."""
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -96,8 +97,14 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
 
 
 def test_ddp_sim_trains_on_two_cpu_processes(tmp_path, data_dir):
-    run_dir = tmp_path / "ddp"
-    result = train(run_dir, data_dir, "trainer=ddp_sim")
+    run_dir, ranks = tmp_path / "ddp", tmp_path / "ranks"
+    probe = ["+callbacks.probe._target_=tests.probes.RankRecorder", f"+callbacks.probe.out={ranks}"]
+    result = train(run_dir, data_dir, "trainer=ddp_sim", *probe)
+    records = [json.loads((ranks / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # Each rank trained on batches of its own (6 steps x 4 windows, none shared) into the same weights.
+    assert [len(record["windows"]) for record in records] == [24, 24]
+    assert not set(records[0]["windows"]) & set(records[1]["windows"])
+    assert records[0]["weights"] == records[1]["weights"]
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     # The spawned ranks log as the main process: in its format, into the run's log file, nothing bare on stderr.
