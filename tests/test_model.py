@@ -136,3 +136,49 @@ def test_flops_per_step_counts_every_matmul():
     model = WaveNet(layers=2, stacks=1, residual_channels=4, dilation_channels=3, skip_channels=5, kernel_size=2)
     # layer 1: conv 2*4*6 + residual 3*4 + skip 3*5; layer 2 (no residual): 2*4*6 + 3*5; head 5*5 + 5*256
     assert model.flops_per_step() == 2 * (48 + 12 + 15 + 48 + 15 + 25 + 1280)
+
+
+def paper_wavenet(model: WaveNet, x: torch.Tensor) -> torch.Tensor:
+    """The network as the paper draws it, from `model`'s weights: a one-hot input, separate filter and gate
+    convolutions, each layer zero-padded to its own causal length, residual and skip 1x1s over every step."""
+    import torch.nn.functional as F
+
+    one_hot = F.one_hot(x, model.quantization_channels).transpose(1, 2).double()
+    h = F.conv1d(one_hot, model.embedding.weight.T[..., None])
+    skips = 0
+    for layer in model.layers:
+        padded = F.pad(h, (layer.context, 0))
+        weight, bias = layer.filter_gate.weight, layer.filter_gate.bias
+        filter_weight, gate_weight = weight.chunk(2)
+        filter_bias, gate_bias = (None, None) if bias is None else bias.chunk(2)
+        filter_ = F.conv1d(padded, filter_weight, filter_bias, dilation=layer.dilation)
+        gate = F.conv1d(padded, gate_weight, gate_bias, dilation=layer.dilation)
+        z = torch.tanh(filter_) * torch.sigmoid(gate)
+        skips = skips + layer.skip(z)
+        if layer.residual is not None:
+            h = h + layer.residual(z)
+    return model.head(skips)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_efficient_layers_equal_the_papers_network(name, bias, checkpointed):
+    # The model fuses filter and gate, runs valid convolutions and skips only where the output needs them.
+    torch.manual_seed(0)
+    model = WaveNet(**SHAPES[name][0], bias=bias, checkpoint_activations=checkpointed).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)  # every layer, bias and gate moves the logits
+    x = torch.randint(0, model.quantization_channels, (2, 3 * model.receptive_field))
+    expected = paper_wavenet(model, x)[..., model.receptive_field - 1 :]  # the steps that see no padding
+    actual = model(x, causal_pad=False)
+    assert expected.abs().max() > 0.5  # far above the tolerance
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    # Gradients too (training runs with grad enabled, through checkpointing where it is on).
+    (actual.square().mean()).backward()
+    efficient = [parameter.grad.clone() for parameter in model.parameters()]
+    model.zero_grad()
+    paper_wavenet(model, x)[..., model.receptive_field - 1 :].square().mean().backward()
+    for got, want in zip(efficient, [parameter.grad for parameter in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
