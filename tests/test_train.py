@@ -72,8 +72,12 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
                "trainer.val_check_interval=50", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
     while not last.exists():
         assert process.poll() is None, process.communicate()[1][-2000:]
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {last} after 120 s")
         time.sleep(0.1)
     time.sleep(0.5)  # training goes on past step 50's checkpoint
     process.send_signal(stop)
@@ -140,7 +144,10 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
         (["model.min_lr_ratio=-1"], "model: min_lr_ratio must be between 0 and 1"),
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (["trainer.val_check_interval=0"], "trainer.val_check_interval must be positive"),
-        (["trainer.accelerator=gpu"], "trainer.accelerator=gpu but no CUDA GPU is available here"),
+        pytest.param(
+            ["trainer.accelerator=gpu"], "trainer.accelerator=gpu but no CUDA GPU is available here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available here"),
+        ),
         (["ckpt_path={tmp}/missing.ckpt"], "checkpoint not found: {tmp}/missing.ckpt"),
         (["ckpt_path={tmp}"], "checkpoint {tmp} is a folder"),
         (["ckpt_path={tiny}", "model=small"], "trained with other settings: model.layers=20 (the checkpoint's: 6)"),
