@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config, run_script
 from wavenet import WaveNetModule
-from wavenet.tasks.train import auto_precision
+from wavenet.tasks.train import auto_precision, resolve_auto_settings
 
 CONF = REPO / "conf"
 GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in CONF.iterdir() if group.is_dir()}
@@ -84,10 +84,21 @@ def test_audio_settings_are_defined_once(tmp_path):
     assert cfg.model.sample_rate == 22050 and cfg.model.quantization_channels == 64
 
 
-def test_auto_precision():
+def test_auto_precision(monkeypatch, tmp_path):
     assert auto_precision("cpu") == "32-true"
     if not torch.cuda.is_available():
         assert auto_precision("auto") == "32-true"
+    # As on a GPU machine: bf16-mixed by default there, for trainer=default (auto) and trainer=gpu alike.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert auto_precision("auto") == auto_precision("gpu") == "bf16-mixed"
+    assert auto_precision("cpu") == "32-true"
+    for trainer in ("default", "gpu"):
+        cfg = compose_config("train", [f"trainer={trainer}"], tmp_path / trainer)
+        resolve_auto_settings(cfg)
+        assert cfg.trainer.precision == "bf16-mixed", trainer
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # before Ampere
+    assert auto_precision("gpu") == "32-true"
 
 
 def test_config_tree_lists_every_group(tmp_path):
