@@ -10,7 +10,8 @@ from wavenet.kernels import cpu_step
 from wavenet.kernels.cpu_step import cpu_kernel_available, cpu_steps
 from wavenet.models.wavenet import WaveNet
 
-pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="no C++ compiler to build the CPU kernel")
+# Not module-wide: the tests of a missing compiler and of the thread choice run anywhere.
+needs_compiler = pytest.mark.skipif(not cpu_kernel_available(), reason="no C++ compiler to build the CPU kernel")
 
 LEVELS = 48
 
@@ -48,6 +49,7 @@ NARROW, WIDE = (8, 6, 12), (40, 80, 36)
         (2, WIDE, 9, 1),  # groups of 8 and 1 on one thread
     ],
 )
+@needs_compiler
 def test_teacher_forced_logits_equal_the_eager_step_and_the_full_forward(kernel_size, widths, batch, threads):
     model = random_wavenet(kernel_size, widths)
     longest_ring = max(layer.context for layer in model.layers)
@@ -71,6 +73,7 @@ def test_teacher_forced_logits_equal_the_eager_step_and_the_full_forward(kernel_
     assert_relative_close(native.rings, eager.rings)
 
 
+@needs_compiler
 @pytest.mark.parametrize("batch", [1, 2, 13])
 def test_sampled_classes_follow_the_same_noise_as_eager_and_turns_can_alternate(batch):
     """Chunks alternate between the kernel and the eager step on one state, with a device-side counter too."""
@@ -102,6 +105,7 @@ def test_sampled_classes_follow_the_same_noise_as_eager_and_turns_can_alternate(
                 assert int(mixed.phase) == 150 % mixed.period
 
 
+@needs_compiler
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_generate_fused_on_the_cpu_equals_eager_and_auto_picks_it(temperature):
     model = random_wavenet(3, NARROW)
@@ -120,6 +124,7 @@ def test_generate_fused_on_the_cpu_equals_eager_and_auto_picks_it(temperature):
     assert torch.equal(sample("auto"), sample("eager"))
 
 
+@needs_compiler
 def test_bfloat16_weights_stay_eager_on_the_cpu_and_fused_says_why():
     cpu = torch.device("cpu")
     assert resolve_method("auto", cpu, torch.bfloat16) == "eager"
@@ -149,6 +154,7 @@ def test_without_a_compiler_auto_stays_eager_and_fused_names_the_reason(monkeypa
         cpu_step._library.cache_clear()
 
 
+@needs_compiler
 def test_the_build_is_cached_per_machine_and_a_failed_build_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("WAVENET_CACHE_DIR", str(tmp_path))
     cpu_step._library.cache_clear()
@@ -172,6 +178,7 @@ def test_the_build_is_cached_per_machine_and_a_failed_build_leaves_nothing(monke
         cpu_step._library.cache_clear()
 
 
+@needs_compiler
 def test_an_unwritable_cache_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     not_a_folder = tmp_path / "cache"
     not_a_folder.write_text("a file where the cache folder should be\n")  # unwritable even for root
