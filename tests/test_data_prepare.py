@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -255,6 +256,11 @@ prepare.prepare_corpus(sys.argv[1], "folder", ["wav", "flac"], settings, sys.arg
 """
 
 
+def killed_pid(partial_name: str) -> str:
+    """The process id in a temporary folder's name, `<name>.partial-<host>-<pid>-<token>`."""
+    return partial_name.rsplit("-", 2)[1]
+
+
 def test_a_killed_preparation_leaves_nothing_taken_for_a_cache_and_is_cleaned_up(tmp_path: Path) -> None:
     root, cache = nested(tmp_path / "music"), tmp_path / "cache"
     killed = subprocess.run(
@@ -276,8 +282,12 @@ def test_a_killed_preparation_leaves_nothing_taken_for_a_cache_and_is_cleaned_up
     )
     with pytest.raises(UserError, match="prepare_data"):
         module.setup("fit")
+    # Folders of preparations still running (this process) or on another host (a shared cache) are theirs.
+    running = cache / f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}-x1"
+    elsewhere = cache / f"{folder.name}.partial-other-host-{killed_pid(leftovers[0])}-x2"
+    running.mkdir(), elsewhere.mkdir()
     module.prepare_data()
-    assert os.listdir(cache) == [folder.name]  # the dead process's folder is gone
+    assert sorted(os.listdir(cache)) == sorted([folder.name, running.name, elsewhere.name])  # the dead one's is gone
     fresh = prepare(root, cache_dir=tmp_path / "fresh")
     assert (folder / fresh.shards[0]).read_bytes() == (fresh.directory / fresh.shards[0]).read_bytes()
 
