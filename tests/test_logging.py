@@ -314,3 +314,28 @@ def test_wandb_log_model_needs_online(no_wandb_environment, tmp_path, caplog):
         cfg.logger.wandb.offline, cfg.logger.wandb.log_model = True, True
     with pytest.raises(UserError, match="logger.wandb.log_model"):
         resolve_auto_settings(cfg)
+
+
+def test_audio_samples_are_generated_with_the_weights_validation_used(tmp_path, data_dir, monkeypatch):
+    # The EMA callback swaps its average in for validation; samples of the training weights would not be
+    # the model that val/loss describes.
+    import wavenet.callbacks
+    from wavenet.ema import EMA
+
+    seen = []
+
+    def recording_generate(model, *args, **kwargs):
+        ema = next(callback for callback in model.trainer.callbacks if isinstance(callback, EMA))
+        weights = {name: value for name, value in model.state_dict().items() if name in ema.averaged}
+        seen.append(
+            (
+                all(torch.equal(value, ema.averaged[name]) for name, value in weights.items()),
+                any(not torch.equal(value, ema._training_weights[name]) for name, value in weights.items()),
+            )
+        )
+        return torch.full((kwargs["batch_size"], kwargs["num_samples"]), 128)
+
+    monkeypatch.setattr(wavenet.callbacks, "generate", recording_generate)
+    overrides = [*TINY, *BUILTIN_SMALL, *SAMPLES, "logger=tensorboard", f"paths.data_dir={data_dir}"]
+    run(compose_config("train", overrides, tmp_path))
+    assert seen == [(True, True), (True, True)]  # both validations: the average, not the training weights
