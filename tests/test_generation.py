@@ -128,9 +128,22 @@ def test_sampling_follows_the_softmax_at_the_temperature():
     with torch.inference_mode():
         logits = model(torch.full((1, 1), model.silence_class))[0, :, 0]
     expected = torch.softmax(logits / temperature, dim=0)
-    observed = torch.bincount(first[:, 0], minlength=LEVELS) / streams
+    counts = torch.bincount(first[:, 0], minlength=LEVELS).double()
+    observed = counts / streams
     # 5 standard deviations of a frequency estimated from 20,000 draws, at the largest probability.
     assert (observed - expected).abs().max() < 5 * math.sqrt(expected.max() / streams)
+
+    def chi_square(probabilities: torch.Tensor) -> tuple[float, int]:
+        """Pearson's statistic over the classes expected at least 5 times, and its degrees of freedom."""
+        expected_counts = streams * probabilities.double()
+        kept = expected_counts >= 5
+        return float(((counts[kept] - expected_counts[kept]) ** 2 / expected_counts[kept]).sum()), int(kept.sum()) - 1
+
+    statistic, freedom = chi_square(expected)
+    assert statistic < freedom + 4.5 * math.sqrt(2 * freedom)  # about its 0.1 % critical value (fixed seed)
+    for wrong in (0.6, 0.8, 1.0):  # a temperature a little off is rejected
+        statistic, freedom = chi_square(torch.softmax(logits / wrong, dim=0))
+        assert statistic > freedom + 10 * math.sqrt(2 * freedom), wrong
 
 
 def test_bfloat16_steps_keep_the_distribution_of_float32():
