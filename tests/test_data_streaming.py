@@ -77,6 +77,20 @@ def test_segments_give_every_window_start_to_exactly_one_segment() -> None:
             assert starts == list(range(frames - window + 1)), (frames, window)
 
 
+def test_streamed_window_offsets_are_uniform_and_new_every_epoch() -> None:
+    chunks = StreamedChunks(None, RECEPTIVE_FIELD, CHUNK, shuffle_buffer=1, seed=5, epoch_windows=1)
+    record = {"file": 3, "start": 0, "owned": 10 * CHUNK, "audio": np.zeros(11 * CHUNK + WINDOW, np.uint8)}
+    offsets = np.array([chunks.starts(record, epoch)[0] for epoch in range(1, 2001)])
+    assert offsets.min() >= 0 and offsets.max() < CHUNK
+    # Every offset below chunk_length equally likely (chi-square over 8 bins, far below its 0.1 % value of 24).
+    counts = np.bincount(offsets * 8 // CHUNK, minlength=8)
+    assert ((counts - 250) ** 2 / 250).sum() < 24.3
+    assert np.mean(offsets[1:] != offsets[:-1]) > 0.95  # a new grid every epoch
+    # Another file has its own grid in the same epoch.
+    other = {**record, "file": 4}
+    assert np.mean([chunks.starts(other, e)[0] != offsets[e - 1] for e in range(1, 201)]) > 0.9
+
+
 @pytest.mark.parametrize("scheme", ["", "local:"])
 def test_streamed_validation_is_the_local_validation(
     published: tuple[Path, Path], tmp_path: Path, scheme: str
