@@ -222,3 +222,19 @@ def test_a_sweep_whose_jobs_log_no_metric_is_not_a_failure(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
     assert [(trial["failed"], trial["value"]) for trial in summary["trials"]] == [(False, None), (False, None)]
+
+
+OPTUNA_TINY = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "model.residual_channels=choice(4,8)",
+               "model.layers=choice(4,6)"]  # fmt: skip
+
+
+@pytest.mark.parametrize("sweep", [["model.layers=4,6", "train=false"], OPTUNA_TINY], ids=["values", "optuna"])
+def test_a_sweep_as_the_readme_shows_it_runs_from_any_folder(tmp_path, data_dir, sweep):
+    # No hydra.sweep.dir or paths.log_dir: the sweep folder comes from the defaults, under the current folder.
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-m", *TINY, *BUILTIN_SMALL, *sweep, f"paths.data_dir={data_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    assert {"0", "1", "multirun_summary.yaml"} <= {path.name for path in sweep_dir.iterdir()}
