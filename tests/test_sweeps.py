@@ -52,6 +52,19 @@ def test_experiment_composes_and_runs_fast_dev_run(name, tmp_path, data_dir):
     assert math.isfinite(run(cfg))
 
 
+DEBUGS = sorted(path.stem for path in (REPO / "conf" / "debug").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", DEBUGS)
+def test_debug_option_runs(name, tmp_path, data_dir):
+    # Each on the tiny model for a few steps: overfit_batches once met a loader Lightning re-samples.
+    cfg = compose_config("train", [f"debug={name}", *TINY, *BUILTIN_SMALL, f"paths.data_dir={data_dir}"], tmp_path)
+    if not cfg.trainer.get("fast_dev_run"):
+        cfg.trainer.max_steps, cfg.trainer.val_check_interval = 4, 2
+    metric = run(cfg)
+    assert metric is None or math.isfinite(metric)
+
+
 @pytest.mark.slow
 def test_optuna_search_of_three_trials_reports_the_best(tmp_path, data_dir):
     sweep_dir = tmp_path / "optuna"

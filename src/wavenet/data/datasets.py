@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from wavenet.data.prepare import PreparedFile
 
@@ -205,14 +205,16 @@ class ChunkLoader(DataLoader):
     loader has handed out are exactly those trained on.
     """
 
-    sampler: ChunkSampler
+    sampler: ChunkSampler | Sampler[int]  # Lightning puts a SequentialSampler in for trainer.overfit_batches
 
-    def __init__(self, dataset: RandomChunks, *args: Any, sampler: ChunkSampler, **kwargs: Any) -> None:
+    def __init__(self, dataset: RandomChunks, *args: Any, sampler: Sampler[int], **kwargs: Any) -> None:
         super().__init__(dataset, *args, sampler=sampler, **kwargs)
         self._epoch_batches = 0
         self._resume_state: dict[str, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, ChunkSampler):  # Lightning's own (trainer.overfit_batches): no epochs
+            return {}
         windows = self._epoch_batches * self.batch_size * self.sampler.num_replicas
         return {"epoch": self.sampler.epoch, "windows": windows}
 
@@ -223,6 +225,9 @@ class ChunkLoader(DataLoader):
         # A generator, so nothing is read until the first batch is asked for: Lightning creates the
         # iterator of a resumed run before it sets the sampler's epoch, and the epoch decides the order.
         resume, self._resume_state = self._resume_state, None
+        if not isinstance(self.sampler, ChunkSampler):
+            yield from super().__iter__()
+            return
         # A state without this epoch (another epoch's, or a streamed run's) leaves nothing to pass over.
         done = resume.get("windows", 0) if resume is not None and resume.get("epoch") == self.sampler.epoch else 0
         self.sampler.skip = done
