@@ -143,6 +143,12 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
         (["model.layers=7"], "model: layers (7) must be a multiple of stacks (2)"),
         (["model.min_lr_ratio=-1"], "model: min_lr_ratio must be between 0 and 1"),
         (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["train=maybe"], "train must be true or false, got 'maybe'"),
+        (["model.compile=maybe"], "model: compile must be true or false, got 'maybe'"),
+        (["callbacks.ema.decay=abc"], "callbacks.ema: EMA decay must be in (0, 1), got abc"),
+        (["trainer.max_steps=2.5"], "trainer.max_steps must be a positive integer (or -1: no limit), got 2.5"),
+        (["trainer.max_steps=0"], "trainer.max_steps must be a positive integer (or -1: no limit), got 0"),
+        (["trainer.max_steps=-1"], "model.decay=cosine decays over the whole run, and this one has no end"),
         (["trainer.val_check_interval=0"], "trainer.val_check_interval must be positive"),
         pytest.param(
             ["trainer.accelerator=gpu"], "trainer.accelerator=gpu but no CUDA GPU is available here",

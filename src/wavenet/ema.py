@@ -27,7 +27,7 @@ class EMA(L.Callback):
     """
 
     def __init__(self, decay: float = 0.9999, validate_with_ema: bool = True) -> None:
-        if not 0.0 < decay < 1.0:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.validate_with_ema = validate_with_ema

@@ -86,6 +86,9 @@ class WaveNetModule(L.LightningModule):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if not all(0 <= _finite("betas", beta) < 1 for beta in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
+        for name, flag in (("compile", compile), ("checkpoint_activations", checkpoint_activations)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
         self.save_hyperparameters()
         self.model = WaveNet(
             layers=layers,
@@ -161,7 +164,15 @@ class WaveNetModule(L.LightningModule):
             lr=hp.lr,
             betas=tuple(hp.betas),
         )
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):  # trainer.max_steps=-1 and no max_epochs: a run without an end
+            if hp.decay != "constant":
+                raise UserError(
+                    f"model.decay={hp.decay} decays over the whole run, and this one has no end (trainer.max_steps="
+                    f"{self.trainer.max_steps}): set trainer.max_steps, or model.decay=constant"
+                )
+            total_steps = hp.warmup_steps
+        total_steps = max(int(total_steps), 1)
         warmup_steps = min(hp.warmup_steps, total_steps)
 
         def lr_factor(step: int) -> float:

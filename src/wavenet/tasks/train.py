@@ -138,6 +138,11 @@ def _check_settings(cfg: DictConfig) -> None:
     """Raises `UserError` for top-level and trainer settings that would fail only later, naming the key."""
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise UserError(f"seed must be an integer, got {cfg.seed!r}")
+    if not isinstance(cfg.train, bool):
+        raise UserError(f"train must be true or false, got {cfg.train!r}")
+    max_steps = cfg.trainer.get("max_steps")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or not (max_steps > 0 or max_steps == -1):
+        raise UserError(f"trainer.max_steps must be a positive integer (or -1: no limit), got {max_steps!r}")
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
         raise UserError(f"trainer.val_check_interval must be positive (steps, or a fraction of an epoch): {interval}")
