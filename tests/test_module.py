@@ -1,5 +1,6 @@
 """The LightningModule: the loss learns, checkpoints load without Hydra, the schedule has its shape."""
 
+import logging
 import math
 
 import lightning as L
@@ -111,14 +112,22 @@ def test_optimiser_settings_that_would_train_on_garbage_are_rejected(setting, me
         WaveNetModule(**TINY, **setting)
 
 
-def test_a_run_resumes_only_from_a_checkpoint_of_the_same_network(tmp_path):
+def test_a_run_resumes_only_from_a_checkpoint_of_the_same_network_with_steps_left(tmp_path, caplog):
     from wavenet.errors import UserError
     from wavenet.module import check_resumable
 
     module = WaveNetModule(**TINY)
     path = tmp_path / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    check_resumable(path, {**module.hparams, "lr": 5e-4, "warmup_steps": 0})  # the optimiser may change
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 30}, path)
+    with caplog.at_level(logging.WARNING, logger="wavenet.module"):
+        check_resumable(path, {**module.hparams, "betas": list(module.hparams.betas)}, max_steps=31)
+        assert not caplog.records  # a list for the saved tuple is the same setting
+        # The optimiser and its schedule resume as saved: a changed setting is said to have no effect.
+        check_resumable(path, {**module.hparams, "lr": 5e-4, "warmup_steps": 0}, max_steps=31)
+    (warning,) = caplog.records
+    assert "model.lr=0.0005 (resumed as 0.001)" in warning.message and "model.warmup_steps=0" in warning.message
+    with pytest.raises(UserError, match="is at step 30 and trainer.max_steps=30: nothing left to train"):
+        check_resumable(path, module.hparams, max_steps=30)
     with pytest.raises(UserError, match=r"model.residual_channels=64 \(the checkpoint's: 16\)"):
         check_resumable(path, {**module.hparams, "residual_channels": 64})
     with pytest.raises(UserError, match=r"data.sample_rate=8000 \(the checkpoint's: 16000\)"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import zipfile
@@ -16,6 +17,8 @@ from torch import Tensor
 
 from wavenet.errors import UserError, first_line
 from wavenet.models.wavenet import WaveNet
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[Tensor, Tensor]
 
@@ -228,16 +231,23 @@ _RESUMED_AS_SAVED = {
 }
 
 
-def check_resumable(path: Path, hparams: Mapping[str, Any]) -> None:
+# Settings the optimiser and its schedule were built with: a resumed run continues them as saved.
+_OPTIMISER_SETTINGS = ("lr", "weight_decay", "betas", "warmup_steps", "decay", "min_lr_ratio")
+
+
+def check_resumable(path: Path, hparams: Mapping[str, Any], max_steps: int = -1) -> None:
     """Checks, before anything is prepared or trained, that `path` is a checkpoint a run of the module
-    that `hparams` (the config's `model`) describe can resume from.
+    that `hparams` (the config's `model`) describe can resume from, with steps left before `max_steps`.
+    Warns about optimiser settings that differ from the checkpoint's: Lightning restores the optimiser
+    and the learning-rate schedule as they were, so those changes would not take effect.
 
     Raises:
-        UserError: Saying why `path` is no checkpoint (see `read_checkpoint`), or naming each setting
+        UserError: Saying why `path` is no checkpoint (see `read_checkpoint`), naming each setting
             whose value differs from the checkpoint's (a resumed network cannot change shape, nor its
-            audio its sample rate or mu-law levels).
+            audio its sample rate or mu-law levels), or if the checkpoint is at `max_steps` already.
     """
-    saved = read_checkpoint(path, map_location="cpu", mmap=True)["hyper_parameters"]
+    checkpoint = read_checkpoint(path, map_location="cpu", mmap=True)
+    saved = checkpoint["hyper_parameters"]
     differ = [
         f"{key}={hparams.get(name)} (the checkpoint's: {saved.get(name)})"
         for name, key in _RESUMED_AS_SAVED.items()
@@ -248,3 +258,24 @@ def check_resumable(path: Path, hparams: Mapping[str, Any]) -> None:
             f"ckpt_path={path} was trained with other settings: {', '.join(differ)}; resume with its settings "
             "(e.g. its model= option)"
         )
+    step = int(checkpoint.get("global_step", 0))
+    if max_steps != -1 and step >= max_steps:
+        raise UserError(
+            f"ckpt_path={path} is at step {step} and trainer.max_steps={max_steps}: nothing left to train; "
+            "raise trainer.max_steps"
+        )
+    ignored = [
+        f"model.{name}={hparams.get(name)} (resumed as {saved.get(name)})"
+        for name in _OPTIMISER_SETTINGS
+        if name in saved and _as_saved(hparams.get(name)) != _as_saved(saved.get(name))
+    ]
+    if ignored:
+        log.warning(
+            "Resuming continues the checkpoint's optimiser and learning-rate schedule, so these settings have no "
+            "effect: %s",
+            ", ".join(ignored),
+        )
+
+
+def _as_saved(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value

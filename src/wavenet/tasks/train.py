@@ -168,7 +168,7 @@ def run(cfg: DictConfig) -> float | None:
     if ckpt_path is not None and ckpt_path not in _LIGHTNING_CHECKPOINT_NAMES:
         ckpt_path = str(Path(str(ckpt_path)).expanduser())
         # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
-        check_resumable(Path(ckpt_path), module.hparams)
+        check_resumable(Path(ckpt_path), module.hparams, max_steps=cfg.trainer.get("max_steps", -1))
     datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
     loggers = instantiate_group(cfg.get("logger"))
     try:
