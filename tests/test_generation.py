@@ -407,6 +407,14 @@ def test_generate_task_refuses_bad_input_naming_the_key_or_file(tmp_path, checkp
     assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
 
 
+def test_generate_task_takes_the_cpu_by_index_as_torch_names_it(tmp_path, checkpoint):
+    from tests.conftest import compose_config
+    from wavenet.tasks.generate import run
+
+    (wav,) = run(compose_config("generate", [f"ckpt_path={checkpoint}", "num_samples=50", "device=cpu:0"], tmp_path))
+    assert sf.info(wav).frames == 50  # torch.load cannot map to cpu:0: it blamed the checkpoint
+
+
 def test_generate_task_never_writes_over_the_samples_of_an_earlier_run(tmp_path, checkpoint):
     from tests.conftest import compose_config
     from wavenet.errors import UserError

@@ -146,6 +146,10 @@ def _device(name: str) -> torch.device:
         raise UserError(f"device must be auto, cpu or cuda[:index], got {name!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cpu":  # `cpu:0` is the CPU too, but torch.load cannot map a checkpoint to it
+        return torch.device("cpu")
     return device
 
 
