@@ -144,6 +144,9 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
         (["model.min_lr_ratio=-1"], "model: min_lr_ratio must be between 0 and 1"),
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (["train=maybe"], "train must be true or false, got 'maybe'"),
+        # Hydra's own hint for a misspelt key is to add it with +.
+        (["+data.batchsize=8"], "data.batchsize is not a setting of wavenet.data.SyntheticMusicDataModule; did you "
+                                "mean data.batch_size?"),  # fmt: skip
         (["model.compile=maybe"], "model: compile must be true or false, got 'maybe'"),
         (["callbacks.ema.decay=abc"], "callbacks.ema: EMA decay must be in (0, 1), got abc"),
         (["trainer.max_steps=2.5"], "trainer.max_steps must be a positive integer (or -1: no limit), got 2.5"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +63,16 @@ def instantiate_checked(config: DictConfig, **kwargs: Any) -> Any:
         cause = error.__cause__
         if isinstance(cause, UserError):
             raise cause from None
+        key = config._get_full_key(None)
         if isinstance(cause, (ValueError, MisconfigurationException)):
             reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            raise UserError(f"{config._get_full_key(None)}: {reason}") from None
+            raise UserError(f"{key}: {reason}") from None
+        unexpected = isinstance(cause, TypeError) and re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        if unexpected:  # what Hydra's hint for a misspelt key, `+key=value`, leads to
+            known = [name for name in config if not str(name).startswith("_") and name != unexpected[1]]
+            close = difflib.get_close_matches(unexpected[1], known, n=1)
+            hint = f"; did you mean {key}.{close[0]}?" if close else ""
+            raise UserError(f"{key}.{unexpected[1]} is not a setting of {config.get('_target_')}{hint}") from None
         raise
 
 
