@@ -46,6 +46,8 @@ def test_train_writes_checkpoints_logs_and_config(tmp_path, data_dir):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "WaveNetModule" in (run_dir / "config_tree.log").read_text()
+    # The printed config holds whole paths, also when the output is no terminal (rich's 80 columns cropped them).
+    assert f"output_dir: {run_dir}" in result.stdout and len(f"        output_dir: {run_dir}") > 80
     rows = read_metrics(run_dir)
     logged = {key for row in rows for key, value in row.items() if value}
     assert {"train/loss", "val/loss", "val/bits_per_sample", "lr-AdamW/decayed"} <= logged

@@ -41,11 +41,14 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
         branch = tree.add(str(key), style="bold")
         text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
         branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-    rich.print(tree)
+    console = rich.get_console()
+    if not console.is_terminal:  # a file or a pipe, for which rich assumes 80 columns and would crop long paths
+        console = Console(file=console.file, width=1000, color_system=None)
+    console.print(tree)
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)
         with save_to.open("w") as file:
-            Console(file=file, width=120, color_system=None).print(tree)
+            Console(file=file, width=1000, color_system=None).print(tree)
 
 
 def instantiate_checked(config: DictConfig, **kwargs: Any) -> Any:
