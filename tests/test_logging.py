@@ -339,3 +339,20 @@ def test_audio_samples_are_generated_with_the_weights_validation_used(tmp_path, 
     overrides = [*TINY, *BUILTIN_SMALL, *SAMPLES, "logger=tensorboard", f"paths.data_dir={data_dir}"]
     run(compose_config("train", overrides, tmp_path))
     assert seen == [(True, True), (True, True)]  # both validations: the average, not the training weights
+
+
+def test_progress_is_logged_in_lines_where_the_output_is_no_terminal(tmp_path, data_dir):
+    # A batch job writes to a file, where a progress bar cannot redraw: lines instead, in the run's log too.
+    tiny = [override for override in TINY if not override.startswith("callbacks.progress_bar")]
+    result = run_script(
+        "train.py", *tiny, *BUILTIN_SMALL, "callbacks.progress_bar.log_every_seconds=0", f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.split(" - ", 1)[1] for line in (tmp_path / "train.log").read_text().splitlines() if "Step " in line
+             or "Validated at step" in line]  # fmt: skip
+    assert [line.split(":")[0] for line in lines] == [
+        "Step 1/6", "Step 2/6", "Step 3/6", "Validated at step 3/6", "Step 4/6", "Step 5/6", "Step 6/6",
+        "Validated at step 6/6",
+    ]  # fmt: skip
+    assert "train/loss" in lines[0] and "val/bits_per_sample" in lines[3]

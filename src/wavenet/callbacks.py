@@ -39,12 +39,53 @@ _DYNAMIC_RANGE_DB = 80.0
 
 
 class StepProgressBar(RichProgressBar):
-    """Rich progress bar for training bounded by `max_steps` (max_epochs = -1): "Epoch 3", not "Epoch 3/-2"."""
+    """Rich progress bar for training bounded by `max_steps` (max_epochs = -1): "Epoch 3", not "Epoch 3/-2".
+
+    Where the output is no terminal (a batch job's log file, a pipe), a bar cannot redraw and rich shows it
+    only at the end; there the progress is logged instead, as a line every `log_every_seconds` and after
+    every validation, also into the run's log file.
+
+    Args:
+        log_every_seconds: Seconds between progress lines where the output is no terminal.
+    """
+
+    def __init__(self, log_every_seconds: float = 60.0) -> None:
+        super().__init__()
+        self.log_every_seconds = log_every_seconds
+        self._logged_at = 0.0
 
     def _get_train_description(self, current_epoch: int) -> str:
         if self.trainer.max_epochs == -1:
             return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
         return super()._get_train_description(current_epoch)
+
+    def _logs_lines(self, trainer: L.Trainer) -> bool:
+        return trainer.is_global_zero and not self.is_disabled and not get_console().is_terminal
+
+    def _log_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str) -> None:
+        metrics = self.get_metrics(trainer, pl_module)
+        shown = ", ".join(
+            f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+            for key, value in metrics.items()
+            if key.startswith(("train/", "val/"))
+        )
+        total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+        log.info("%s %d%s: %s", event, trainer.global_step, total, shown)
+        self._logged_at = time.monotonic()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._logged_at = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        if self._logs_lines(trainer) and time.monotonic() - self._logged_at >= self.log_every_seconds:
+            self._log_progress(trainer, pl_module, "Step")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._logs_lines(trainer) and not trainer.sanity_checking:
+            self._log_progress(trainer, pl_module, "Validated at step")
 
 
 class ModelSummaryWithoutFlops(RichModelSummary):
