@@ -180,12 +180,13 @@ def run(cfg: DictConfig) -> float | None:
         trainer: L.Trainer = instantiate_checked(
             cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
         )
-        log.info(
-            "WaveNet: %s parameters, receptive field %d samples (%.0f ms)",
-            f"{sum(p.numel() for p in module.parameters()):,}",
-            module.receptive_field,
-            1000 * module.receptive_field / module.hparams.sample_rate,
-        )
+        if trainer.is_global_zero:  # under trainer=ddp every rank runs this script
+            log.info(
+                "WaveNet: %s parameters, receptive field %d samples (%.0f ms)",
+                f"{sum(p.numel() for p in module.parameters()):,}",
+                module.receptive_field,
+                1000 * module.receptive_field / module.hparams.sample_rate,
+            )
         if cfg.train:
             try:
                 with ddp_job():
@@ -193,8 +194,9 @@ def run(cfg: DictConfig) -> float | None:
             except SIGTERMException:
                 # Lightning's exits with status 0: a preempted job must not look finished to its scheduler.
                 raise SystemExit(128 + signal.SIGTERM) from None
-            if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
-                log.info("Best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
+            checkpoints = trainer.checkpoint_callback
+            if trainer.is_global_zero and checkpoints is not None and checkpoints.best_model_path:
+                log.info("Best checkpoint: %s", checkpoints.best_model_path)
         else:
             # A check of the data too, and a way to prepare a corpus on a CPU machine before the GPU job.
             datamodule.prepare_data()
