@@ -81,7 +81,7 @@ def _not_a_tip(record: logging.LogRecord) -> bool:
 
 def quiet_lightning() -> None:
     """Sends Lightning's log records to the root logger's handlers alone (Hydra's console and the run's log file),
-    without its advertisements, and silences a warning of Lightning's that users can do nothing about."""
+    without its advertisements, and silences warnings of Lightning's that users can do nothing about."""
     # Lightning gives its loggers console handlers of their own, and stops them propagating where it is imported
     # before logging is set up (as in a spawned rank): its messages would print twice, or never reach the log file.
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -93,6 +93,8 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
     # Lightning 2.6 calls a torch pytree API that torch 2.11 deprecates.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # A resumed run has a run folder of its own by design, so its checkpoints' folder always differs.
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
 class SpawnStrategy(DDPStrategy):

@@ -125,14 +125,18 @@ def _optimize(fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None
     )
 
 
-def read_published(remote: str, cache_dir: str | Path) -> dict[str, Any]:
+def read_published(remote: str, cache_dir: str | Path, max_cache_size: str | int = "50GB") -> dict[str, Any]:
     """The manifest of the corpus published at `remote`.
 
     Raises:
         UserError: If nothing complete is published there.
     """
     try:
-        text = litdata.StreamingDataset(_join(remote, "manifest"), cache_dir=str(cache_dir))[0]
+        # With its size given: litdata warns of a default otherwise (the manifest is one small chunk).
+        manifest = litdata.StreamingDataset(
+            _join(remote, "manifest"), cache_dir=str(cache_dir), max_cache_size=max_cache_size
+        )
+        text = manifest[0]
     except (FileNotFoundError, ValueError) as error:
         raise UserError(
             f"no published corpus at data.remote={remote} ({error}); publish a prepared one with "
@@ -404,7 +408,7 @@ class StreamingDataModule(ChunkDataModule):
         """
         if self.train_set is not None:
             return
-        data = read_published(self.remote, self.cache_dir)
+        data = read_published(self.remote, self.cache_dir, self.max_cache_size)
         for key in ("sample_rate", "quantization_channels"):
             if data[key] != getattr(self, key):
                 raise UserError(
