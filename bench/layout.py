@@ -13,10 +13,15 @@ once by the (2D, K R) weight ("(B, T, C) cat": one big matmul, one copy of the i
 one and summed ("(B, T, C) sum": K matmuls, no copy). 1x1 convolutions are F.linear; the head's logits come
 out as (B, T, Q), which the loss takes flattened, and the embedding's output needs no transpose.
 
-Both (B, T, C) versions run on the model's own parameters, so they are checked first: logits and every
-gradient equal to the Conv1d model's in fp32 (TF32 off). Then a training step's forward, loss and backward
-(no optimiser, the same in every layout) is timed, fp32 and under bf16 autocast, layouts interleaved round by
-round so that a change of load on a shared machine hits them alike; the median round is reported.
+Each layout also runs with a layer's residual and skip 1x1s as one (", one 1x1"): their weights stacked into one
+(R + S, D) matmul over all of z's steps, whose output is split into the residual and the skip, the skip cropped
+to the last steps. One launch and one read of z instead of two, for skip FLOPs on the steps cropped away
+(every step but the last chunk's, in every layer but the last), counted and printed for each size.
+
+All of them run on the model's own parameters, so they are checked first: logits and every gradient equal to
+the Conv1d model's in fp32 (TF32 off). Then a training step's forward, loss and backward (no optimiser, the same
+in every layout) is timed, fp32 and under bf16 autocast, layouts interleaved round by round so that a change of
+load on a shared machine hits them alike; the median round is reported.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wavenet import WaveNet
+from wavenet.models.wavenet import ResidualLayer
 
 Forward = Callable[[WaveNet, Tensor], Tensor]
 
@@ -59,12 +66,38 @@ def pointwise(conv: torch.nn.Conv1d) -> tuple[Tensor, Tensor | None]:
     return conv.weight[:, :, 0], conv.bias
 
 
+def stacked_1x1(layer: ResidualLayer) -> tuple[Tensor, Tensor | None]:
+    """The (R + S, D, 1) Conv1d weight and bias of the layer's residual and skip 1x1s as one.
+
+    A model adopting it would hold them as one parameter; stacking the model's two at every step (a copy of
+    weights, not of activations) keeps the gradients comparable with the model's.
+    """
+    bias = None if layer.skip.bias is None else torch.cat([layer.residual.bias, layer.skip.bias])
+    return torch.cat([layer.residual.weight, layer.skip.weight]), bias
+
+
 def forward_bct(model: WaveNet, x: Tensor) -> Tensor:
     """(B, T) classes -> (B, Q, T') logits of the model as it is, (B, C, T) with Conv1d."""
     return model(x, causal_pad=False)
 
 
-def forward_btc(model: WaveNet, x: Tensor, concat: bool) -> Tensor:
+def forward_bct_one_1x1(model: WaveNet, x: Tensor) -> Tensor:
+    """(B, T) classes -> (B, Q, T') logits of the model's forward, each residual and skip 1x1 one Conv1d."""
+    output_length = x.shape[-1] - model.receptive_field + 1
+    h = model.embedding(x).transpose(1, 2)  # (B, R, T)
+    skips = 0
+    for layer in model.layers:
+        z = layer.gated(h)
+        if layer.residual is None:  # the last layer: its skip alone, nothing to stack it with
+            skips = skips + layer.skip(z[:, :, z.shape[-1] - output_length :])
+            continue
+        residual, skip = F.conv1d(z, *stacked_1x1(layer)).split([h.shape[1], layer.skip.out_channels], dim=1)
+        h = h[:, :, layer.context :] + residual
+        skips = skips + skip[:, :, skip.shape[-1] - output_length :]
+    return model.head(skips)
+
+
+def forward_btc(model: WaveNet, x: Tensor, concat: bool, one_1x1: bool) -> Tensor:
     """(B, T) classes -> (B, T', Q) logits of the same network, (B, T, C) with matmuls, on its parameters."""
     output_length = x.shape[-1] - model.receptive_field + 1
     h = model.embedding(x)  # (B, T, R)
@@ -82,6 +115,12 @@ def forward_btc(model: WaveNet, x: Tensor, concat: bool) -> Tensor:
                 filter_gate = filter_gate + conv.bias
         filter_, gate = filter_gate.chunk(2, dim=-1)
         z = torch.tanh(filter_) * torch.sigmoid(gate)  # (B, T', D)
+        if one_1x1 and layer.residual is not None:
+            weight, bias = stacked_1x1(layer)
+            residual, skip = F.linear(z, weight[:, :, 0], bias).split([h.shape[-1], layer.skip.out_channels], dim=-1)
+            h = h[:, layer.context :] + residual
+            skips = skips + skip[:, length - output_length :]
+            continue
         if layer.residual is not None:
             h = h[:, layer.context :] + F.linear(z, *pointwise(layer.residual))
         skips = skips + F.linear(z[:, length - output_length :], *pointwise(layer.skip))
@@ -95,11 +134,33 @@ class Layout(NamedTuple):
     channels_last: bool  # logits (B, T', Q) rather than (B, Q, T')
 
 
+ONE_1X1 = ", one 1x1"
 LAYOUTS = {
     "(B, C, T) Conv1d": Layout(forward_bct, channels_last=False),
-    "(B, T, C) cat": Layout(lambda model, x: forward_btc(model, x, concat=True), channels_last=True),
-    "(B, T, C) sum": Layout(lambda model, x: forward_btc(model, x, concat=False), channels_last=True),
+    "(B, C, T) Conv1d" + ONE_1X1: Layout(forward_bct_one_1x1, channels_last=False),
+    "(B, T, C) cat": Layout(partial(forward_btc, concat=True, one_1x1=False), channels_last=True),
+    "(B, T, C) cat" + ONE_1X1: Layout(partial(forward_btc, concat=True, one_1x1=True), channels_last=True),
+    "(B, T, C) sum": Layout(partial(forward_btc, concat=False, one_1x1=False), channels_last=True),
+    "(B, T, C) sum" + ONE_1X1: Layout(partial(forward_btc, concat=False, one_1x1=True), channels_last=True),
 }
+
+
+def forward_flops(model: WaveNet, chunk: int) -> tuple[int, int]:
+    """FLOPs of one example's forward scoring `chunk` samples (2 per MAC, every layer over its valid steps),
+    and how many more the skip 1x1s cost when they run over all of z's steps, as one 1x1 with the residual's."""
+    length = model.receptive_field - 1 + chunk
+    flops = extra = 0
+    for layer in model.layers:
+        length -= layer.context  # z's steps
+        conv = layer.filter_gate
+        flops += 2 * length * conv.kernel_size[0] * conv.in_channels * conv.out_channels
+        skip = 2 * layer.skip.in_channels * layer.skip.out_channels
+        flops += chunk * skip
+        if layer.residual is not None:
+            flops += 2 * length * layer.residual.in_channels * layer.residual.out_channels
+            extra += (length - chunk) * skip
+    head = sum(c.in_channels * c.out_channels for c in model.head if isinstance(c, torch.nn.Conv1d))
+    return flops + 2 * chunk * head, extra
 
 
 def nll(logits: Tensor, targets: Tensor, channels_last: bool) -> Tensor:
@@ -180,9 +241,13 @@ def time_layouts(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = parser.parse_known_args()[0].device.startswith("cuda")
+    # The defaults depend on the device: read it first, without answering --help before all options exist.
+    device_parser = argparse.ArgumentParser(add_help=False)
+    device_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device_parser.parse_known_args()[0].device.startswith("cuda")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[device_parser]
+    )
     parser.add_argument("--sizes", nargs="+", default=list(SIZES) if on_gpu else ["small"], choices=list(SIZES))
     parser.add_argument("--batch", type=int, default=8 if on_gpu else 2)
     parser.add_argument(
@@ -202,8 +267,8 @@ def main() -> None:
         f"batch {args.batch} x {args.chunk}; forward + loss + backward{', compiled' if args.compile else ''}, "
         f"median of {args.rounds} rounds"
     )
-    print("| device | size | precision | layout | ms per step | samples/s | vs Conv1d |")
-    print("|---|---|---|---|---|---|---|")
+    print("| device | size | precision | layout | ms per step | samples/s | vs Conv1d | vs two 1x1s |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         torch.manual_seed(0)
         model = WaveNet(**SIZES[size]).to(device)
@@ -212,6 +277,11 @@ def main() -> None:
         check = torch.randint(0, 256, (2, model.receptive_field - 1 + 256), device=device)
         worst = check_numerics(model, check, torch.randint(0, 256, (2, 256), device=device))
         print(f"<!-- {size}: logits and gradients of every layout within {worst:.1e} (relative) of Conv1d's -->")
+        flops, extra = forward_flops(model, args.chunk)
+        print(
+            f"<!-- {size}: one 1x1's skips over all of z's steps: +{extra / flops:.1%} FLOPs, "
+            f"{3 * args.batch * extra / 1e9:.2f} GFLOP a step on top of {3 * args.batch * flops / 1e9:.1f} -->"
+        )
         for precision in args.precision:
             torch.compiler.reset()
             layouts = {
@@ -221,10 +291,12 @@ def main() -> None:
             seconds = time_layouts(layouts, model, x, targets, precision, args.steps, args.rounds, device)
             label = "fp32" if precision == "32" else precision
             for layout, step_time in seconds.items():
+                two = seconds.get(layout.removesuffix(ONE_1X1)) if layout.endswith(ONE_1X1) else None
                 print(
                     f"| {name} | {size} | {label} | {layout} | {1000 * step_time:.1f} | "
                     f"{args.batch * args.chunk / step_time:,.0f} | "
-                    f"{seconds['(B, C, T) Conv1d'] / step_time:.2f}× |",
+                    f"{seconds['(B, C, T) Conv1d'] / step_time:.2f}× | "
+                    f"{'–' if two is None else f'{two / step_time:.2f}×'} |",
                     flush=True,
                 )
 
