@@ -1,5 +1,7 @@
 """Training speed options: `model.compile` and `model.checkpoint_activations` change speed and memory, not results."""
 
+import logging
+
 import lightning as L
 import pytest
 import torch
@@ -116,8 +118,9 @@ class RecordLosses(L.Callback):
 
 
 @pytest.mark.slow  # inductor compiles C++ for three graphs: about 45 s on a 2-core CPU
-def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(tmp_path):
+def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(tmp_path, caplog):
     torch.compiler.reset()
+    caplog.set_level(logging.INFO, logger="wavenet")
     runs = {}
     for compiled in (False, True):
         L.seed_everything(0)
@@ -125,6 +128,7 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(tmp
         batch = sine_batch(module.receptive_field, batch=3)
         losses = RecordLosses()
         graphs = compiled_graphs()
+        caplog.clear()
         # Validation on the EMA's weights, swapped in under the compiled code; a val batch of 2 after one of 3
         # is the smaller last batch of a real validation set.
         trainer = fit(
@@ -137,6 +141,7 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(tmp
         )
         runs[compiled] = module, trainer, losses
         assert (compiled_graphs() > graphs) == compiled
+        assert ("first training and validation steps compile" in caplog.text) == compiled  # not a silent minute
     (eager, _, eager_losses), (module, trainer, losses) = runs[False], runs[True]
     assert len(losses.train) == 4 and len(losses.val) == 3  # Lightning's sanity check, then steps 2 and 4
     torch.testing.assert_close(losses.train, eager_losses.train, rtol=1e-4, atol=0)
