@@ -316,6 +316,16 @@ def test_wandb_log_model_needs_online(no_wandb_environment, tmp_path, caplog):
         resolve_auto_settings(cfg)
 
 
+def test_wandb_disabled_by_the_environment_is_said(no_wandb_environment, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for offline, said in [("auto", True), (False, True), (True, False)]:  # offline: Lightning overrides the mode
+        caplog.clear()
+        cfg = compose_config("train", ["logger=wandb", f"logger.wandb.offline={offline}"], tmp_path)
+        with caplog.at_level(logging.WARNING):
+            resolve_auto_settings(cfg)
+        assert ("records nothing" in caplog.text) == said, offline
+
+
 def test_audio_samples_are_generated_with_the_weights_validation_used(tmp_path, data_dir, monkeypatch):
     # The EMA callback swaps its average in for validation; samples of the training weights would not be
     # the model that val/loss describes.

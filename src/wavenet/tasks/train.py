@@ -119,6 +119,12 @@ def resolve_auto_settings(cfg: DictConfig) -> None:
             wandb_cfg.group = group
         setting = wandb_cfg.get("offline", False)
         wandb_cfg.offline = wandb_offline(setting)
+        # Lightning sets WANDB_MODE itself for an offline run only; otherwise W&B obeys it and keeps nothing.
+        if not wandb_cfg.offline and os.environ.get("WANDB_MODE", "").lower() == "disabled":
+            log.warning(
+                "W&B: WANDB_MODE=disabled, so logger=wandb records nothing (unset it, or set "
+                "logger.wandb.offline=true, to keep the run)"
+            )
         if wandb_cfg.offline and wandb_cfg.get("log_model"):
             # Lightning refuses to log artifacts offline.
             if setting is True:
