@@ -70,6 +70,7 @@ def logged_sweep(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pa
             f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}",
         )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "anonymous setting" not in result.stderr  # W&B's warning of a setting Lightning passes as None
     return sweep_dir
 
 

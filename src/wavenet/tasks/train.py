@@ -180,6 +180,9 @@ def run(cfg: DictConfig) -> float | None:
     try:
         for logger in loggers:
             if isinstance(logger, WandbLogger):
+                # Lightning 2.6 hands wandb.init anonymous=None, which W&B (0.19 on) warns of in every run.
+                if getattr(logger, "_wandb_init", {}).get("anonymous", False) is None:
+                    del logger._wandb_init["anonymous"]
                 # The whole composed config, resolved, as the run's config (log_hyperparams is rank-zero only).
                 # Lightning adds the module's hyperparameters at the top level when fit starts.
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
