@@ -1,5 +1,6 @@
 """Train WaveNet: python train.py [group=option ...] [key=value ...] (see README.md)."""
 
+import os
 import sys
 
 import hydra
@@ -27,4 +28,7 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
 
 
 if __name__ == "__main__":
+    if not sys.stderr.isatty():
+        # Optuna's log lines are coloured whatever the stream: no escape codes in a batch job's log file.
+        os.environ.setdefault("NO_COLOR", "1")
     main()

@@ -84,6 +84,7 @@ def test_optuna_search_of_three_trials_reports_the_best(tmp_path, data_dir):
     assert [trial["job"] for trial in summary["trials"]] == [0, 1, 2] and all(map(math.isfinite, values))
     assert optuna["best_value"] == summary["best"]["value"] == min(values)
     assert "Best: job" in result.stdout + result.stderr
+    assert "\x1b[" not in result.stderr  # Optuna colours its lines, also into a file
     for job in ("0", "1", "2"):  # each trial logged on its own
         assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
         assert len(list((sweep_dir / job / "tensorboard").glob("events.out.tfevents.*"))) == 1
