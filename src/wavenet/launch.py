@@ -76,7 +76,9 @@ def ddp_job() -> Iterator[None]:
 
 
 def _not_a_tip(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("💡 Tip:")
+    """False for Lightning's advertisements, and for its note that the model summary callback we configure
+    replaces its default one (every run would print it)."""
+    return not record.getMessage().startswith(("💡 Tip:", "Trainer already configured with model summary"))
 
 
 def quiet_lightning() -> None:
