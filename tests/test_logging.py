@@ -179,6 +179,17 @@ def test_start_of_training_shows_no_advert_and_no_flops(tmp_path, data_dir, capf
     assert "FLOPs" not in shown and "Skipping setting a default" not in shown
 
 
+def test_epochs_shorter_than_the_logging_interval_are_logged_without_a_warning(tmp_path, data_dir):
+    # Windows of 8,192 samples from 5 training files of 2 s: 4 batches an epoch, against a step every 5.
+    short = ["data.chunk_length=8192", "trainer.log_every_n_steps=5", "trainer.max_steps=12", "logger=csv"]
+    result = run_script("train.py", *TINY, *BUILTIN_SMALL, *short, f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "logging interval" not in result.stderr  # Lightning's warning that nothing would be logged
+    with (tmp_path / "csv" / "metrics.csv").open() as file:
+        rows = [row for row in csv.DictReader(file) if row.get("train/loss")]
+    assert [(int(row["epoch"]) > 0, int(row["step"])) for row in rows] == [(True, 4), (True, 9)]
+
+
 class RecordGradNorms(L.Callback):
     """The gradient norm at every step, as `{step: norm}`, computed apart from `TrainingMonitor`."""
 
