@@ -182,7 +182,8 @@ def test_start_of_training_shows_no_advert_and_no_flops(tmp_path, data_dir, capf
 def test_epochs_shorter_than_the_logging_interval_are_logged_without_a_warning(tmp_path, data_dir):
     # Windows of 8,192 samples from 5 training files of 2 s: 4 batches an epoch, against a step every 5.
     short = ["data.chunk_length=8192", "trainer.log_every_n_steps=5", "trainer.max_steps=12", "logger=csv"]
-    result = run_script("train.py", *TINY, *BUILTIN_SMALL, *short, f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}")
+    overrides = [*TINY, *BUILTIN_SMALL, *short, f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}"]
+    result = run_script("train.py", *overrides)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "logging interval" not in result.stderr  # Lightning's warning that nothing would be logged
     with (tmp_path / "csv" / "metrics.csv").open() as file:

@@ -293,7 +293,10 @@ def resolve_method(
             problem = _cpu_fused_problem(dtype)
             if problem is None:
                 return "fused"
-            _warn_once(f"Generating eagerly, 1.5-3.5x slower than the native CPU kernel, which cannot run here: {problem}")
+            _warn_once(
+                f"Generating eagerly, 1.5-3.5x slower than the native CPU kernel, which cannot run here: "
+                f"{problem}"
+            )
         return "eager"
     if method == "cuda_graph" and device.type != "cuda":
         raise ValueError(f"method 'cuda_graph' needs a CUDA device, the model is on {device}")

@@ -134,7 +134,9 @@ class WaveNetModule(L.LightningModule):
         self.model.compile()
         self._compiled = True
         if self.trainer.is_global_zero:  # else the first step's silent minute looks like a hang
-            log.info("model.compile=true: the first training and validation steps compile the network (a minute or more)")
+            log.info(
+                "model.compile=true: the first training and validation steps compile the network (a minute or more)"
+            )
 
     def _nll(self, batch: Batch) -> Tensor:
         """Mean cross-entropy (nats/sample) over the targets that see a full receptive field of real input."""

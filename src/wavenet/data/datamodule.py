@@ -301,8 +301,9 @@ class AudioFolderDataModule(ChunkDataModule):
             )
         _log(
             logging.INFO,
-            f"Audio under {self.root}: {len(self.train_files)} training files "
-            f"({self._hours(self.train_files):.2f} h), {len(self.val_files)} validation files "
+            f"Audio under {self.root}: {len(self.train_files)} training file{'s' * (len(self.train_files) != 1)} "
+            f"({self._hours(self.train_files):.2f} h), "
+            f"{len(self.val_files)} validation file{'s' * (len(self.val_files) != 1)} "
             f"({self._hours(self.val_files):.2f} h) at {self.sample_rate} Hz, "
             f"prepared in {folder}",
         )

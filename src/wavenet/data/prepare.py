@@ -364,9 +364,10 @@ def _prepare_into(
     present = [(source, stat) for source, stat in zip(sources, stats) if stat is not None]
     if sum(stat.st_size for _, stat in present) < POOL_MIN_BYTES:
         workers = 1
+    processes = min(workers, max(len(present), 1))
     log.info(
-        "Preparing %d files of %s (%s layout) at %d Hz in %d processes",
-        len(present), root, layout, settings.sample_rate, min(workers, max(len(present), 1)),
+        "Preparing %d files of %s (%s layout) at %d Hz in %s",
+        len(present), root, layout, settings.sample_rate, "1 process" if processes == 1 else f"{processes} processes",
     )  # fmt: skip
     skipped = [
         {"path": s.relative, "reason": "listed by the corpus but missing"} for s in sources if s.missing
