@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -126,13 +128,43 @@ def test_generate_fused_on_the_cpu_equals_eager_and_auto_picks_it(temperature):
 
 
 @needs_compiler
-def test_bfloat16_weights_stay_eager_on_the_cpu_and_fused_says_why():
+@pytest.mark.parametrize(("widths", "batch", "threads"), [(WIDE, 1, 2), (NARROW, 1, 1), (WIDE, 9, 2), (NARROW, 3, 1)])
+def test_bfloat16_weights_give_the_float32_steps_of_bfloat16_rounded_weights(widths, batch, threads):
+    # The kernel's rewrites of the weights (halved gate, residual and skip; transposes) are exact in bfloat16,
+    # so storing them in bfloat16 computes exactly what float32 weights of the same values do.
+    rounded = random_wavenet(2, widths).bfloat16().float()
+    steps = rounded.receptive_field + 40
+    inputs = torch.randint(0, LEVELS, (steps, batch))
+    with torch.inference_mode():
+        eager, native = IncrementalWaveNet(rounded, batch), IncrementalWaveNet(rounded, batch)
+        eager.reset()
+        native.reset()
+        expected = torch.stack([eager.step(classes).clone() for classes in inputs])
+        logits = torch.empty(steps, batch, LEVELS)
+        out = torch.empty(steps, batch, dtype=torch.long)
+        cpu_steps(native, inputs[0], out, forced=inputs, logits_out=logits, threads=threads, bf16_weights=True)
+    assert cpu_step._weights[native].tensors["filter_gate"].dtype == torch.bfloat16  # half the bytes, read
+    assert_relative_close(logits, expected)
+
+
+@needs_compiler
+def test_a_bfloat16_model_generates_with_the_kernel_on_the_cpu():
+    model = random_wavenet(3, WIDE).bfloat16()
     cpu = torch.device("cpu")
-    assert resolve_method("auto", cpu, torch.bfloat16) == "eager"
-    with pytest.raises(ValueError, match="cannot run on the CPU here: its kernel runs float32 weights"):
-        resolve_method("fused", cpu, torch.bfloat16)
-    with pytest.raises(ValueError, match="float32"):
-        cpu_steps(IncrementalWaveNet(random_wavenet(2, NARROW).bfloat16(), 1), *_chunk_arguments(1))
+    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=2) == "fused"
+    # `large` in bfloat16 still streams 90 MiB a step: eager, as in float32.
+    assert resolve_method("auto", cpu, torch.bfloat16, parameters=47_500_000) == "eager"
+    with pytest.raises(ValueError, match="its kernel runs float32 or bfloat16 weights, these are torch.float16"):
+        resolve_method("fused", cpu, torch.float16)
+    with pytest.raises(ValueError, match="float32"):  # the stepper itself stays float32
+        cpu_steps(IncrementalWaveNet(model, 1), *_chunk_arguments(1))
+
+    def sample(model: WaveNet) -> torch.Tensor:
+        return generate(model, 120, 2, 0.9, generator=torch.Generator().manual_seed(3), method="fused")
+
+    # The same samples as float32 weights of the same values: bfloat16 weights, float32 arithmetic.
+    assert torch.equal(sample(model), sample(copy.deepcopy(model).float()))
+    assert model.embedding.weight.dtype == torch.bfloat16  # the caller's model is left as it was
 
 
 def _chunk_arguments(batch: int) -> tuple[torch.Tensor, torch.Tensor]:

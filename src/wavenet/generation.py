@@ -12,13 +12,15 @@ itself, so that a captured step replays correctly at every time.
 Paths (`generate(method=...)`): `eager` runs the step op by op (CPU, or CUDA for comparison);
 `cuda_graph` replays chunks of steps captured with their sampling, one launch per chunk; `fused` runs
 the whole layer stack for many steps in one kernel: Triton on a GPU (`wavenet.kernels.fused_step`), native
-code built on first use on the CPU (`wavenet.kernels.cpu_step`).
+code built on first use on the CPU (`wavenet.kernels.cpu_step`). A bfloat16 model runs in bfloat16 on every
+path but the CPU's kernel, which reads its weights in bfloat16 and computes in float32.
 
 Pure PyTorch: no Lightning, no Hydra.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -259,11 +261,12 @@ METHODS = ("auto", "eager", "cuda_graph", "fused")
 # streams) overtake the native kernel's matrix-vector products over groups of 8 streams. Measured on `small`
 # (BENCHMARKS.md): 1.5-3.4x faster fused up to 64 streams, 0.95x at 256, 0.74x at 1,024.
 _CPU_FUSED_BATCH = 256
-# Models whose float32 weights take more than this stay eager on the CPU: a step then streams every weight from
+# Models whose weights take more than this stay eager on the CPU: a step then streams every weight from
 # DRAM, as eager's one matmul per weight matrix does too, and the kernel's split across cores adds traffic (each
 # core reads all residual weights). Fused / eager at batch 1 on a 2-core CPU (`python bench/generate.py --widths`,
 # BENCHMARKS.md): 1.57x for `medium` (15 MiB), then `large` at widths 256, 320, 384, 512: 1.19x (46 MiB), 1.09x
-# (71 MiB), 0.98x (102 MiB), 0.97x (181 MiB).
+# (71 MiB), 0.98x (102 MiB), 0.97x (181 MiB). In bytes of the model's dtype: the kernel reads bfloat16 weights as
+# such, and `large` in bfloat16 (91 MiB) ran 1.2x eager at batch 1 but 0.22x at 16 (eager's bfloat16 matmuls).
 _CPU_FUSED_MAX_BYTES = 80 * 2**20
 
 
@@ -277,9 +280,9 @@ def resolve_method(
     """The generation path `method` names for `batch_size` streams of a model of `parameters` weights of
     `dtype` on `device`.
 
-    `auto` is `cuda_graph` on CUDA. On the CPU it is `fused` (the native kernel) for float32 weights where a
-    C++ compiler has built it, below `_CPU_FUSED_BATCH` streams and up to `_CPU_FUSED_MAX_BYTES` of weights;
-    otherwise `eager`.
+    `auto` is `cuda_graph` on CUDA. On the CPU it is `fused` (the native kernel) for float32 or bfloat16
+    weights where a C++ compiler has built it, below `_CPU_FUSED_BATCH` streams and up to `_CPU_FUSED_MAX_BYTES`
+    of weights; otherwise `eager`.
 
     Raises:
         ValueError: For an unknown method, or one that cannot run here (the message says why).
@@ -289,7 +292,8 @@ def resolve_method(
     if method == "auto":
         if device.type == "cuda":
             return "cuda_graph"
-        if device.type == "cpu" and batch_size < _CPU_FUSED_BATCH and parameters * 4 <= _CPU_FUSED_MAX_BYTES:
+        weight_bytes = parameters * torch.empty(0, dtype=dtype).element_size()
+        if device.type == "cpu" and batch_size < _CPU_FUSED_BATCH and weight_bytes <= _CPU_FUSED_MAX_BYTES:
             problem = _cpu_fused_problem(dtype)
             if problem is None:
                 return "fused"
@@ -330,8 +334,8 @@ def _native_cpu(device: torch.device) -> bool:
 
 def _cpu_fused_problem(dtype: torch.dtype) -> str | None:
     """Why the native CPU kernel cannot run weights of `dtype` here, or None."""
-    if dtype != torch.float32:
-        return f"its kernel runs float32 weights, these are {dtype}"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"its kernel runs float32 or bfloat16 weights, these are {dtype}"
     from wavenet.kernels.cpu_step import cpu_kernel_problem
 
     return cpu_kernel_problem()
@@ -363,7 +367,7 @@ def generate(
         generator: Random source on the model's device; seed it for reproducible output on that device.
         progress: Called with the number of new samples per stream, every 64 steps or fewer.
         method: `eager`, `cuda_graph` or `fused` (see the module's docstring), or `auto`: `cuda_graph` on
-            a GPU; on the CPU `fused` for float32 weights, fewer than 256 streams and models up to 80 MiB
+            a GPU; on the CPU `fused` for float32 or bfloat16 weights, fewer than 256 streams and models up to 80 MiB
             (`medium`, not `large`) where a C++ compiler is found, else `eager`. All of them compute the same
             function; with the same seed they draw the same noise.
 
@@ -382,6 +386,10 @@ def generate(
     levels = model.quantization_channels
     chunk = min(_CHUNK_STEPS, max(1, _NOISE_ELEMENTS // (batch_size * levels)))
 
+    bf16_weights = method == "fused" and _native_cpu(device) and dtype == torch.bfloat16
+    if bf16_weights:
+        # The kernel's state and arithmetic are float32 (the stepper's), its weight matrices the model's bfloat16.
+        model = copy.deepcopy(model).float()
     stepper = IncrementalWaveNet(model, batch_size, device_counter=method == "cuda_graph")
     if method == "cuda_graph":
         run_chunk: Callable[[Tensor, Tensor, Tensor | None], None] = CudaGraphSampler(
@@ -393,8 +401,10 @@ def generate(
         else:
             from wavenet.kernels.fused_step import fused_steps
 
+        options = {"bf16_weights": True} if bf16_weights else {}
+
         def run_chunk(classes: Tensor, out: Tensor, noise: Tensor | None) -> None:
-            fused_steps(stepper, classes, out, noise=noise)
+            fused_steps(stepper, classes, out, noise=noise, **options)
 
     else:
 

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -32,33 +33,45 @@ constexpr int64_t kTile = 32;
 constexpr int64_t kTile = 16;
 #endif
 
-// The network, laid out by cpu_step.py. Matrices are (in, out) row-major; float32 throughout.
+// The network, laid out by cpu_step.py. Matrices are (in, out) row-major, of float32, or of bfloat16 where
+// `bf16_weights` is set (half the bytes to read per step); everything else is float32 throughout.
 struct Net {
     int64_t layers, taps, residual, dilation, skip, hidden, classes;
     int64_t period;
+    int64_t bf16_weights;
     const int64_t* tap_columns;      // (period, layers * taps): ring column of each layer's past taps
     const int64_t* write_columns;    // (period, layers): ring column that each layer's input goes to
     const float* embedding;          // (classes, residual)
-    const float* filter_gate;        // (layers, (taps + 1) * residual, 2 * dilation): past taps, then the current
+    const void* filter_gate;         // (layers, (taps + 1) * residual, 2 * dilation): past taps, then the current
     const float* filter_gate_bias;   // (layers, 2 * dilation)
-    const float* residual_weight;    // (layers - 1, dilation, residual)
-    const float* skip_weight;        // (layers * dilation, skip)
+    const void* residual_weight;     // (layers - 1, dilation, residual)
+    const void* skip_weight;         // (layers * dilation, skip)
     const float* skip_bias;          // (skip)
-    const float* head_weight;        // (skip, hidden)
+    const void* head_weight;         // (skip, hidden)
     const float* head_bias;          // (hidden)
-    const float* output_weight;      // (hidden, classes)
+    const void* output_weight;       // (hidden, classes)
     const float* output_bias;        // (classes)
 };
+
+// A bfloat16 is the upper half of a float32's bits: widening it is a shift, which vectorises.
+using BFloat16 = uint16_t;
+inline float widen(float w) { return w; }
+inline float widen(BFloat16 w) {
+    const uint32_t bits = static_cast<uint32_t>(w) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+}
 
 // y[g, :n_out] += x[g, :n_in] @ w[:n_in, :n_out] for the G streams of a group; consecutive rows of x, w and y
 // are x_stride, w_stride and y_stride floats apart. A tile of outputs stays in registers over a panel of rows.
 // Rows of 2 KB and more (conf/model/large.yaml) come from DRAM: short panels, read as 16 sequential streams
 // that the hardware prefetchers follow (a tile over all rows would touch a new page per row). Narrower ones
 // sit in cache: long panels, for fewer loads and stores of y (measured: 2.6x and 1.1x faster, respectively).
-template <int G>
-void accumulate(const float* x, int64_t x_stride, const float* w, int64_t w_stride, int64_t n_in, int64_t n_out,
+template <int G, typename W>
+void accumulate(const float* x, int64_t x_stride, const W* w, int64_t w_stride, int64_t n_in, int64_t n_out,
                 float* y, int64_t y_stride) {
-    const int64_t panel_rows = w_stride >= 512 ? 16 : 128;
+    const int64_t panel_rows = w_stride * sizeof(W) >= 2048 ? 16 : 128;
     for (int64_t panel = 0; panel < n_in; panel += panel_rows) {
         const int64_t rows = std::min(panel_rows, n_in - panel);
         int64_t start = 0;
@@ -67,20 +80,29 @@ void accumulate(const float* x, int64_t x_stride, const float* w, int64_t w_stri
             for (int g = 0; g < G; ++g)
                 for (int64_t j = 0; j < kTile; ++j) acc[g][j] = y[g * y_stride + start + j];
             for (int64_t i = panel; i < panel + rows; ++i) {
-                const float* row = w + i * w_stride + start;
-                for (int g = 0; g < G; ++g) {
-                    const float xi = x[g * x_stride + i];
-                    for (int64_t j = 0; j < kTile; ++j) acc[g][j] += xi * row[j];
+                const W* row = w + i * w_stride + start;
+                if constexpr (std::is_same_v<W, float> || G == 1) {
+                    for (int g = 0; g < G; ++g) {
+                        const float xi = x[g * x_stride + i];
+                        for (int64_t j = 0; j < kTile; ++j) acc[g][j] += xi * widen(row[j]);
+                    }
+                } else {
+                    float wide[kTile];  // widened once for all G streams
+                    for (int64_t j = 0; j < kTile; ++j) wide[j] = widen(row[j]);
+                    for (int g = 0; g < G; ++g) {
+                        const float xi = x[g * x_stride + i];
+                        for (int64_t j = 0; j < kTile; ++j) acc[g][j] += xi * wide[j];
+                    }
                 }
             }
             for (int g = 0; g < G; ++g)
                 for (int64_t j = 0; j < kTile; ++j) y[g * y_stride + start + j] = acc[g][j];
         }
         for (int64_t i = panel; i < panel + rows && start < n_out; ++i) {
-            const float* row = w + i * w_stride;
+            const W* row = w + i * w_stride;
             for (int g = 0; g < G; ++g) {
                 const float xi = x[g * x_stride + i];
-                for (int64_t j = start; j < n_out; ++j) y[g * y_stride + j] += xi * row[j];
+                for (int64_t j = start; j < n_out; ++j) y[g * y_stride + j] += xi * widen(row[j]);
             }
         }
     }
@@ -170,7 +192,7 @@ struct Shared {
 
 // Streams s.first ... s.first + G - 1 for `steps` steps. With `shared`, this thread (`rank` of `ranks`)
 // computes gated channels [lo, hi) of every layer and the other threads the rest; without, all of them.
-template <int G>
+template <int G, typename W>
 void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, Shared* shared, int rank,
                int ranks) {
     const int64_t L = net.layers, R = net.residual, D = net.dilation, S = net.skip, H = net.hidden;
@@ -196,14 +218,14 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
         }
         for (int64_t l = 0; l < L; ++l) {
             // This thread's filter columns [lo, hi) into pre[:, :part], its gate columns into pre[:, part:].
-            const float* weight = net.filter_gate + l * (taps + 1) * R * width;
+            const W* weight = static_cast<const W*>(net.filter_gate) + l * (taps + 1) * R * width;
             const float* bias = net.filter_gate_bias + l * width;
             for (int g = 0; g < G; ++g) {
                 std::memcpy(&pre[g * 2 * part], bias + lo, part * sizeof(float));
                 std::memcpy(&pre[g * 2 * part + part], bias + D + lo, part * sizeof(float));
             }
             for (int half = 0; half < 2; ++half) {
-                const float* columns = weight + half * D + lo;
+                const W* columns = weight + half * D + lo;
                 float* y = &pre[half * part];
                 // A tap's ring column is the same for every stream: rows of x are one ring apart.
                 for (int64_t k = 0; k < taps; ++k) {
@@ -223,7 +245,8 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
                 }
                 if (gated) std::memcpy(gated + g * D + lo, z, part * sizeof(float));
             }
-            accumulate<G>(own_gated.data(), part, net.skip_weight + (l * D + lo) * S, S, part, S, skip.data(), S);
+            const W* skip_weight = static_cast<const W*>(net.skip_weight) + (l * D + lo) * S;
+            accumulate<G>(own_gated.data(), part, skip_weight, S, part, S, skip.data(), S);
             // Every thread has read this layer's taps before it arrives: the input may now go to the column
             // of its oldest tap.
             if (shared) shared->barrier.wait();
@@ -232,7 +255,7 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
                     std::memcpy(s.rings + g * s.ring_stride + write_columns[l] * R, &input[g * R], R * sizeof(float));
             }
             if (l + 1 < L) {
-                const float* residual = net.residual_weight + l * D * R;
+                const W* residual = static_cast<const W*>(net.residual_weight) + l * D * R;
                 if (shared) {
                     accumulate<G>(gated, D, residual, R, D, R, input.data(), R);
                 } else {
@@ -250,10 +273,10 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
         }
         for (float& v : skip) v = std::max(v, 0.0f);
         for (int g = 0; g < G; ++g) std::memcpy(&hidden[g * H], net.head_bias, H * sizeof(float));
-        accumulate<G>(skip.data(), S, net.head_weight, H, S, H, hidden.data(), H);
+        accumulate<G>(skip.data(), S, static_cast<const W*>(net.head_weight), H, S, H, hidden.data(), H);
         for (float& v : hidden) v = std::max(v, 0.0f);
         for (int g = 0; g < G; ++g) std::memcpy(&logits[g * Q], net.output_bias, Q * sizeof(float));
-        accumulate<G>(hidden.data(), H, net.output_weight, Q, H, Q, logits.data(), Q);
+        accumulate<G>(hidden.data(), H, static_cast<const W*>(net.output_weight), Q, H, Q, logits.data(), Q);
         for (int g = 0; g < G; ++g) {
             const int64_t b = s.first + g;
             float* z = &logits[g * Q];
@@ -273,22 +296,32 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
     }
 }
 
-void run(const Net& net, const Streams& s, int64_t count, int64_t steps, int64_t phase, Shared* shared, int rank,
-         int ranks) {
+template <typename W>
+void run_groups(const Net& net, const Streams& s, int64_t count, int64_t steps, int64_t phase, Shared* shared,
+                int rank, int ranks) {
     for (int64_t done = 0; done < count; done += kMaxGroup) {
         Streams group = s;
         group.rings += done * s.ring_stride;
         group.first += done;
         switch (std::min<int64_t>(kMaxGroup, count - done)) {
-            case 1: run_group<1>(net, group, steps, phase, shared, rank, ranks); break;
-            case 2: run_group<2>(net, group, steps, phase, shared, rank, ranks); break;
-            case 3: run_group<3>(net, group, steps, phase, shared, rank, ranks); break;
-            case 4: run_group<4>(net, group, steps, phase, shared, rank, ranks); break;
-            case 5: run_group<5>(net, group, steps, phase, shared, rank, ranks); break;
-            case 6: run_group<6>(net, group, steps, phase, shared, rank, ranks); break;
-            case 7: run_group<7>(net, group, steps, phase, shared, rank, ranks); break;
-            default: run_group<8>(net, group, steps, phase, shared, rank, ranks); break;
+            case 1: run_group<1, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 2: run_group<2, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 3: run_group<3, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 4: run_group<4, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 5: run_group<5, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 6: run_group<6, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 7: run_group<7, W>(net, group, steps, phase, shared, rank, ranks); break;
+            default: run_group<8, W>(net, group, steps, phase, shared, rank, ranks); break;
         }
+    }
+}
+
+void run(const Net& net, const Streams& s, int64_t count, int64_t steps, int64_t phase, Shared* shared, int rank,
+         int ranks) {
+    if (net.bf16_weights) {
+        run_groups<BFloat16>(net, s, count, steps, phase, shared, rank, ranks);
+    } else {
+        run_groups<float>(net, s, count, steps, phase, shared, rank, ranks);
     }
 }
 
