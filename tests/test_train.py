@@ -54,6 +54,28 @@ def test_train_writes_checkpoints_logs_and_config(tmp_path, data_dir):
     assert not (Path.cwd() / "outputs" / "train" / "runs" / run_dir.name).exists()  # never chdir, nothing stray
 
 
+def test_bf16_mixed_training_as_on_a_gpu_runs_on_the_cpu(tmp_path, data_dir):
+    # A GPU's default precision, under the CPU's autocast: the loss, EMA, metrics and audio samples all meet
+    # bfloat16 activations here before they do on a GPU.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_logging import SAMPLES
+    from wavenet.ema import EMA_STATE_KEY
+
+    run_dir = tmp_path / "run"
+    train(run_dir, data_dir, "trainer.precision=bf16-mixed", "logger=tensorboard", *SAMPLES)
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["trainer"]["precision"] == "bf16-mixed"
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    for weights in (checkpoint["state_dict"], checkpoint[EMA_STATE_KEY]):  # float32 masters and average
+        assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    (events_file,) = (run_dir / "tensorboard").rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file.parent), size_guidance={"audio": 0, "scalars": 0}).Reload()
+    losses = [event.value for event in events.Scalars("train/loss")] + [e.value for e in events.Scalars("val/loss")]
+    assert len(losses) > 6 and all(0 < loss < 7 for loss in losses)  # finite, and nats of 256 classes
+    assert any(tag.startswith("samples/generated") for tag in events.Tags()["audio"])
+
+
 def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir):
     first, second = tmp_path / "first", tmp_path / "second"
     train(first, data_dir)
