@@ -64,7 +64,7 @@ inline float widen(BFloat16 w) {
 }
 
 // y[g, :n_out] += x[g, :n_in] @ w[:n_in, :n_out] for the G streams of a group; consecutive rows of x, w and y
-// are x_stride, w_stride and y_stride floats apart. A tile of outputs stays in registers over a panel of rows.
+// are x_stride, w_stride and y_stride elements apart. A tile of outputs stays in registers over a panel of rows.
 // Rows of 2 KB and more (conf/model/large.yaml) come from DRAM: short panels, read as 16 sequential streams
 // that the hardware prefetchers follow (a tile over all rows would touch a new page per row). Narrower ones
 // sit in cache: long panels, for fewer loads and stores of y (measured: 2.6x and 1.1x faster, respectively).
@@ -81,13 +81,14 @@ void accumulate(const float* x, int64_t x_stride, const W* w, int64_t w_stride, 
                 for (int64_t j = 0; j < kTile; ++j) acc[g][j] = y[g * y_stride + start + j];
             for (int64_t i = panel; i < panel + rows; ++i) {
                 const W* row = w + i * w_stride + start;
+                // A bfloat16 row is widened in registers for one stream, and once into `wide` for several.
                 if constexpr (std::is_same_v<W, float> || G == 1) {
                     for (int g = 0; g < G; ++g) {
                         const float xi = x[g * x_stride + i];
                         for (int64_t j = 0; j < kTile; ++j) acc[g][j] += xi * widen(row[j]);
                     }
                 } else {
-                    float wide[kTile];  // widened once for all G streams
+                    float wide[kTile];
                     for (int64_t j = 0; j < kTile; ++j) wide[j] = widen(row[j]);
                     for (int g = 0; g < G; ++g) {
                         const float xi = x[g * x_stride + i];
