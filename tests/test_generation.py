@@ -355,6 +355,17 @@ def test_generate_task_names_the_method_that_cannot_run_here(tmp_path, checkpoin
     assert not list(tmp_path.glob("*.wav"))
 
 
+def test_file_names_sort_in_stream_order_past_a_thousand_streams(tmp_path, checkpoint):
+    from tests.conftest import compose_config
+    from wavenet.tasks.generate import run
+
+    overrides = [f"ckpt_path={checkpoint}", "num_samples=3", "batch_size=1001", "device=cpu", "seed=0"]
+    paths = run(compose_config("generate", overrides, tmp_path))
+    names = [path.name for path in paths]
+    assert names[:2] == ["sample_0000.wav", "sample_0001.wav"] and names[-1] == "sample_1000.wav"
+    assert sorted(path.name for path in tmp_path.glob("sample_*.wav")) == names
+
+
 def test_generate_task_runs_in_bfloat16_and_refuses_other_precisions(tmp_path, checkpoint):
     from tests.conftest import compose_config
     from wavenet.errors import UserError

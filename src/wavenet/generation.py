@@ -412,19 +412,23 @@ def generate(
             sample_steps(stepper, classes, out, noise)
 
     stepper.reset(prime[..., :-1])  # after the capture above, whose warm-up steps write the state
-    samples = torch.empty(num_samples, batch_size, dtype=torch.long, device=device)  # (N, B): rows contiguous
+    samples = torch.empty(batch_size, num_samples, dtype=torch.long, device=device)
+    # Steps write (chunk, B) rows; copied into `samples` chunk by chunk, so that the result is never transposed
+    # whole (a second copy of every sample: gigabytes for thousands of long streams).
+    steps = torch.empty(chunk, batch_size, dtype=torch.long, device=device)
     classes = prime[..., -1].expand(batch_size).contiguous()
     for start in range(0, num_samples, chunk):
-        out = samples[start : start + chunk]
+        out = steps[: min(chunk, num_samples - start)]
         noise = None
         if temperature > 0:
             # Gumbel-max: argmax(logits / T + G) is a sample of softmax(logits / T); scaled by T, no division.
             noise = _gumbel_(torch.rand(len(out), batch_size, levels, generator=generator, device=device), temperature)
         run_chunk(classes, out, noise)
-        classes = out[-1]
+        samples[:, start : start + len(out)] = out.T
+        classes = out[-1].clone()  # the next chunk's steps overwrite `out`
         if progress is not None:
             progress(len(out))
-    return samples.T.contiguous()
+    return samples
 
 
 def sample_steps(stepper: IncrementalWaveNet, classes: Tensor, out: Tensor, noise: Tensor | None) -> None:

@@ -86,9 +86,10 @@ def run(cfg: DictConfig) -> list[Path]:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, stream in enumerate(mu_law_decode(classes.cpu(), levels)):
-        paths.append(output_dir / f"sample_{index:03d}.wav")
-        write_wav(paths[-1], stream, sample_rate)
+    digits = max(3, len(str(cfg.batch_size - 1)))  # sample_0999.wav sorts before sample_1000.wav
+    for index, stream in enumerate(classes.cpu()):  # decoded one at a time: float audio of one stream in memory
+        paths.append(output_dir / f"sample_{index:0{digits}d}.wav")
+        write_wav(paths[-1], mu_law_decode(stream, levels), sample_rate)
     log.info(
         "Wrote %d file(s) to %s in %.1f s: %s samples/s, %.2fx real time",
         len(paths),
