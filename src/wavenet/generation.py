@@ -259,8 +259,9 @@ class IncrementalWaveNet:
 METHODS = ("auto", "eager", "cuda_graph", "fused")
 # From this many streams on, `auto` keeps the CPU eager: its batched matmuls (oneDNN/MKL, cache-blocked over
 # streams) overtake the native kernel's matrix-vector products over groups of 8 streams. Measured on `small`
-# (BENCHMARKS.md): 1.5-3.4x faster fused up to 64 streams, 0.95x at 256, 0.74x at 1,024.
-_CPU_FUSED_BATCH = 256
+# (BENCHMARKS.md): 1.5-3.4x faster fused up to 64 streams, 0.95x at 256, 0.74x at 1,024. With bfloat16 weights
+# eager's matmuls are slower and the kernel reads half the bytes: 1.36x at 256, 1.03x at 512, 0.81x at 1,024.
+_CPU_FUSED_BATCH = {torch.float32: 256, torch.bfloat16: 512}
 # Models whose weights take more than this stay eager on the CPU: a step then streams every weight from
 # DRAM, as eager's one matmul per weight matrix does too, and the kernel's split across cores adds traffic (each
 # core reads all residual weights). Fused / eager at batch 1 on a 2-core CPU (`python bench/generate.py --widths`,
@@ -281,8 +282,8 @@ def resolve_method(
     `dtype` on `device`.
 
     `auto` is `cuda_graph` on CUDA. On the CPU it is `fused` (the native kernel) for float32 or bfloat16
-    weights where a C++ compiler has built it, below `_CPU_FUSED_BATCH` streams and up to `_CPU_FUSED_MAX_BYTES`
-    of weights; otherwise `eager`.
+    weights where a C++ compiler has built it, below `_CPU_FUSED_BATCH` streams (256 in float32, 512 in
+    bfloat16) and up to `_CPU_FUSED_MAX_BYTES` of weights; otherwise `eager`.
 
     Raises:
         ValueError: For an unknown method, or one that cannot run here (the message says why).
@@ -293,7 +294,8 @@ def resolve_method(
         if device.type == "cuda":
             return "cuda_graph"
         weight_bytes = parameters * torch.empty(0, dtype=dtype).element_size()
-        if device.type == "cpu" and batch_size < _CPU_FUSED_BATCH and weight_bytes <= _CPU_FUSED_MAX_BYTES:
+        fused_batch = _CPU_FUSED_BATCH.get(dtype, _CPU_FUSED_BATCH[torch.float32])  # other dtypes: said below
+        if device.type == "cpu" and batch_size < fused_batch and weight_bytes <= _CPU_FUSED_MAX_BYTES:
             problem = _cpu_fused_problem(dtype)
             if problem is None:
                 return "fused"
@@ -367,8 +369,8 @@ def generate(
         generator: Random source on the model's device; seed it for reproducible output on that device.
         progress: Called with the number of new samples per stream, every 64 steps or fewer.
         method: `eager`, `cuda_graph` or `fused` (see the module's docstring), or `auto`: `cuda_graph` on
-            a GPU; on the CPU `fused` for float32 or bfloat16 weights, fewer than 256 streams and models up to 80 MiB
-            (`medium`, not `large`) where a C++ compiler is found, else `eager`. All of them compute the same
+            a GPU; on the CPU `fused` for float32 or bfloat16 weights, fewer than 256 streams (512 in bfloat16)
+            and models up to 80 MiB (`medium`, not `large`) where a C++ compiler is found, else `eager`. All of them compute the same
             function; with the same seed they draw the same noise.
 
     Returns:
