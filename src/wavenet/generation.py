@@ -370,8 +370,8 @@ def generate(
         progress: Called with the number of new samples per stream, every 64 steps or fewer.
         method: `eager`, `cuda_graph` or `fused` (see the module's docstring), or `auto`: `cuda_graph` on
             a GPU; on the CPU `fused` for float32 or bfloat16 weights, fewer than 256 streams (512 in bfloat16)
-            and models up to 80 MiB (`medium`, not `large`) where a C++ compiler is found, else `eager`. All of them compute the same
-            function; with the same seed they draw the same noise.
+            and models up to 80 MiB (`medium`, not `large`) where a C++ compiler is found, else `eager`. All of
+            them compute the same function; with the same seed they draw the same noise.
 
     Returns:
         (B, num_samples) int64 classes, without the prime.
