@@ -293,7 +293,7 @@ def resolve_method(
     if method == "auto":
         if device.type == "cuda":
             return "cuda_graph"
-        weight_bytes = parameters * torch.empty(0, dtype=dtype).element_size()
+        weight_bytes = parameters * dtype.itemsize
         fused_batch = _CPU_FUSED_BATCH.get(dtype, _CPU_FUSED_BATCH[torch.float32])  # other dtypes: said below
         if device.type == "cpu" and batch_size < fused_batch and weight_bytes <= _CPU_FUSED_MAX_BYTES:
             problem = _cpu_fused_problem(dtype)

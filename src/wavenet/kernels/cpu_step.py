@@ -151,7 +151,9 @@ class _Weights:
 
     def __init__(self, stepper: IncrementalWaveNet, bf16_weights: bool = False) -> None:
         if stepper.rings.dtype != torch.float32:
-            raise ValueError(f"the CPU kernel runs float32 weights, got {stepper.rings.dtype}")
+            raise ValueError(
+                f"the CPU kernel runs a float32 stepper (bfloat16 weights with bf16_weights), got {stepper.rings.dtype}"
+            )
         if len(stepper.head_weights) != 2:
             raise ValueError(f"the CPU kernel runs a head of 2 convolutions, got {len(stepper.head_weights)}")
         layers = len(stepper.layers)
@@ -160,22 +162,24 @@ class _Weights:
         current = torch.stack([layer.current_weight for layer in stepper.layers])  # (L, R, 2D)
         self.bf16_weights = bf16_weights
         matrix_dtype = torch.bfloat16 if bf16_weights else torch.float32
+
+        def matrix(weight: Tensor) -> Tensor:
+            return weight.to(matrix_dtype).contiguous()
+
         self.tensors = {
             "tap_columns": stepper.tap_columns.contiguous(),
             "write_columns": stepper.write_columns.contiguous(),
             "embedding": stepper.embedding.contiguous(),
-            "filter_gate": torch.cat([stepper.past_weight, current], dim=1).to(matrix_dtype).contiguous(),
+            "filter_gate": matrix(torch.cat([stepper.past_weight, current], dim=1)),
             "filter_gate_bias": stepper.past_bias.reshape(layers, -1).contiguous(),
-            "residual_weight": torch.stack([layer.residual_weight for layer in stepper.layers[:-1]])
-            .to(matrix_dtype)
-            .contiguous()
+            "residual_weight": matrix(torch.stack([layer.residual_weight for layer in stepper.layers[:-1]]))
             if layers > 1
             else stepper.embedding.new_zeros(1, dtype=matrix_dtype),
-            "skip_weight": stepper.skip_weight.to(matrix_dtype).contiguous(),
+            "skip_weight": matrix(stepper.skip_weight),
             "skip_bias": stepper.skip_bias.contiguous(),
-            "head_weight": stepper.head_weights[0].to(matrix_dtype).contiguous(),
+            "head_weight": matrix(stepper.head_weights[0]),
             "head_bias": stepper.head_biases[0].contiguous(),
-            "output_weight": stepper.head_weights[1].to(matrix_dtype).contiguous(),
+            "output_weight": matrix(stepper.head_weights[1]),
             "output_bias": stepper.head_biases[1].contiguous(),
         }
         self.net = _Net(
