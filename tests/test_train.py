@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,8 +90,8 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir
     assert steps and min(steps) >= 6, steps
 
 
-@pytest.mark.parametrize("stop,status", [(signal.SIGINT, 1), (signal.SIGTERM, 128 + signal.SIGTERM)])
-def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, stop, status):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, stop):
     # Ctrl-C, or a scheduler's SIGTERM (preemption): the steps since the last validation are not lost.
     run_dir = tmp_path / "stopped"
     command = [sys.executable, "train.py", *TINY, *BUILTIN_SMALL, "trainer.max_steps=100000",
@@ -107,12 +108,20 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
     time.sleep(0.5)  # training goes on past step 50's checkpoint
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == status, stderr[-2000:]  # never 0: a preempted job is not a finished one
+    assert process.returncode == 128 + stop, stderr[-2000:]  # never 0: a preempted job is not a finished one
     assert "Traceback" not in stderr
     interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
     assert f"resume with ckpt_path={interrupted}" in stdout + stderr
-    stopped_at = torch.load(interrupted, weights_only=False)["global_step"]
+    assert ("stopping at the end of this step" in stdout + stderr) == (stop == signal.SIGINT)
+    assert "Received SIGTERM" not in stdout + stderr or stop == signal.SIGTERM
+    checkpoint = torch.load(interrupted, weights_only=False)
+    stopped_at = checkpoint["global_step"]
     assert stopped_at > 50 and stopped_at >= torch.load(last, weights_only=False)["global_step"]
+    # Stopped between steps: every batch handed out was trained on, so a resumed run skips none.
+    batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+    assert batches["ready"] == batches["completed"]
+    loader = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader["windows"] == batches["completed"] * 4  # data.batch_size=4 in TINY
 
     # Validated (and so checkpointed to last.ckpt) after each step.
     resumed = run_script("train.py", *TINY, *BUILTIN_SMALL, f"trainer.max_steps={stopped_at + 2}",
@@ -123,6 +132,28 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
     assert len([row for row in read_metrics(tmp_path / "resumed") if row.get("train/loss")]) == 2
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == stopped_at + 2  # two steps trained after the stop, to max_steps
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_second_ctrl_c_stops_at_once_as_does_the_first_under_ddp(world_size):
+    from wavenet.callbacks import InterruptCheckpoint
+
+    stops: list[int] = []
+    lightning_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: stops.append(signum))
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    try:
+        callback = InterruptCheckpoint("unused")
+        callback.on_train_start(SimpleNamespace(world_size=world_size), None)
+        if world_size == 1:
+            assert signal.getsignal(signal.SIGINT) is not ctrl_c  # or this Ctrl-C would stop pytest
+            signal.raise_signal(signal.SIGINT)  # handed to Lightning's SIGTERM handler: stop after this step
+            assert stops == [signal.SIGTERM] and callback.stopped_by_ctrl_c
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert stops == [signal.SIGTERM] * (world_size == 1)
+    finally:
+        signal.signal(signal.SIGTERM, lightning_sigterm)
+        signal.signal(signal.SIGINT, ctrl_c)
 
 
 def test_ddp_sim_trains_on_two_cpu_processes(tmp_path, data_dir):

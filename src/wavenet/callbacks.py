@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
+from types import FrameType
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -129,21 +132,57 @@ class ModelSummaryWithoutFlops(RichModelSummary):
 class InterruptCheckpoint(L.Callback):
     """Saves `<dirpath>/interrupted.ckpt` when training is stopped: Ctrl-C, or SIGTERM (a preempted job).
 
-    Without it, a stop loses everything since the last validation (up to `val_check_interval` steps). On
-    SIGTERM Lightning stops at the end of a step, so the checkpoint resumes exactly; on Ctrl-C the step in
-    progress is not retrained. Other exceptions (a bug, out of memory) save nothing: their state may be
-    broken. Not Lightning's `OnExceptionCheckpoint`, which saves on every exception and, when present,
-    makes every `fit` without `ckpt_path` look for a checkpoint to resume from.
+    Without it, a stop loses everything since the last validation (up to `val_check_interval` steps). Both stop
+    at the end of the step in progress (Ctrl-C through Lightning's SIGTERM handling), so the checkpoint resumes
+    exactly where an uninterrupted run would be. A second Ctrl-C stops at once: the step in progress is not
+    retrained, and one stopped inside the optimizer step may save half-updated weights. Under DDP the first
+    Ctrl-C already stops at once: every rank receives it, and Lightning's SIGTERM handler would have each one
+    broadcast the stop, unmatched. Other exceptions (a bug, out of memory) save nothing: their state may be
+    broken. Not Lightning's `OnExceptionCheckpoint`, which saves on every exception and, when present, makes
+    every `fit` without `ckpt_path` look for a checkpoint to resume from.
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
         self.path = Path(dirpath) / filename
+        self.stopped_by_ctrl_c = False
+        self._ctrl_c_handler: Any = None  # SIGINT's handler before training started, while ours is installed
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stopped_by_ctrl_c = False
+        lightning_sigterm = signal.getsignal(signal.SIGTERM)  # SIG_DFL, not callable, where Lightning set none
+        if trainer.world_size > 1 or not callable(lightning_sigterm):
+            return
+        if threading.current_thread() is not threading.main_thread():  # only there can signal handlers be set
+            return
+
+        def stop_after_this_step(signum: int, frame: FrameType | None) -> None:
+            self._restore_ctrl_c()
+            self.stopped_by_ctrl_c = True
+            rank_zero_info("Ctrl-C: stopping at the end of this step (Ctrl-C again stops at once)")
+            notices = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+            level = notices.level
+            notices.setLevel(logging.WARNING)  # its "Received SIGTERM" would be news to whoever pressed Ctrl-C
+            try:
+                lightning_sigterm(signal.SIGTERM, frame)
+            finally:
+                notices.setLevel(level)
+
+        self._ctrl_c_handler = signal.signal(signal.SIGINT, stop_after_this_step)
+
+    def _restore_ctrl_c(self) -> None:
+        if self._ctrl_c_handler is not None:
+            signal.signal(signal.SIGINT, self._ctrl_c_handler)
+            self._ctrl_c_handler = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_ctrl_c()
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
             return
         trainer.save_checkpoint(self.path, weights_only=False)
         rank_zero_info(f"Stopped at step {trainer.global_step}; resume with ckpt_path={self.path}")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_ctrl_c()
 
 
 class TrainingMonitor(L.Callback):

@@ -202,7 +202,8 @@ def run(cfg: DictConfig) -> float | None:
                     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             except SIGTERMException:
                 # Lightning's exits with status 0: a preempted job must not look finished to its scheduler.
-                raise SystemExit(128 + signal.SIGTERM) from None
+                ctrl_c = any(getattr(callback, "stopped_by_ctrl_c", False) for callback in trainer.callbacks)
+                raise SystemExit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)) from None
             checkpoints = trainer.checkpoint_callback
             if trainer.is_global_zero and checkpoints is not None and checkpoints.best_model_path:
                 log.info("Best checkpoint: %s", checkpoints.best_model_path)
