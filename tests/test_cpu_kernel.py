@@ -37,8 +37,9 @@ def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, toleranc
 
 
 # Widths (residual, dilation, skip) that differ from each other, so a transposed weight cannot go unnoticed:
-# below one register tile of 32 columns, and above it with a remainder, whole or split across threads.
-NARROW, WIDE = (8, 6, 12), (40, 80, 36)
+# below one register tile of 32 columns, and above it with a remainder, whole or split across threads (in
+# blocks of 16 columns: NARROW's 20 gated channels split as 16 and a part-block of 4).
+NARROW, WIDE = (8, 20, 12), (40, 80, 36)
 
 
 @pytest.mark.parametrize(
@@ -118,11 +119,15 @@ def test_generate_fused_on_the_cpu_equals_eager_and_auto_picks_it(temperature):
         generator = torch.Generator().manual_seed(7)
         return generate(model, 150, 2, temperature, prime=prime, generator=generator, method=method)
 
-    assert resolve_method("auto", torch.device("cpu"), batch_size=2) == "fused"
-    assert resolve_method("auto", torch.device("cpu"), batch_size=256) == "eager"  # batched matmuls win there
-    medium, large = 4_000_000, 47_500_000  # parameters; `large` streams its weights from DRAM either way
-    assert resolve_method("auto", torch.device("cpu"), parameters=medium) == "fused"
-    assert resolve_method("auto", torch.device("cpu"), parameters=large) == "eager"
+    cpu = torch.device("cpu")
+    small, medium, large = 641_600, 4_013_312, 47_509_760  # parameters of conf/model/
+    assert resolve_method("auto", cpu, batch_size=2, parameters=small) == "fused"
+    # Eager's batched matmuls catch up with more streams, and sooner for wider layers.
+    assert resolve_method("auto", cpu, batch_size=405, parameters=small) == "fused"
+    assert resolve_method("auto", cpu, batch_size=406, parameters=small) == "eager"
+    assert resolve_method("auto", cpu, batch_size=64, parameters=medium) == "fused"
+    assert resolve_method("auto", cpu, batch_size=65, parameters=medium) == "eager"
+    assert resolve_method("auto", cpu, parameters=large) == "eager"  # it streams its weights from DRAM either way
     assert torch.equal(sample("fused"), sample("eager"))
     assert torch.equal(sample("auto"), sample("eager"))
 
@@ -152,9 +157,9 @@ def test_a_bfloat16_model_generates_with_the_kernel_on_the_cpu():
     model = random_wavenet(3, WIDE).bfloat16()
     cpu = torch.device("cpu")
     assert resolve_method("auto", cpu, torch.bfloat16, batch_size=2) == "fused"
-    # Eager's bfloat16 matmuls catch up with the kernel later than float32's: 512 streams, not 256.
-    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=256) == "fused"
-    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=512) == "eager"
+    # Eager's bfloat16 matmuls catch up later than float32's: `small` 1,028 streams, not 405.
+    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=1028, parameters=641_600) == "fused"
+    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=1029, parameters=641_600) == "eager"
     # `large` in bfloat16 still streams 90 MiB a step: eager, as in float32.
     assert resolve_method("auto", cpu, torch.bfloat16, parameters=47_500_000) == "eager"
     with pytest.raises(ValueError, match="its kernel runs float32 or bfloat16 weights, these are torch.float16"):

@@ -257,17 +257,21 @@ class IncrementalWaveNet:
 
 
 METHODS = ("auto", "eager", "cuda_graph", "fused")
-# From this many streams on, `auto` keeps the CPU eager: its batched matmuls (oneDNN/MKL, cache-blocked over
-# streams) overtake the native kernel's matrix-vector products over groups of 8 streams. Measured on `small`
-# (BENCHMARKS.md): 1.5-3.4x faster fused up to 64 streams, 0.95x at 256, 0.74x at 1,024. With bfloat16 weights
-# eager's matmuls are slower and the kernel reads half the bytes: 1.36x at 256, 1.03x at 512, 0.81x at 1,024.
-_CPU_FUSED_BATCH = {torch.float32: 256, torch.bfloat16: 512}
+# `auto` keeps the CPU eager once a step's multiply-adds over all streams (streams x parameters) reach this: there
+# eager's batched matmuls (oneDNN, cache-blocked over streams) catch up with the kernel's products over groups of
+# 8 streams, and they gain more from more streams and wider layers. Fused / eager (BENCHMARKS.md), float32:
+# `small` 1.06x at 256 streams, 1.13x at 512, 0.98x at 1,024; `medium` 1.74x at 16, 0.99x at 64, 0.82x at 128.
+# With bfloat16 weights, where eager's matmuls are slower: `small` 1.50x, 1.34x, 1.02x; `medium` 3.4x at 16,
+# 1.04x at 128, 0.87x at 256. So float32 `small` runs fused below 406 streams and `medium` below 65; bfloat16
+# ones below 1,029 and 165.
+_CPU_FUSED_WORK = {torch.float32: 2.6e8, torch.bfloat16: 6.6e8}
 # Models whose weights take more than this stay eager on the CPU: a step then streams every weight from
 # DRAM, as eager's one matmul per weight matrix does too, and the kernel's split across cores adds traffic (each
-# core reads all residual weights). Fused / eager at batch 1 on a 2-core CPU (`python bench/generate.py --widths`,
-# BENCHMARKS.md): 1.57x for `medium` (15 MiB), then `large` at widths 256, 320, 384, 512: 1.19x (46 MiB), 1.09x
-# (71 MiB), 0.98x (102 MiB), 0.97x (181 MiB). In bytes of the model's dtype: the kernel reads bfloat16 weights as
-# such, and `large` in bfloat16 (91 MiB) ran 1.2x eager at batch 1 but 0.22x at 16 (eager's bfloat16 matmuls).
+# core reads all residual weights). Fused / eager at batch 1 and 16 on a 2-core CPU (`python bench/generate.py
+# --widths`, BENCHMARKS.md), float32: 1.74x and 1.30x for `medium` (15 MiB), then `large` at widths 256, 320, 384,
+# 512: 1.21x and 1.09x (46 MiB), 1.09x and 0.93x (71 MiB), 1.07x and 0.76x (102 MiB), 0.85x and 0.90x (181 MiB).
+# Counted in bytes of the model's dtype: the kernel reads bfloat16 weights as such, 2.9x and 1.10x eager at
+# width 384 (51 MiB); `large` in bfloat16 (91 MiB) ran 2.0x eager at batch 1 but 0.72x at 16.
 _CPU_FUSED_MAX_BYTES = 80 * 2**20
 
 
@@ -282,8 +286,8 @@ def resolve_method(
     `dtype` on `device`.
 
     `auto` is `cuda_graph` on CUDA. On the CPU it is `fused` (the native kernel) for float32 or bfloat16
-    weights where a C++ compiler has built it, below `_CPU_FUSED_BATCH` streams (256 in float32, 512 in
-    bfloat16) and up to `_CPU_FUSED_MAX_BYTES` of weights; otherwise `eager`.
+    weights where a C++ compiler has built it, for models up to `_CPU_FUSED_MAX_BYTES` of weights and steps
+    of fewer than `_CPU_FUSED_WORK` multiply-adds over all streams; otherwise `eager`.
 
     Raises:
         ValueError: For an unknown method, or one that cannot run here (the message says why).
@@ -294,13 +298,15 @@ def resolve_method(
         if device.type == "cuda":
             return "cuda_graph"
         weight_bytes = parameters * dtype.itemsize
-        fused_batch = _CPU_FUSED_BATCH.get(dtype, _CPU_FUSED_BATCH[torch.float32])  # other dtypes: said below
-        if device.type == "cpu" and batch_size < fused_batch and weight_bytes <= _CPU_FUSED_MAX_BYTES:
+        work_limit = _CPU_FUSED_WORK.get(dtype, _CPU_FUSED_WORK[torch.float32])  # other dtypes: said below
+        small_work = batch_size * parameters < work_limit
+        if device.type == "cpu" and small_work and weight_bytes <= _CPU_FUSED_MAX_BYTES:
             problem = _cpu_fused_problem(dtype)
             if problem is None:
                 return "fused"
             _warn_once(
-                f"Generating eagerly, 1.5-3.5x slower than the native CPU kernel, which cannot run here: "
+                f"Generating eagerly, up to 4x slower than the native CPU kernel (10x in bfloat16), which cannot "
+                f"run here: "
                 f"{problem}"
             )
         return "eager"
@@ -369,8 +375,9 @@ def generate(
         generator: Random source on the model's device; seed it for reproducible output on that device.
         progress: Called with the number of new samples per stream, every 64 steps or fewer.
         method: `eager`, `cuda_graph` or `fused` (see the module's docstring), or `auto`: `cuda_graph` on
-            a GPU; on the CPU `fused` for float32 or bfloat16 weights, fewer than 256 streams (512 in bfloat16)
-            and models up to 80 MiB (`medium`, not `large`) where a C++ compiler is found, else `eager`. All of
+            a GPU; on the CPU `fused` for float32 or bfloat16 weights, models up to 80 MiB (`medium`, not
+            `large`) and as many streams as it beats eager's batched matmuls at (float32: up to 405 for `small`,
+            64 for `medium`; bfloat16: 1,028 and 164), where a C++ compiler is found, else `eager`. All of
             them compute the same function; with the same seed they draw the same noise.
 
     Returns:

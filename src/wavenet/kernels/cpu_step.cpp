@@ -4,11 +4,13 @@
 // second). The arithmetic is IncrementalWaveNet.step's, on its own ring buffers and rewritten weights; only
 // the order of the float sums and the tanh approximation differ. What the eager step spends per sample is
 // ~170 tensor calls of dispatch (~1 us each); here a step is the matrix-vector products themselves, run over
-// groups of up to kMaxGroup streams so that each weight row read from cache serves every stream of the group.
+// groups of up to kMaxGroup streams so that each weight vector loaded serves every stream of the group, from
+// weights laid out in the order the products read them (blocked matrices, see Net).
 //
 // Two ways to use several threads:
 // - Many streams: each thread runs its own range of streams, never waiting for the others.
-// - One group of streams (batch <= kMaxGroup): the threads split every layer's gated channels. At batch 1 a
+// - One group of streams (batch <= kMaxGroup): the threads split every layer's gated channels, in whole blocks
+//   (so at most dilation / kBlock threads: 4 for conf/model/small.yaml, 8 for medium). At batch 1 a
 //   step reads every weight once, and once the weights outgrow one core's L2 (conf/model/small.yaml: 2.5 MB of
 //   float32 against 2 MB here) it waits on the shared L3; split across cores, each core's share stays in its
 //   own L2. The price is one barrier per layer, to exchange the gated channels that the residual needs.
@@ -19,22 +21,31 @@
 #include <cstring>
 #include <system_error>
 #include <thread>
-#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int kMaxGroup = 8;
-// Output columns per register tile, times kMaxGroup streams of accumulators: 16 of the 32 AVX-512 registers,
-// or all 16 AVX2 ones.
+// Weight matrices are stored in blocks of kBlock columns (see Net). Output columns per register tile: a whole
+// number of blocks, times kMaxGroup streams of accumulators: 16 of the 32 AVX-512 registers, or all 16 AVX2 ones.
+constexpr int64_t kBlock = 16;
 #if defined(__AVX512F__)
 constexpr int64_t kTile = 32;
 #else
 constexpr int64_t kTile = 16;
 #endif
+static_assert(kTile % kBlock == 0, "a tile is whole blocks");
 
-// The network, laid out by cpu_step.py. Matrices are (in, out) row-major, of float32, or of bfloat16 where
-// `bf16_weights` is set (half the bytes to read per step); everything else is float32 throughout.
+// The network, laid out by cpu_step.py. A weight matrix (in, out) is stored "blocked": its columns cut into
+// blocks of kBlock (the last one padded with zeros), each block (in, kBlock) row-major, the blocks one after
+// another. A tile of outputs then reads each of its blocks as one sequential stream over all rows (not a
+// piece of every row: that took 1.4x as long for `small`'s layers on one core), and a thread's share of the
+// columns is whole blocks. Matrices are of float32, or of bfloat16 where `bf16_weights` is set (half the bytes
+// to read per step); everything else is float32 throughout.
 struct Net {
     int64_t layers, taps, residual, dilation, skip, hidden, classes;
     int64_t period;
@@ -42,70 +53,99 @@ struct Net {
     const int64_t* tap_columns;      // (period, layers * taps): ring column of each layer's past taps
     const int64_t* write_columns;    // (period, layers): ring column that each layer's input goes to
     const float* embedding;          // (classes, residual)
-    const void* filter_gate;         // (layers, (taps + 1) * residual, 2 * dilation): past taps, then the current
+    const void* filter_gate;         // (layers, 2) blocked ((taps + 1) * residual, dilation): filter, then gate;
+                                     // rows: past taps, then the current input
     const float* filter_gate_bias;   // (layers, 2 * dilation)
-    const void* residual_weight;     // (layers - 1, dilation, residual)
-    const void* skip_weight;         // (layers * dilation, skip)
+    const void* residual_weight;     // (layers - 1) blocked (dilation, residual)
+    const void* skip_weight;         // blocked (layers * dilation, skip)
     const float* skip_bias;          // (skip)
-    const void* head_weight;         // (skip, hidden)
+    const void* head_weight;         // blocked (skip, hidden)
     const float* head_bias;          // (hidden)
-    const void* output_weight;       // (hidden, classes)
+    const void* output_weight;       // blocked (hidden, classes)
     const float* output_bias;        // (classes)
 };
 
-// A bfloat16 is the upper half of a float32's bits: widening it is a shift, which vectorises.
+inline int64_t blocks(int64_t columns) { return (columns + kBlock - 1) / kBlock; }
+
+// Elements of a blocked matrix of `rows` rows and `columns` columns.
+inline int64_t blocked_size(int64_t rows, int64_t columns) { return blocks(columns) * kBlock * rows; }
+
+// Vectors of kLanes floats, through the compiler's vector extensions (GCC and Clang, any target): auto-vectorised
+// loops of the same tile arithmetic did not keep the accumulators in registers (measured on `small`'s layers:
+// 2.1x slower at one stream, 2.4x at eight).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+static_assert(kBlock % kLanes == 0, "a block is whole vectors");
+using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
+
+// A bfloat16 is the upper half of a float32's bits: widening it is a shift.
 using BFloat16 = uint16_t;
-inline float widen(float w) { return w; }
-inline float widen(BFloat16 w) {
-    const uint32_t bits = static_cast<uint32_t>(w) << 16;
-    float value;
-    std::memcpy(&value, &bits, sizeof value);
-    return value;
+inline Vec load(const float* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline Vec load(const BFloat16* p) {
+    using Words = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+#if defined(__AVX512F__)
+    // One widening load, where the generic form below compiles to five instructions there. (maskz: the plain
+    // intrinsic's undefined source trips -Wmaybe-uninitialized.)
+    const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const Words words = (Words)_mm512_maskz_cvtepu16_epi32(0xFFFF, halves);
+#else
+    using Halves = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+    Halves halves;
+    std::memcpy(&halves, p, sizeof halves);
+    const Words words = __builtin_convertvector(halves, Words);
+#endif
+    return (Vec)(words << 16);
 }
 
-// y[g, :n_out] += x[g, :n_in] @ w[:n_in, :n_out] for the G streams of a group; consecutive rows of x, w and y
-// are x_stride, w_stride and y_stride elements apart. A tile of outputs stays in registers over a panel of rows.
-// Rows of 2 KB and more (conf/model/large.yaml) come from DRAM: short panels, read as 16 sequential streams
-// that the hardware prefetchers follow (a tile over all rows would touch a new page per row). Narrower ones
-// sit in cache: long panels, for fewer loads and stores of y (measured: 2.6x and 1.1x faster, respectively).
+// y[g, :columns] += x[g, :n_in] @ w[:n_in, :columns] for the Blocks blocks of one tile, columns <= Blocks * kBlock
+// (fewer only where Partial: the last block of a matrix or of a thread's share). Block b starts block_stride
+// elements after block b - 1; consecutive rows of x and y are x_stride and y_stride elements apart. Each vector
+// of weights is loaded (and widened) once for all G streams.
+template <int G, int Blocks, bool Partial, typename W>
+void accumulate_tile(const float* x, int64_t x_stride, const W* w, int64_t block_stride, int64_t n_in,
+                     int64_t columns, float* y, int64_t y_stride) {
+    constexpr int per_block = kBlock / kLanes, vectors = Blocks * per_block;
+    Vec acc[G][vectors];
+    for (int g = 0; g < G; ++g) {
+        float start[vectors * kLanes] = {};  // zeros past `columns`: padded columns, never stored
+        std::memcpy(start, y + g * y_stride, (Partial ? columns : vectors * kLanes) * sizeof(float));
+        for (int v = 0; v < vectors; ++v) acc[g][v] = load(start + v * kLanes);
+    }
+    for (int64_t i = 0; i < n_in; ++i) {
+        for (int v = 0; v < vectors; ++v) {
+            const Vec weights = load(w + v / per_block * block_stride + i * kBlock + v % per_block * kLanes);
+            for (int g = 0; g < G; ++g) acc[g][v] += x[g * x_stride + i] * weights;
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        float end[vectors * kLanes];
+        std::memcpy(end, acc[g], sizeof end);
+        std::memcpy(y + g * y_stride, end, (Partial ? columns : vectors * kLanes) * sizeof(float));
+    }
+}
+
+// y[g, :n_out] += x[g, :n_in] @ w[:n_in, :n_out] for the G streams of a group, w a blocked matrix from a
+// block's first column (see accumulate_tile). Padded columns are read but never written to y.
 template <int G, typename W>
-void accumulate(const float* x, int64_t x_stride, const W* w, int64_t w_stride, int64_t n_in, int64_t n_out,
+void accumulate(const float* x, int64_t x_stride, const W* w, int64_t block_stride, int64_t n_in, int64_t n_out,
                 float* y, int64_t y_stride) {
-    const int64_t panel_rows = w_stride * sizeof(W) >= 2048 ? 16 : 128;
-    for (int64_t panel = 0; panel < n_in; panel += panel_rows) {
-        const int64_t rows = std::min(panel_rows, n_in - panel);
-        int64_t start = 0;
-        for (; start + kTile <= n_out; start += kTile) {
-            float acc[G][kTile];
-            for (int g = 0; g < G; ++g)
-                for (int64_t j = 0; j < kTile; ++j) acc[g][j] = y[g * y_stride + start + j];
-            for (int64_t i = panel; i < panel + rows; ++i) {
-                const W* row = w + i * w_stride + start;
-                // A bfloat16 row is widened in registers for one stream, and once into `wide` for several.
-                if constexpr (std::is_same_v<W, float> || G == 1) {
-                    for (int g = 0; g < G; ++g) {
-                        const float xi = x[g * x_stride + i];
-                        for (int64_t j = 0; j < kTile; ++j) acc[g][j] += xi * widen(row[j]);
-                    }
-                } else {
-                    float wide[kTile];
-                    for (int64_t j = 0; j < kTile; ++j) wide[j] = widen(row[j]);
-                    for (int g = 0; g < G; ++g) {
-                        const float xi = x[g * x_stride + i];
-                        for (int64_t j = 0; j < kTile; ++j) acc[g][j] += xi * wide[j];
-                    }
-                }
-            }
-            for (int g = 0; g < G; ++g)
-                for (int64_t j = 0; j < kTile; ++j) y[g * y_stride + start + j] = acc[g][j];
-        }
-        for (int64_t i = panel; i < panel + rows && start < n_out; ++i) {
-            const W* row = w + i * w_stride;
-            for (int g = 0; g < G; ++g) {
-                const float xi = x[g * x_stride + i];
-                for (int64_t j = start; j < n_out; ++j) y[g * y_stride + j] += xi * widen(row[j]);
-            }
-        }
+    int64_t start = 0;
+    for (; start + kTile <= n_out; start += kTile) {
+        accumulate_tile<G, kTile / kBlock, false>(x, x_stride, w + start / kBlock * block_stride, block_stride, n_in,
+                                                  kTile, y + start, y_stride);
+    }
+    for (; start < n_out; start += kBlock) {
+        accumulate_tile<G, 1, true>(x, x_stride, w + start / kBlock * block_stride, block_stride, n_in,
+                                    std::min(kBlock, n_out - start), y + start, y_stride);
     }
 }
 
@@ -197,8 +237,10 @@ template <int G, typename W>
 void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, Shared* shared, int rank,
                int ranks) {
     const int64_t L = net.layers, R = net.residual, D = net.dilation, S = net.skip, H = net.hidden;
-    const int64_t Q = net.classes, taps = net.taps, width = 2 * D;
-    const int64_t lo = D * rank / ranks, hi = D * (rank + 1) / ranks, part = hi - lo;
+    const int64_t Q = net.classes, taps = net.taps, rows = (taps + 1) * R;
+    // Whole blocks of the gated channels each: a share that starts inside a block would read two part-blocks.
+    const int64_t lo = std::min(D, kBlock * (blocks(D) * rank / ranks));
+    const int64_t hi = std::min(D, kBlock * (blocks(D) * (rank + 1) / ranks)), part = hi - lo;
     const bool writer = rank == 0;  // of what every thread computes alike: ring inputs, samples, logits
     std::vector<float> input(G * R), pre(G * 2 * part), own_gated(G * part), skip(G * S), hidden(G * H);
     std::vector<float> logits(G * Q);
@@ -219,21 +261,22 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
         }
         for (int64_t l = 0; l < L; ++l) {
             // This thread's filter columns [lo, hi) into pre[:, :part], its gate columns into pre[:, part:].
-            const W* weight = static_cast<const W*>(net.filter_gate) + l * (taps + 1) * R * width;
-            const float* bias = net.filter_gate_bias + l * width;
+            const W* weight = static_cast<const W*>(net.filter_gate) + 2 * l * blocked_size(rows, D);
+            const float* bias = net.filter_gate_bias + l * 2 * D;
             for (int g = 0; g < G; ++g) {
                 std::memcpy(&pre[g * 2 * part], bias + lo, part * sizeof(float));
                 std::memcpy(&pre[g * 2 * part + part], bias + D + lo, part * sizeof(float));
             }
             for (int half = 0; half < 2; ++half) {
-                const W* columns = weight + half * D + lo;
+                const W* columns = weight + half * blocked_size(rows, D) + lo * rows;
+                const int64_t block_stride = kBlock * rows;
                 float* y = &pre[half * part];
                 // A tap's ring column is the same for every stream: rows of x are one ring apart.
                 for (int64_t k = 0; k < taps; ++k) {
                     const float* tap = s.rings + tap_columns[l * taps + k] * R;
-                    accumulate<G>(tap, s.ring_stride, columns + k * R * width, width, R, part, y, 2 * part);
+                    accumulate<G>(tap, s.ring_stride, columns + k * R * kBlock, block_stride, R, part, y, 2 * part);
                 }
-                accumulate<G>(input.data(), R, columns + taps * R * width, width, R, part, y, 2 * part);
+                accumulate<G>(input.data(), R, columns + taps * R * kBlock, block_stride, R, part, y, 2 * part);
             }
             // The gate was halved: tanh(f) sigmoid(g) = tanh(f) (1 + tanh(g / 2)) / 2, the / 2 in the weights after.
             float* gated = shared ? &shared->gated[l * G * D] : nullptr;
@@ -246,8 +289,8 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
                 }
                 if (gated) std::memcpy(gated + g * D + lo, z, part * sizeof(float));
             }
-            const W* skip_weight = static_cast<const W*>(net.skip_weight) + (l * D + lo) * S;
-            accumulate<G>(own_gated.data(), part, skip_weight, S, part, S, skip.data(), S);
+            const W* skip_weight = static_cast<const W*>(net.skip_weight) + (l * D + lo) * kBlock;
+            accumulate<G>(own_gated.data(), part, skip_weight, kBlock * L * D, part, S, skip.data(), S);
             // Every thread has read this layer's taps before it arrives: the input may now go to the column
             // of its oldest tap.
             if (shared) shared->barrier.wait();
@@ -256,12 +299,8 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
                     std::memcpy(s.rings + g * s.ring_stride + write_columns[l] * R, &input[g * R], R * sizeof(float));
             }
             if (l + 1 < L) {
-                const W* residual = static_cast<const W*>(net.residual_weight) + l * D * R;
-                if (shared) {
-                    accumulate<G>(gated, D, residual, R, D, R, input.data(), R);
-                } else {
-                    accumulate<G>(own_gated.data(), D, residual, R, D, R, input.data(), R);
-                }
+                const W* residual = static_cast<const W*>(net.residual_weight) + l * blocked_size(D, R);
+                accumulate<G>(shared ? gated : own_gated.data(), D, residual, kBlock * D, D, R, input.data(), R);
             }
         }
         if (shared) {
@@ -274,10 +313,11 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
         }
         for (float& v : skip) v = std::max(v, 0.0f);
         for (int g = 0; g < G; ++g) std::memcpy(&hidden[g * H], net.head_bias, H * sizeof(float));
-        accumulate<G>(skip.data(), S, static_cast<const W*>(net.head_weight), H, S, H, hidden.data(), H);
+        accumulate<G>(skip.data(), S, static_cast<const W*>(net.head_weight), kBlock * S, S, H, hidden.data(), H);
         for (float& v : hidden) v = std::max(v, 0.0f);
         for (int g = 0; g < G; ++g) std::memcpy(&logits[g * Q], net.output_bias, Q * sizeof(float));
-        accumulate<G>(hidden.data(), H, static_cast<const W*>(net.output_weight), Q, H, Q, logits.data(), Q);
+        accumulate<G>(hidden.data(), H, static_cast<const W*>(net.output_weight), kBlock * H, H, Q, logits.data(),
+                      Q);
         for (int g = 0; g < G; ++g) {
             const int64_t b = s.first + g;
             float* z = &logits[g * Q];
@@ -334,7 +374,7 @@ extern "C" void wavenet_cpu_steps(const Net* net, float* rings, int64_t ring_str
                                   int64_t phase, int64_t threads, const int64_t* classes, const int64_t* forced,
                                   const float* noise, int64_t* out, float* logits_out) {
     const Streams all{rings, ring_stride, batch, 0, classes, forced, noise, out, logits_out};
-    threads = std::max<int64_t>(1, std::min(threads, batch <= kMaxGroup ? net->dilation : batch));
+    threads = std::max<int64_t>(1, std::min(threads, batch <= kMaxGroup ? blocks(net->dilation) : batch));
     if (threads == 1) {
         run(*net, all, batch, steps, phase, nullptr, 0, 1);
         return;
@@ -383,3 +423,6 @@ extern "C" void wavenet_cpu_steps(const Net* net, float* rings, int64_t ring_str
     for (const int64_t t : inline_ranges) run(*net, ranges[t], counts[t], steps, phase, nullptr, 0, 1);
     for (auto& helper : helpers) helper.join();
 }
+
+// Columns per block of the blocked weight matrices, for cpu_step.py to lay them out.
+extern "C" int64_t wavenet_cpu_block() { return kBlock; }

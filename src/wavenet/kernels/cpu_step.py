@@ -2,8 +2,9 @@
 
 At batch 1 the eager step (`IncrementalWaveNet.step`) spends its time dispatching ~170 tiny tensor calls per
 sample, not multiplying. `cpu_step.cpp` runs the same arithmetic on the stepper's own buffers as plain loops:
-matrix-vector products over groups of up to 8 streams (each weight row read once per group), a vectorising
-tanh, Gumbel-max sampling, for all steps of a chunk. Threads (torch's intra-op count, started per call): up to
+matrix-vector products over groups of up to 8 streams (each weight vector loaded once per group, from
+matrices laid out in blocks of columns in the order the products read them), a vectorising tanh, Gumbel-max
+sampling, for all steps of a chunk. Threads (torch's intra-op count, started per call): up to
 8 streams, every layer's gated channels are split between them, so that each core keeps its share of the
 weights in its own L2 (one barrier per layer); more streams are split into ranges that never wait for each
 other. Beside other busy processes one thread can be faster: calls are timed and take the faster count
@@ -130,6 +131,8 @@ def _library() -> ctypes.CDLL | str:
     function = library.wavenet_cpu_steps
     function.argtypes = [ctypes.POINTER(_Net), ctypes.c_void_p, *[ctypes.c_int64] * 5, *[ctypes.c_void_p] * 5]
     function.restype = None
+    library.wavenet_cpu_block.argtypes = []
+    library.wavenet_cpu_block.restype = ctypes.c_int64
     return library
 
 
@@ -149,7 +152,7 @@ class _Weights:
     points at them (the tensors live as long as this object does), and its calls' `_ThreadChoice`.
     With `bf16_weights` the weight matrices are stored rounded to bfloat16; biases and the embedding are not."""
 
-    def __init__(self, stepper: IncrementalWaveNet, bf16_weights: bool = False) -> None:
+    def __init__(self, library: ctypes.CDLL, stepper: IncrementalWaveNet, bf16_weights: bool = False) -> None:
         if stepper.rings.dtype != torch.float32:
             raise ValueError(
                 f"the CPU kernel runs a float32 stepper (bfloat16 weights with bf16_weights), got {stepper.rings.dtype}"
@@ -160,17 +163,22 @@ class _Weights:
         classes, residual = stepper.embedding.shape
         taps = stepper.past_weight.shape[1] // residual
         current = torch.stack([layer.current_weight for layer in stepper.layers])  # (L, R, 2D)
+        dilation = current.shape[2] // 2
         self.bf16_weights = bf16_weights
         matrix_dtype = torch.bfloat16 if bf16_weights else torch.float32
+        block = library.wavenet_cpu_block()
 
         def matrix(weight: Tensor) -> Tensor:
-            return weight.to(matrix_dtype).contiguous()
+            """(..., in, out) as the kernel's blocked matrices (..., blocks, in, block), zero-padded to whole blocks."""
+            padded = torch.nn.functional.pad(weight, (0, -weight.shape[-1] % block))
+            return padded.unflatten(-1, (-1, block)).transpose(-3, -2).to(matrix_dtype).contiguous()
 
+        filter_gate = torch.cat([stepper.past_weight, current], dim=1)  # (L, (taps + 1) R, 2D)
         self.tensors = {
             "tap_columns": stepper.tap_columns.contiguous(),
             "write_columns": stepper.write_columns.contiguous(),
             "embedding": stepper.embedding.contiguous(),
-            "filter_gate": matrix(torch.cat([stepper.past_weight, current], dim=1)),
+            "filter_gate": matrix(filter_gate.unflatten(2, (2, dilation)).transpose(1, 2)),  # filter, gate apart
             "filter_gate_bias": stepper.past_bias.reshape(layers, -1).contiguous(),
             "residual_weight": matrix(torch.stack([layer.residual_weight for layer in stepper.layers[:-1]]))
             if layers > 1
@@ -186,7 +194,7 @@ class _Weights:
             layers=layers,
             taps=taps,
             residual=residual,
-            dilation=current.shape[2] // 2,
+            dilation=dilation,
             skip=stepper.skip_weight.shape[1],
             hidden=stepper.head_weights[0].shape[1],
             classes=classes,
@@ -281,7 +289,7 @@ def cpu_steps(
         raise ValueError(f"the CPU kernel runs a stepper on the CPU, this one is on {stepper.device}")
     weights = _weights.get(stepper)
     if weights is None or weights.bf16_weights != bf16_weights:
-        weights = _weights[stepper] = _Weights(stepper, bf16_weights)
+        weights = _weights[stepper] = _Weights(library, stepper, bf16_weights)
     batch = stepper.batch_size
     steps = check_step_arguments(device, batch, weights.net.classes, classes, out, noise, forced, logits_out)
     rings = stepper.rings
