@@ -8,7 +8,7 @@ Paths (`wavenet.generate(method=...)`; per-layer ring buffers, O(layers) work pe
     eager        the step op by op.
     cuda_graph   chunks of 64 steps, sampling included, replayed from a CUDA graph (GPU only).
     fused        one kernel runs the whole network for a chunk of steps: Triton on a GPU, native code (built
-                 on first use) on the CPU, float32 only there.
+                 on first use) on the CPU (float32 arithmetic there, bf16 weights widened as they are read).
     naive        the baseline: a full forward over the last receptive field for every sample.
 Paths that cannot run on the device are left out.
 
