@@ -114,21 +114,31 @@ template <int G, int Blocks, bool Partial, typename W>
 void accumulate_tile(const float* x, int64_t x_stride, const W* w, int64_t block_stride, int64_t n_in,
                      int64_t columns, float* y, int64_t y_stride) {
     constexpr int per_block = kBlock / kLanes, vectors = Blocks * per_block;
-    Vec acc[G][vectors];
+    // With one stream, rows go round-robin to 4 independent sums: one sum per accumulator would wait out the FMA
+    // latency at every row (measured on `small` at batch 1: 1.27x faster with bfloat16 weights, 1.07x float32;
+    // no gain at 2 streams, none from 8 sums).
+    constexpr int chains = G == 1 ? 4 : 1;
+    Vec acc[chains][G][vectors] = {};
     for (int g = 0; g < G; ++g) {
         float start[vectors * kLanes] = {};  // zeros past `columns`: padded columns, never stored
         std::memcpy(start, y + g * y_stride, (Partial ? columns : vectors * kLanes) * sizeof(float));
-        for (int v = 0; v < vectors; ++v) acc[g][v] = load(start + v * kLanes);
+        for (int v = 0; v < vectors; ++v) acc[0][g][v] = load(start + v * kLanes);
     }
-    for (int64_t i = 0; i < n_in; ++i) {
+    const auto add_row = [&](Vec(&sums)[G][vectors], int64_t i) {
         for (int v = 0; v < vectors; ++v) {
             const Vec weights = load(w + v / per_block * block_stride + i * kBlock + v % per_block * kLanes);
-            for (int g = 0; g < G; ++g) acc[g][v] += x[g * x_stride + i] * weights;
+            for (int g = 0; g < G; ++g) sums[g][v] += x[g * x_stride + i] * weights;
         }
-    }
+    };
+    int64_t i = 0;
+    for (; i + chains <= n_in; i += chains)
+        for (int c = 0; c < chains; ++c) add_row(acc[c], i + c);
+    for (; i < n_in; ++i) add_row(acc[0], i);
     for (int g = 0; g < G; ++g) {
+        for (int c = 1; c < chains; ++c)
+            for (int v = 0; v < vectors; ++v) acc[0][g][v] += acc[c][g][v];
         float end[vectors * kLanes];
-        std::memcpy(end, acc[g], sizeof end);
+        std::memcpy(end, acc[0][g], sizeof end);
         std::memcpy(y + g * y_stride, end, (Partial ? columns : vectors * kLanes) * sizeof(float));
     }
 }
