@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,6 +159,14 @@ def test_two_ranks_with_two_workers_stream_disjoint_windows_on_one_grid(
         # One grid per file: segments continue it, so no two chunks of the epoch overlap.
         assert np.all(np.diff(starts) % CHUNK == 0) and np.all(np.diff(starts) >= CHUNK)
         assert starts[-1] <= module.manifest.files[file].frames - WINDOW
+
+
+def test_publishing_leaves_ctrl_c_as_it_was(published: tuple[Path, Path], tmp_path: Path) -> None:
+    # litdata.optimize leaves a handler behind that exits with status 0: a later Ctrl-C would look like success.
+    prepared, _ = published
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    publish(prepared, str(tmp_path / "other"), VAL_FRACTION, SEGMENT_SECONDS, workers=1, cache_dir=tmp_path / "lc2")
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
 
 
 def test_publishing_again_is_a_no_op_and_another_corpus_is_refused(

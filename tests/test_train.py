@@ -140,12 +140,12 @@ def test_a_second_ctrl_c_stops_at_once_as_does_the_first_under_ddp(world_size):
 
     stops: list[int] = []
     lightning_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: stops.append(signum))
-    ctrl_c = signal.getsignal(signal.SIGINT)
+    ctrl_c = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left there
     try:
         callback = InterruptCheckpoint("unused")
         callback.on_train_start(SimpleNamespace(world_size=world_size), None)
         if world_size == 1:
-            assert signal.getsignal(signal.SIGINT) is not ctrl_c  # or this Ctrl-C would stop pytest
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # or it would stop pytest
             signal.raise_signal(signal.SIGINT)  # handed to Lightning's SIGTERM handler: stop after this step
             assert stops == [signal.SIGTERM] and callback.stopped_by_ctrl_c
         with pytest.raises(KeyboardInterrupt):

@@ -29,6 +29,7 @@ import functools
 import itertools
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,19 +111,27 @@ def _identity(item: str) -> str:
 
 
 def _optimize(fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None:
-    litdata.optimize(
-        fn=fn,
-        inputs=inputs,
-        output_dir=output_dir,
-        chunk_bytes=_CHUNK_BYTES,
-        num_workers=workers,
-        reorder_files=False,
-        keep_data_ordered=True,  # the validation items must be in manifest order
-        mode="overwrite",  # over what an interrupted publication left: it is redone from the start
-        # litdata spawns by default, which imports torch again in every worker; this is a short command.
-        start_method="fork" if sys.platform == "linux" else None,
-        verbose=False,
-    )
+    # litdata.optimize points Ctrl-C at a handler of its own, which stops its workers and exits with status 0, and
+    # leaves it there: a training run in the same process would then end at Ctrl-C as if it had finished, with
+    # nothing saved.
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    try:
+        litdata.optimize(
+            fn=fn,
+            inputs=inputs,
+            output_dir=output_dir,
+            chunk_bytes=_CHUNK_BYTES,
+            num_workers=workers,
+            reorder_files=False,
+            keep_data_ordered=True,  # the validation items must be in manifest order
+            mode="overwrite",  # over what an interrupted publication left: it is redone from the start
+            # litdata spawns by default, which imports torch again in every worker; this is a short command.
+            start_method="fork" if sys.platform == "linux" else None,
+            verbose=False,
+        )
+    finally:
+        if ctrl_c is not None and signal.getsignal(signal.SIGINT) is not ctrl_c:
+            signal.signal(signal.SIGINT, ctrl_c)
 
 
 def read_published(remote: str, cache_dir: str | Path, max_cache_size: str | int = "50GB") -> dict[str, Any]:
