@@ -299,15 +299,14 @@ def resolve_method(
             return "cuda_graph"
         weight_bytes = parameters * dtype.itemsize
         work_limit = _CPU_FUSED_WORK.get(dtype, _CPU_FUSED_WORK[torch.float32])  # other dtypes: said below
-        small_work = batch_size * parameters < work_limit
-        if device.type == "cpu" and small_work and weight_bytes <= _CPU_FUSED_MAX_BYTES:
+        fused_wins = batch_size * parameters < work_limit and weight_bytes <= _CPU_FUSED_MAX_BYTES
+        if device.type == "cpu" and fused_wins:
             problem = _cpu_fused_problem(dtype)
             if problem is None:
                 return "fused"
             _warn_once(
-                f"Generating eagerly, up to 4.5x slower than the native CPU kernel (30x in bfloat16), which cannot "
-                f"run here: "
-                f"{problem}"
+                "Generating eagerly, up to 4.5x slower than the native CPU kernel (30x in bfloat16), which cannot "
+                f"run here: {problem}"
             )
         return "eager"
     if method == "cuda_graph" and device.type != "cuda":
