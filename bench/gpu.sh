@@ -4,6 +4,7 @@
 #     bash bench/gpu.sh tests generate     # pytest -m gpu, then bench/generate.py (about 5 min on an H100)
 #     bash bench/gpu.sh train compile      # bench/train.py with the loader beside it, then compiled against eager
 #     bash bench/gpu.sh layout data        # bench/layout.py (channels layout), bench/data.py
+#     bash bench/gpu.sh cpu                # the CPU generation kernel on the host's 16 cores (2 in CI)
 #
 # Wheels the machine lacks (hydra-core, omegaconf, antlr4, soundfile, wandb, litdata) are installed from .whl/
 # when it exists: make it here with `bash ../shared/tools/gpu-wheels.sh litdata` and send it along. Each
@@ -40,8 +41,13 @@ for part in "${parts[@]}"; do
       python3 bench/layout.py ;;
     data)
       python3 bench/data.py ;;
+    cpu)  # at batch 1 the kernel splits channels in blocks of 16: up to 4 threads for small, 8 for medium
+      for threads in 1 2 4 8 16; do
+        python3 bench/generate.py --device cpu --sizes small medium --batches 1 16 --paths fused --threads "$threads" \
+          --samples 4096 --repeats 2 || break
+      done ;;
     *)
-      echo "unknown part: $part (tests, generate, train, compile, layout, data)" >&2; exit 2 ;;
+      echo "unknown part: $part (tests, generate, train, compile, layout, data, cpu)" >&2; exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
   status=$((status | ${PIPESTATUS[0]}))
 done
