@@ -265,14 +265,15 @@ METHODS = ("auto", "eager", "cuda_graph", "fused")
 # 1.04x at 128, 0.87x at 256. So float32 `small` runs fused below 406 streams and `medium` below 65; bfloat16
 # ones below 1,029 and 165.
 _CPU_FUSED_WORK = {torch.float32: 2.6e8, torch.bfloat16: 6.6e8}
-# Models whose weights take more than this stay eager on the CPU: a step then streams every weight from
+# Models whose float32 weights take more than this stay eager on the CPU: a step then streams every weight from
 # DRAM, as eager's one matmul per weight matrix does too, and the kernel's split across cores adds traffic (each
 # core reads all residual weights). Fused / eager at batch 1 and 16 on a 2-core CPU (`python bench/generate.py
-# --widths`, BENCHMARKS.md), float32: 1.74x and 1.30x for `medium` (15 MiB), then `large` at widths 256, 320, 384,
-# 512: 1.21x and 1.09x (46 MiB), 1.09x and 0.93x (71 MiB), 1.07x and 0.76x (102 MiB), 0.85x and 0.90x (181 MiB).
-# Counted in bytes of the model's dtype: the kernel reads bfloat16 weights as such, 2.9x and 1.10x eager at
-# width 384 (51 MiB); `large` in bfloat16 (91 MiB) ran 2.0x eager at batch 1 but 0.72x at 16.
-_CPU_FUSED_MAX_BYTES = 80 * 2**20
+# --widths`, BENCHMARKS.md): 1.74x and 1.30x for `medium` (15 MiB), then `large` at widths 256, 320, 384, 512:
+# 1.21x and 1.09x (46 MiB), 1.09x and 0.93x (71 MiB), 1.07x and 0.76x (102 MiB), 0.85x and 0.90x (181 MiB).
+# bfloat16 weights, of any size, go by the work limit alone: the kernel reads them as such, and eager's bfloat16
+# matrix-vector products are slow on the CPU. `large` in bfloat16 (91 MiB) ran 2.0x eager at batch 1, 1.39x at 2,
+# 1.31x at 4, 1.00x at 8, 0.72x at 16 (the work limit keeps it fused up to 13 streams, a little past even).
+_CPU_FUSED_MAX_FLOAT32_BYTES = 80 * 2**20
 
 
 def resolve_method(
@@ -286,8 +287,8 @@ def resolve_method(
     `dtype` on `device`.
 
     `auto` is `cuda_graph` on CUDA. On the CPU it is `fused` (the native kernel) for float32 or bfloat16
-    weights where a C++ compiler has built it, for models up to `_CPU_FUSED_MAX_BYTES` of weights and steps
-    of fewer than `_CPU_FUSED_WORK` multiply-adds over all streams; otherwise `eager`.
+    weights where a C++ compiler has built it, for steps of fewer than `_CPU_FUSED_WORK` multiply-adds over
+    all streams and, in float32, models up to `_CPU_FUSED_MAX_FLOAT32_BYTES` of weights; otherwise `eager`.
 
     Raises:
         ValueError: For an unknown method, or one that cannot run here (the message says why).
@@ -297,9 +298,9 @@ def resolve_method(
     if method == "auto":
         if device.type == "cuda":
             return "cuda_graph"
-        weight_bytes = parameters * dtype.itemsize
         work_limit = _CPU_FUSED_WORK.get(dtype, _CPU_FUSED_WORK[torch.float32])  # other dtypes: said below
-        fused_wins = batch_size * parameters < work_limit and weight_bytes <= _CPU_FUSED_MAX_BYTES
+        fits = dtype != torch.float32 or parameters * dtype.itemsize <= _CPU_FUSED_MAX_FLOAT32_BYTES
+        fused_wins = batch_size * parameters < work_limit and fits
         if device.type == "cpu" and fused_wins:
             problem = _cpu_fused_problem(dtype)
             if problem is None:
@@ -374,10 +375,10 @@ def generate(
         generator: Random source on the model's device; seed it for reproducible output on that device.
         progress: Called with the number of new samples per stream, every 64 steps or fewer.
         method: `eager`, `cuda_graph` or `fused` (see the module's docstring), or `auto`: `cuda_graph` on
-            a GPU; on the CPU `fused` for float32 or bfloat16 weights, models up to 80 MiB (`medium`, not
-            `large`) and as many streams as it beats eager's batched matmuls at (float32: up to 405 for `small`,
-            64 for `medium`; bfloat16: 1,028 and 164), where a C++ compiler is found, else `eager`. All of
-            them compute the same function; with the same seed they draw the same noise.
+            a GPU; on the CPU `fused` for float32 or bfloat16 weights, as many streams as it beats eager's
+            batched matmuls at (float32: up to 405 for `small`, 64 for `medium`; bfloat16: 1,028, 164 and 13
+            for `large`) and, in float32, models up to 80 MiB (not `large`), where a C++ compiler is found, else
+            `eager`. All of them compute the same function; with the same seed they draw the same noise.
 
     Returns:
         (B, num_samples) int64 classes, without the prime.
