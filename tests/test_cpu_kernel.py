@@ -44,18 +44,19 @@ NARROW, WIDE = (9, 20, 13), (40, 80, 36)
 
 
 @pytest.mark.parametrize(
-    ("kernel_size", "widths", "batch", "threads"),
+    ("kernel_size", "widths", "batch", "threads", "split"),
     [
-        (2, NARROW, 1, 1),
-        (3, WIDE, 1, 2),  # one stream, its gated channels split across 2 threads
-        (2, WIDE, 3, 3),  # one group of 3 streams split across 3 threads
-        (3, NARROW, 8, 2),  # the largest group, split
-        (3, NARROW, 11, 2),  # streams split across threads: 5 and 6
-        (2, WIDE, 9, 1),  # groups of 8 and 1 on one thread
+        (2, NARROW, 1, 1, True),
+        (3, WIDE, 1, 2, True),  # one stream, its gated channels split across 2 threads
+        (2, WIDE, 3, 3, True),  # one group of 3 streams split across 3 threads
+        (3, NARROW, 8, 2, True),  # the largest group, split
+        (3, WIDE, 5, 2, False),  # one group's worth of streams, as ranges of 2 and 3
+        (3, NARROW, 11, 2, True),  # streams split across threads: 5 and 6
+        (2, WIDE, 9, 1, True),  # groups of 8 and 1 on one thread
     ],
 )
 @needs_compiler
-def test_teacher_forced_logits_equal_the_eager_step_and_the_full_forward(kernel_size, widths, batch, threads):
+def test_teacher_forced_logits_equal_the_eager_step_and_the_full_forward(kernel_size, widths, batch, threads, split):
     model = random_wavenet(kernel_size, widths)
     longest_ring = max(layer.context for layer in model.layers)
     steps = model.receptive_field + 2 * longest_ring + 3  # every ring wraps twice
@@ -69,7 +70,7 @@ def test_teacher_forced_logits_equal_the_eager_step_and_the_full_forward(kernel_
         eager_out = torch.stack([eager.step(classes).clone() for classes in inputs])
         logits = torch.empty(steps, batch, LEVELS)
         out = torch.empty(steps, batch, dtype=torch.long)
-        cpu_steps(native, inputs[0], out, forced=inputs, logits_out=logits, threads=threads)
+        cpu_steps(native, inputs[0], out, forced=inputs, logits_out=logits, threads=threads, split=split)
     assert_relative_close(logits, eager_out)
     assert_relative_close(logits, expected)
     assert torch.equal(out, logits.argmax(dim=2))
@@ -240,30 +241,51 @@ def test_an_unwritable_cache_is_a_reason_not_a_crash(monkeypatch, tmp_path):
 
 
 def test_the_thread_count_follows_the_load_on_the_machine():
-    from wavenet.kernels.cpu_step import _RETRY_EVERY, _ThreadChoice
+    from wavenet.kernels.cpu_step import _RETRY_EVERY, Plan, _ThreadChoice
 
-    choice = _ThreadChoice(most=2)
-    seconds_per_step = {2: 5e-4, 1: 1e-4}  # beside a busy process: a barrier per layer waits on a lost core
+    choice = _ThreadChoice(most=2, batch=1)
+    both, one = Plan(2, True), Plan(1, False)
+    assert choice.candidates == [both, one]
+    seconds_per_step = {both: 5e-4, one: 1e-4}  # beside a busy process: a barrier per layer waits on a lost core
 
-    def run(calls: int) -> list[int]:
+    def run(calls: int) -> list[Plan]:
         picks = []
         for _ in range(calls):
-            threads = choice.pick()
-            picks.append(threads)
-            choice.record(threads, seconds_per_step[threads] * 64, 64)
+            plan = choice.pick()
+            picks.append(plan)
+            choice.record(plan, seconds_per_step[plan] * 64, 64)
         return picks
 
     picks = run(3 * _RETRY_EVERY)
-    assert picks[:4] == [2, 1, 2, 1]  # each candidate timed twice: a first call is slow
-    assert picks.count(2) == 2 + 3  # then only the retries, one call in _RETRY_EVERY
-    seconds_per_step[2] = 0.5e-4  # the other process is gone
-    assert run(_RETRY_EVERY)[-1] == 2  # noticed at the next retry
-    assert set(run(_RETRY_EVERY - 1)) == {2}
-    # Alone on the machine, a call slowed down by an interrupt now and then does not switch counts.
-    seconds_per_step[1] = 1.45e-4
+    assert picks[:4] == [both, one, both, one]  # each candidate timed twice: a first call is slow
+    assert picks.count(both) == 2 + 3  # then only the retries, one call in _RETRY_EVERY
+    seconds_per_step[both] = 0.5e-4  # the other process is gone
+    assert run(_RETRY_EVERY)[-1] == both  # noticed at the next retry
+    assert set(run(_RETRY_EVERY - 1)) == {both}
+    # Alone on the machine, a call slowed down by an interrupt now and then does not switch plans.
+    seconds_per_step[one] = 1.45e-4
     for call in range(5 * _RETRY_EVERY):
-        seconds_per_step[2] = 1.7e-4 if call % 7 == 0 else 1.1e-4
-        threads = choice.pick()
-        assert threads == 2 or choice.calls % _RETRY_EVERY == 0
-        choice.record(threads, seconds_per_step[threads] * 64, 64)
-    assert _ThreadChoice(most=1).candidates == [1]
+        seconds_per_step[both] = 1.7e-4 if call % 7 == 0 else 1.1e-4
+        plan = choice.pick()
+        assert plan == both or choice.calls % _RETRY_EVERY == 0
+        choice.record(plan, seconds_per_step[plan] * 64, 64)
+    assert _ThreadChoice(most=1, batch=4).candidates == [one]
+    assert _ThreadChoice(most=2, batch=9).candidates == [Plan(2, False), one]  # more than one group: ranges
+
+
+def test_a_few_streams_take_the_faster_of_split_channels_and_ranges_and_retry_the_others_in_turn():
+    from wavenet.kernels.cpu_step import _RETRY_EVERY, Plan, _ThreadChoice
+
+    choice = _ThreadChoice(most=2, batch=4)
+    split, ranges, one = Plan(2, True), Plan(2, False), Plan(1, False)
+    assert choice.candidates == [split, ranges, one]
+    seconds_per_step = {split: 3e-5, ranges: 2e-5, one: 4e-5}  # weights that fit one core's L2: ranges win
+    picks = []
+    for _ in range(4 * _RETRY_EVERY):
+        plan = choice.pick()
+        picks.append(plan)
+        choice.record(plan, seconds_per_step[plan] * 64, 64)
+    assert picks[:6] == [split, ranges, one] * 2
+    retries = [picks[call - 1] for call in range(_RETRY_EVERY, len(picks) + 1, _RETRY_EVERY)]
+    assert set(retries) == {split, one}  # both others, in turn
+    assert {plan for call, plan in enumerate(picks[6:], 7) if call % _RETRY_EVERY} == {ranges}

@@ -7,13 +7,13 @@
 // groups of up to kMaxGroup streams so that each weight vector loaded serves every stream of the group, from
 // weights laid out in the order the products read them (blocked matrices, see Net).
 //
-// Two ways to use several threads:
-// - Many streams: each thread runs its own range of streams, never waiting for the others.
-// - One group of streams (batch <= kMaxGroup): the threads split every layer's gated channels, in whole blocks
-//   (so at most dilation / kBlock threads: 4 for conf/model/small.yaml, 8 for medium). At batch 1 a
-//   step reads every weight once, and once the weights outgrow one core's L2 (conf/model/small.yaml: 2.5 MB of
-//   float32 against 2 MB here) it waits on the shared L3; split across cores, each core's share stays in its
-//   own L2. The price is one barrier per layer, to exchange the gated channels that the residual needs.
+// Two ways to use several threads (the caller picks by timing both, cpu_step.py's _ThreadChoice):
+// - Ranges: each thread runs its own range of streams, never waiting for the others.
+// - Split, for one group of streams (batch <= kMaxGroup): the threads split every layer's gated channels, in
+//   whole blocks (so at most dilation / kBlock threads: 4 for conf/model/small.yaml, 8 for medium). A group
+//   reads every weight once a step, and once the weights outgrow one core's L2 (conf/model/small.yaml: 2.5 MB
+//   of float32 against 2 MB here) it waits on the shared L3; split across cores, each core's share stays in
+//   its own L2. The price is one barrier per layer, to exchange the gated channels that the residual needs.
 
 #include <algorithm>
 #include <atomic>
@@ -379,12 +379,14 @@ void run(const Net& net, const Streams& s, int64_t count, int64_t steps, int64_t
 }  // namespace
 
 // Runs `steps` steps of all `batch` streams from ring phase `phase` (the step counter modulo net->period) on
-// `threads` threads: split over the gated channels when the batch is one group, else over streams.
+// `threads` threads: split over the gated channels where `split` is set and the batch is one group, else over
+// streams.
 extern "C" void wavenet_cpu_steps(const Net* net, float* rings, int64_t ring_stride, int64_t batch, int64_t steps,
-                                  int64_t phase, int64_t threads, const int64_t* classes, const int64_t* forced,
-                                  const float* noise, int64_t* out, float* logits_out) {
+                                  int64_t phase, int64_t threads, int64_t split, const int64_t* classes,
+                                  const int64_t* forced, const float* noise, int64_t* out, float* logits_out) {
     const Streams all{rings, ring_stride, batch, 0, classes, forced, noise, out, logits_out};
-    threads = std::max<int64_t>(1, std::min(threads, batch <= kMaxGroup ? blocks(net->dilation) : batch));
+    const bool split_channels = split && batch <= kMaxGroup;
+    threads = std::max<int64_t>(1, std::min(threads, split_channels ? blocks(net->dilation) : batch));
     if (threads == 1) {
         run(*net, all, batch, steps, phase, nullptr, 0, 1);
         return;
@@ -392,7 +394,7 @@ extern "C" void wavenet_cpu_steps(const Net* net, float* rings, int64_t ring_str
     // A thread that cannot be started (a process out of threads) costs speed, never the process: split
     // groups wait at a gate until all of theirs run, else run alone; ranges run on the caller instead.
     std::vector<std::thread> helpers;
-    if (batch <= kMaxGroup) {
+    if (split_channels) {
         Shared shared(*net, static_cast<int>(threads), static_cast<int>(batch));
         std::atomic<int> gate{0};  // 1: all started, go; -1: give up
         try {

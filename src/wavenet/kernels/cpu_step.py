@@ -4,11 +4,11 @@ At batch 1 the eager step (`IncrementalWaveNet.step`) spends its time dispatchin
 sample, not multiplying. `cpu_step.cpp` runs the same arithmetic on the stepper's own buffers as plain loops:
 matrix-vector products over groups of up to 8 streams (each weight vector loaded once per group, from
 matrices laid out in blocks of columns in the order the products read them), a vectorising tanh, Gumbel-max
-sampling, for all steps of a chunk. Threads (torch's intra-op count, started per call): up to
-8 streams, every layer's gated channels are split between them, so that each core keeps its share of the
-weights in its own L2 (one barrier per layer); more streams are split into ranges that never wait for each
-other. Beside other busy processes one thread can be faster: calls are timed and take the faster count
-(`_ThreadChoice`). ctypes releases the GIL for the call.
+sampling, for all steps of a chunk. Threads (torch's intra-op count, started per call) either split every
+layer's gated channels (up to 8 streams), so that each core keeps its share of the weights in its own L2 (one
+barrier per layer), or take ranges of streams that never wait for each other. Which is faster depends on the
+model, the batch and the caches, and beside other busy processes one thread can be: calls are timed and take
+the fastest plan (`_ThreadChoice`). ctypes releases the GIL for the call.
 
 The library is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`;
 about a second, no torch headers) for this machine's CPU (`-march=native`), and cached under
@@ -36,6 +36,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -129,7 +130,7 @@ def _library() -> ctypes.CDLL | str:
         log.info("Built the CPU generation kernel: %s", path)
     library = ctypes.CDLL(str(path))
     function = library.wavenet_cpu_steps
-    function.argtypes = [ctypes.POINTER(_Net), ctypes.c_void_p, *[ctypes.c_int64] * 5, *[ctypes.c_void_p] * 5]
+    function.argtypes = [ctypes.POINTER(_Net), ctypes.c_void_p, *[ctypes.c_int64] * 6, *[ctypes.c_void_p] * 5]
     function.restype = None
     library.wavenet_cpu_block.argtypes = []
     library.wavenet_cpu_block.restype = ctypes.c_int64
@@ -202,51 +203,74 @@ class _Weights:
             bf16_weights=int(bf16_weights),
             **{name: tensor.data_ptr() for name, tensor in self.tensors.items()},
         )
-        self.thread_choice = _ThreadChoice(torch.get_num_threads())
+        self.thread_choice = _ThreadChoice(torch.get_num_threads(), stepper.batch_size)
 
 
 _weights: weakref.WeakKeyDictionary[IncrementalWaveNet, _Weights] = weakref.WeakKeyDictionary()
 
-# One call in this many runs on the thread count not in use, to notice that the load on the machine changed.
+# One call in this many runs on a plan not in use, to notice that the load on the machine changed.
 _RETRY_EVERY = 32
-# Weight of the latest call in the time per step of the count in use.
+# Weight of the latest call in the time per step of the plan in use.
 _SMOOTHING = 0.25
+# Streams the kernel runs as one group (kMaxGroup in cpu_step.cpp): up to this many, threads can split channels.
+_GROUP = 8
+
+
+class Plan(NamedTuple):
+    """How a call uses threads: how many, and whether they split every layer's channels (up to `_GROUP`
+    streams) or each take a range of streams."""
+
+    threads: int
+    split: bool
 
 
 class _ThreadChoice:
-    """How many threads the calls for one stepper run on, when the caller leaves it to the kernel.
+    """How the calls for one stepper use threads, when the caller leaves it to the kernel.
 
     On cores of its own the kernel is fastest on all of them; beside another busy process it is not: a core
     taken away stalls every layer's barrier. Beside one busy process on 2 cores, `small` at batch 1 ran at
-    2,500 samples/s on 2 threads and 11,800 on 1 (23,700 on 2 when alone). So calls are timed: the first
-    ones try each candidate (all threads, one) twice, later ones take the faster, and one call in
-    `_RETRY_EVERY` tries the other again.
+    2,500 samples/s on 2 threads and 11,800 on 1 (23,700 on 2 when alone). And for 2 to 8 streams, whether
+    threads should split channels (each core reads its share of the weights) or streams (no barriers) depends
+    on the cache sizes: on the 2-core CI machine, `small` at batch 8 ran at 83,000 samples/s split and 104,000
+    on ranges, but 6,400 split against 5,300 on ranges for `medium` at batch 2. So calls are timed: the first
+    ones try each candidate plan twice, later ones take the fastest, and one call in `_RETRY_EVERY` tries
+    another again, in turn.
     """
 
-    def __init__(self, most: int) -> None:
-        self.candidates = [most, 1] if most > 1 else [1]
-        self.seconds_per_step: dict[int, float] = {}
+    def __init__(self, most: int, batch: int) -> None:
+        if most == 1:
+            self.candidates = [Plan(1, False)]
+        elif batch == 1:  # a range of one stream is one thread
+            self.candidates = [Plan(most, True), Plan(1, False)]
+        elif batch <= _GROUP:
+            self.candidates = [Plan(most, True), Plan(most, False), Plan(1, False)]
+        else:
+            self.candidates = [Plan(most, False), Plan(1, False)]
+        self.seconds_per_step: dict[Plan, float] = {}
         self.calls = 0
-        self.last: int | None = None
+        self.last: Plan | None = None
 
-    def pick(self) -> int:
+    def pick(self) -> Plan:
         self.calls += 1
-        # Each count twice, alternating, before any choice: a first call is slow (threads, caches, pages).
+        # Each plan twice, in turn, before any choice: a first call is slow (threads, caches, pages).
         if self.calls <= 2 * len(self.candidates):
             return self.candidates[(self.calls - 1) % len(self.candidates)]
         ranked = sorted(self.candidates, key=self.seconds_per_step.__getitem__)
-        return ranked[-1] if self.calls % _RETRY_EVERY == 0 else ranked[0]
+        if self.calls % _RETRY_EVERY == 0:
+            others = ranked[1:]
+            return others[self.calls // _RETRY_EVERY % len(others)]
+        return ranked[0]
 
-    def record(self, threads: int, seconds: float, steps: int) -> None:
+    def record(self, plan: Plan, seconds: float, steps: int) -> None:
         measured = seconds / steps
-        previous = self.seconds_per_step.get(threads)
-        if previous is None or threads != self.last:
-            # A count taken up again: what it measured calls ago may no longer hold.
-            self.seconds_per_step[threads] = measured
+        previous = self.seconds_per_step.get(plan)
+        if previous is None or plan != self.last:
+            # A plan taken up again: what it measured calls ago may no longer hold.
+            self.seconds_per_step[plan] = measured
         else:
-            # A count in use: smoothed, or one call slowed by an interrupt would switch counts for a while.
-            self.seconds_per_step[threads] = previous + _SMOOTHING * (measured - previous)
-        self.last = threads
+            # A plan in use: smoothed, or one call slowed by an interrupt would switch plans for a while.
+            self.seconds_per_step[plan] = previous + _SMOOTHING * (measured - previous)
+        self.last = plan
 
 
 def cpu_steps(
@@ -258,6 +282,7 @@ def cpu_steps(
     logits_out: Tensor | None = None,
     threads: int | None = None,
     bf16_weights: bool = False,
+    split: bool = True,
 ) -> None:
     """Runs `steps = out.shape[0]` calls of `stepper.step` for all streams, as `fused_steps` does on a GPU.
 
@@ -272,10 +297,12 @@ def cpu_steps(
         noise: (steps, B, Q) float32 Gumbel noise already scaled by the temperature; None is greedy.
         forced: (steps, B) int64: teacher forcing, the input of every step.
         logits_out: (steps, B, Q) float32: receives every step's logits (for tests).
-        threads: Threads to run on; None: torch.get_num_threads() or 1, whichever the calls for this
-            stepper have found faster (see `_ThreadChoice`).
+        threads: Threads to run on; None: torch.get_num_threads() or 1, and for up to 8 streams split or
+            not, whichever the calls for this stepper have found fastest (see `_ThreadChoice`).
         bf16_weights: Store the weight matrices in bfloat16 (rounded once, on the stepper's first call with
             it): half the bytes per step. The stepper and all arithmetic stay float32.
+        split: With `threads` given and up to 8 streams, whether the threads split every layer's channels
+            (else each runs a range of the streams).
 
     Raises:
         RuntimeError: Where the kernel cannot be built (see `cpu_kernel_problem`).
@@ -299,9 +326,10 @@ def cpu_steps(
     phase = int(stepper.phase) if stepper.phase is not None else stepper.position % stepper.period
 
     choice = None
-    if threads is None:
+    plan = Plan(threads, split) if threads is not None else None
+    if plan is None:
         choice = weights.thread_choice
-        threads = choice.pick()
+        plan = choice.pick()
     started = time.perf_counter()
     library.wavenet_cpu_steps(
         ctypes.byref(weights.net),
@@ -310,7 +338,8 @@ def cpu_steps(
         batch,
         steps,
         phase,
-        threads,
+        plan.threads,
+        plan.split,
         classes.data_ptr(),
         forced.data_ptr() if forced is not None else None,
         noise.data_ptr() if noise is not None else None,
@@ -318,7 +347,7 @@ def cpu_steps(
         logits_out.data_ptr() if logits_out is not None else None,
     )
     if choice is not None:
-        choice.record(threads, time.perf_counter() - started, steps)
+        choice.record(plan, time.perf_counter() - started, steps)
     stepper.position += steps
     if stepper.phase is not None:
         stepper.phase.add_(steps).remainder_(stepper.period)
