@@ -256,8 +256,8 @@ class _ThreadChoice:
         if self.calls <= 2 * len(self.candidates):
             return self.candidates[(self.calls - 1) % len(self.candidates)]
         ranked = sorted(self.candidates, key=self.seconds_per_step.__getitem__)
-        if self.calls % _RETRY_EVERY == 0:
-            others = ranked[1:]
+        others = ranked[1:]
+        if others and self.calls % _RETRY_EVERY == 0:
             return others[self.calls // _RETRY_EVERY % len(others)]
         return ranked[0]
 
