@@ -167,7 +167,8 @@ class InterruptCheckpoint(L.Callback):
             finally:
                 notices.setLevel(level)
 
-        self._ctrl_c_handler = signal.signal(signal.SIGINT, stop_after_this_step)
+        previous = signal.signal(signal.SIGINT, stop_after_this_step)
+        self._ctrl_c_handler = signal.SIG_DFL if previous is None else previous  # None: one set outside Python
 
     def _restore_ctrl_c(self) -> None:
         if self._ctrl_c_handler is not None:
