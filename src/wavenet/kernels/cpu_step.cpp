@@ -30,15 +30,22 @@
 namespace {
 
 constexpr int kMaxGroup = 8;
-// Weight matrices are stored in blocks of kBlock columns (see Net). Output columns per register tile: a whole
-// number of blocks, times kMaxGroup streams of accumulators: 16 of the 32 AVX-512 registers, or all 16 AVX2 ones.
+// Weight matrices are stored in blocks of kBlock columns (see Net). Output columns per register tile (kTile): a
+// whole number of blocks, times kMaxGroup streams of accumulators: 16 of the 32 AVX-512 registers, or all 16
+// AVX2 ones. kLanes: floats per vector register, for the compiler's vector extensions (see Vec).
 constexpr int64_t kBlock = 16;
 #if defined(__AVX512F__)
 constexpr int64_t kTile = 32;
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int64_t kTile = 16;
+constexpr int kLanes = 8;
 #else
 constexpr int64_t kTile = 16;
+constexpr int kLanes = 4;
 #endif
 static_assert(kTile % kBlock == 0, "a tile is whole blocks");
+static_assert(kBlock % kLanes == 0, "a block is whole vectors");
 
 // The network, laid out by cpu_step.py. A weight matrix (in, out) is stored "blocked": its columns cut into
 // blocks of kBlock (the last one padded with zeros), each block (in, kBlock) row-major, the blocks one after
@@ -73,14 +80,6 @@ inline int64_t blocked_size(int64_t rows, int64_t columns) { return blocks(colum
 // Vectors of kLanes floats, through the compiler's vector extensions (GCC and Clang, any target): auto-vectorised
 // loops of the same tile arithmetic did not keep the accumulators in registers (measured on `small`'s layers:
 // 2.1x slower at one stream, 2.4x at eight).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
-static_assert(kBlock % kLanes == 0, "a block is whole vectors");
 using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
 
 // A bfloat16 is the upper half of a float32's bits: widening it is a shift.
