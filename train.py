@@ -25,6 +25,10 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
             # sweep exits non-zero at its end.
             return FailedJob(error)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Outside training (preparing data, with train=false), where Lightning's Ctrl-C handling is not in place.
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -496,6 +496,27 @@ def test_bad_settings_are_user_errors(folder: Path) -> None:
     ]:
         with pytest.raises(UserError, match=next(iter(overrides))):
             make_module(folder, **overrides)
+    # A string is a sequence of one-letter extensions: `data.extensions=wav` must not look for w, a and v.
+    with pytest.raises(UserError, match="data.extensions must be a list"):
+        make_module(folder, extensions="wav")
+    for root in (None, ""):  # `data.root=null`, or empty: not the current folder
+        with pytest.raises(UserError, match="data.root must be the folder of your audio"):
+            AudioFolderDataModule(root, receptive_field=RECEPTIVE_FIELD)
+
+
+class _Refuses(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> None:
+        raise UserError("data.chunk_length=9 is refused here")
+
+
+def test_a_user_error_from_a_loader_worker_keeps_its_one_line_message() -> None:
+    with pytest.raises(UserError) as error:
+        next(iter(torch.utils.data.DataLoader(_Refuses(), num_workers=1)))
+    assert "Original Traceback" in error.value.args[0]  # torch's re-raise carries the worker's traceback
+    assert str(error.value) == "data.chunk_length=9 is refused here"
 
 
 def test_split_is_deterministic_disjoint_non_empty_and_stable_when_files_are_added(tmp_path: Path) -> None:

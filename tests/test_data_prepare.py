@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,7 +60,9 @@ def ljspeech(root: Path) -> Path:
     for n, clip in enumerate(clips[:3]):
         write(root / "wavs" / f"{clip}.wav", chirp(0.5, 22050, seed=n), 22050)
     lines = [f'{clip}|Printing, "in the only sense"|Printing, in the only sense' for clip in clips]
-    (root / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines[1] = lines[1].replace("only", "\xf4nly")  # a transcript not in UTF-8: only the ids are read
+    # With a byte-order mark before the first id, as some editors save the file.
+    (root / "metadata.csv").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("latin-1") + b"\n")
     return root
 
 
@@ -237,8 +240,12 @@ def test_a_corpus_with_nothing_usable_is_one_error_and_leaves_no_cache(tmp_path:
     root = tmp_path / "bad"
     write(root / "silent.wav", np.zeros((800, 1), np.float32), RATE)
     (root / "corrupt.wav").write_bytes(b"not audio at all")
-    with pytest.raises(UserError, match=f"no usable audio under data root {root}: all 2 files"):
+    with pytest.raises(UserError) as error:
         prepare(root)
+    assert str(error.value) == (
+        f"no usable audio under data root {root}: all 2 files were left out: "
+        "corrupt.wav: unreadable (Format not recognised.); silent.wav: silent (every sample is zero)"
+    )
     assert os.listdir(tmp_path / "cache") == []
 
 
@@ -314,3 +321,88 @@ def test_an_unwritable_cache_directory_is_a_user_error(tmp_path: Path) -> None:
         (tmp_path / "read_only").mkdir(mode=0o555)
         with pytest.raises(UserError, match="Permission denied"):
             prepare(root, cache_dir=tmp_path / "read_only")
+
+
+def test_links_are_followed_and_a_file_reached_twice_is_prepared_once(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    write(root / "a" / "one.wav", chirp(0.3, RATE, seed=1), RATE)
+    write(elsewhere / "two.wav", chirp(0.3, RATE, seed=2), RATE)
+    (root / "b").mkdir()
+    (root / "b" / "link.wav").symlink_to(root / "a" / "one.wav")  # the same audio, under another name
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)  # a folder kept elsewhere
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # a link back up must not loop
+    (root / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    manifest = prepare(root)
+    assert [file.relative for file in manifest.files] == ["a/one.wav", "linked/two.wav"]
+    assert manifest.skipped == [("b/link.wav", "same file as a/one.wav")]
+
+
+def run_without_root_override(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -c script args` with file permissions enforced, also when the tests run as root."""
+    command = [sys.executable, "-c", script, *args]
+    if os.geteuid() == 0:
+        capabilities = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--inh-caps={capabilities}", f"--bounding-set={capabilities}", *command]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+PREPARE_AND_LIST = """
+import json, sys
+from wavenet.data import Manifest, PrepareSettings, prepare_corpus
+folder = prepare_corpus(sys.argv[1], "folder", ["wav"], PrepareSettings(16000, 256, None), sys.argv[2], 1)
+manifest = Manifest.load(folder)
+print(json.dumps({"files": [f.relative for f in manifest.files], "skipped": manifest.skipped}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="needs setpriv to drop root's rights")
+def test_unreadable_files_and_folders_are_named_and_prepared_once_readable(tmp_path: Path) -> None:
+    root, cache = tmp_path / "corpus", tmp_path / "cache"
+    for name in ("a.wav", "b.wav", "locked.wav", "locked_folder/c.wav"):
+        write(root / name, chirp(0.3, RATE), RATE)
+    (root / "empty.wav").write_bytes(b"")
+    (root / "locked.wav").chmod(0)
+    (root / "locked_folder").chmod(0)
+    try:
+        first = run_without_root_override(PREPARE_AND_LIST, str(root), str(cache))
+        assert first.returncode == 0, first.stderr
+        assert json.loads(first.stdout) == {
+            "files": ["a.wav", "b.wav"],
+            "skipped": [
+                ["empty.wav", "empty (0 bytes)"],
+                ["locked.wav", "unreadable (Permission denied)"],
+                ["locked_folder/", "folder cannot be listed (Permission denied)"],
+            ],
+        }
+        # chmod changes neither a file's size nor its modification time, yet the file is now prepared.
+        (root / "locked.wav").chmod(0o644)
+        again = run_without_root_override(PREPARE_AND_LIST, str(root), str(cache))
+        assert "locked.wav" in json.loads(again.stdout)["files"], again.stderr
+        root.chmod(0)
+        refused = run_without_root_override(PREPARE_AND_LIST, str(root), str(cache))
+        assert f"cannot list data root {root}: Permission denied" in refused.stderr
+    finally:
+        root.chmod(0o755)
+        (root / "locked_folder").chmod(0o755)
+
+
+def test_a_whole_number_trim_db_finds_the_same_cache_as_its_float(tmp_path: Path) -> None:
+    root = nested(tmp_path / "music")
+    folders = [
+        prepared_folder(root, "folder", ["wav"], PrepareSettings(RATE, 256, trim_db), tmp_path / "cache")[0]
+        for trim_db in (30, 30.0, 30.5)
+    ]
+    assert folders[0] == folders[1] != folders[2]
+
+
+def test_a_damaged_prepared_folder_is_one_error_naming_it(tmp_path: Path) -> None:
+    manifest = prepare(nested(tmp_path / "music"))
+    shard = manifest.directory / manifest.shards[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:1000])  # a copy cut short
+    with pytest.raises(UserError, match=f"prepared folder {manifest.directory} is damaged .*shard-00000.bin has 1,000"):
+        Manifest.load(manifest.directory)
+    shard.write_bytes(data)
+    (manifest.directory / MANIFEST).write_text('{"files": [')
+    with pytest.raises(UserError, match=f"prepared folder {manifest.directory} is damaged .*manifest.json"):
+        Manifest.load(manifest.directory)

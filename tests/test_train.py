@@ -303,3 +303,24 @@ def test_a_sweep_as_the_readme_shows_it_runs_from_any_folder(tmp_path, data_dir,
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     assert {"0", "1", "multirun_summary.yaml"} <= {path.name for path in sweep_dir.iterdir()}
+
+
+INTERRUPTED_BEFORE_TRAINING = """
+import runpy, sys
+import wavenet.tasks.{task} as task
+def interrupted(cfg):  # as a Ctrl-C while data is prepared (train=false) or a checkpoint loads
+    raise KeyboardInterrupt
+task.run = interrupted
+sys.argv = ["{task}.py", "hydra.run.dir=" + sys.argv[1]]
+runpy.run_path("{task}.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("task", ["train", "generate"])
+def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path: Path, task: str) -> None:
+    script = INTERRUPTED_BEFORE_TRAINING.format(task=task)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "interrupted"

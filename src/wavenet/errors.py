@@ -1,11 +1,21 @@
 """Errors a user can cause and fix: bad paths, unreadable audio, wrong overrides."""
 
+# How torch's `ExceptionWrapper` puts a worker's traceback into the message of the exception it re-raises.
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
+
 
 class UserError(Exception):
     """A problem with the user's input; entry points print its message as one line and exit non-zero.
 
     The message must name the thing at fault (the file, the config key) and, where it helps, the fix.
     """
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        # Raised in a DataLoader worker, it reaches the main process re-raised by torch with the worker's whole
+        # traceback in its message, ending in the line `wavenet.errors.UserError: <message>`.
+        _, worker, traceback = message.partition(_WORKER_TRACEBACK)
+        return traceback.strip().splitlines()[-1].split(": ", 1)[-1] if worker and traceback.strip() else message
 
 
 def first_line(error: BaseException) -> str:

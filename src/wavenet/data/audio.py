@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
+from stat import S_ISREG
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -25,8 +28,12 @@ _LOWPASS_FILTER_WIDTH = 6
 _ROLLOFF = 0.99
 
 
+# The reason `UnreadableAudioError` gives for a file of no bytes (preparation reports those as empty).
+EMPTY_FILE = "empty file (0 bytes)"
+
+
 class UnreadableAudioError(UserError):
-    """An audio file that cannot be opened or decoded; `reason` is libsndfile's word for why."""
+    """An audio file that cannot be opened or decoded; `reason` says why (the OS's or libsndfile's words)."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
         super().__init__(f"cannot read audio file {path}: {reason}")
@@ -43,7 +50,7 @@ def audio_info(path: str | Path) -> tuple[int, int]:
     try:
         info = sf.info(str(path))
     except (sf.SoundFileError, OSError) as error:
-        raise UnreadableAudioError(path, _reason(error)) from error
+        raise UnreadableAudioError(path, _reason(path, error)) from error
     return info.frames, info.samplerate
 
 
@@ -90,7 +97,7 @@ def read_audio(
                 # The resampler rings past the last sample; whole-file resampling crops that away.
                 audio[max(total - start, 0) :] = 0.0
     except (sf.SoundFileError, OSError) as error:
-        raise UnreadableAudioError(path, _reason(error)) from error
+        raise UnreadableAudioError(path, _reason(path, error)) from error
     return torch.from_numpy(audio)
 
 
@@ -149,18 +156,76 @@ def write_wav(path: str | Path, audio: Tensor, sample_rate: int) -> None:
     sf.write(str(path), samples, sample_rate, subtype="PCM_16", format="WAV")
 
 
-def find_audio_files(root: str | Path, extensions: Iterable[str]) -> list[Path]:
-    """All files under `root` (recursively) whose extension is one of `extensions`, in sorted order.
+class AudioFiles(NamedTuple):
+    """What `scan_audio_files` found under a folder."""
 
-    Extensions are matched case-insensitively, with or without their leading dot.
+    paths: list[Path]  # sorted, each file once
+    duplicates: list[tuple[Path, Path]]  # (path, the listed path of the same file): links, hard or symbolic
+    unreadable_folders: list[tuple[Path, str]]  # (folder, why it could not be listed)
+
+
+def scan_audio_files(root: str | Path, extensions: Iterable[str]) -> AudioFiles:
+    """The files under `root` whose extension is one of `extensions`, recursively, through folder links.
+
+    Extensions are matched case-insensitively, with or without their leading dot. A file reached by two
+    paths (a link to another file of the corpus) is listed once, under the first path in sorted order, as
+    training on it twice would weigh it double, or score validation on training audio. A folder reached
+    twice (a link to a parent) is walked once.
+
+    Raises:
+        UserError: If `root` itself cannot be listed.
     """
+    root = Path(root)
     wanted = {extension.lower().lstrip(".") for extension in extensions}
-    return sorted(
-        path for path in Path(root).rglob("*") if path.suffix.lower().lstrip(".") in wanted and path.is_file()
-    )
+    unreadable: list[tuple[Path, str]] = []
+    visited: set[tuple[int, int]] = set()
+    found = []
+
+    def unlisted(error: OSError) -> None:
+        unreadable.append((Path(error.filename), error.strerror or str(error)))
+
+    for folder, folders, names in os.walk(root, onerror=unlisted, followlinks=True):
+        identity = os.stat(folder)
+        if (identity.st_dev, identity.st_ino) in visited:
+            folders.clear()
+            continue
+        visited.add((identity.st_dev, identity.st_ino))
+        folders.sort()
+        found += [Path(folder, name) for name in names if Path(name).suffix.lower().lstrip(".") in wanted]
+    if unreadable and unreadable[0][0] == root:
+        raise UserError(f"cannot list data root {root}: {unreadable[0][1]}")
+    paths, duplicates, first_path = [], [], {}
+    for path in sorted(found):
+        try:
+            stat = path.stat()
+        except OSError:  # a dangling link: nothing to read
+            continue
+        if not S_ISREG(stat.st_mode):
+            continue
+        first = first_path.setdefault((stat.st_dev, stat.st_ino), path)
+        if first is path:
+            paths.append(path)
+        else:
+            duplicates.append((path, first))
+    return AudioFiles(paths, duplicates, sorted(unreadable))
 
 
-def _reason(error: Exception) -> str:
-    """The useful part of a soundfile error ("Format not recognised."), without the repeated file name."""
+def find_audio_files(root: str | Path, extensions: Iterable[str]) -> list[Path]:
+    """The paths of `scan_audio_files`: each audio file under `root` once, in sorted order."""
+    return scan_audio_files(root, extensions).paths
+
+
+def _reason(path: str | Path, error: Exception) -> str:
+    """Why a file could not be read: "Permission denied", "empty file (0 bytes)", or the useful part of
+    soundfile's error ("Format not recognised."), without the repeated file name.
+
+    libsndfile reports a file it may not open as "System error." and one of no bytes as an unknown format.
+    """
+    try:
+        with open(path, "rb") as file:
+            if not file.read(1):
+                return EMPTY_FILE
+    except OSError as os_error:
+        return os_error.strerror or str(os_error)
     message = str(error)
     return message.split(": ", 1)[1] if message.startswith("Error opening") and ": " in message else message

@@ -231,6 +231,10 @@ class AudioFolderDataModule(ChunkDataModule):
             raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
         if prepare_workers is not None and (not _is_integer(prepare_workers) or prepare_workers < 1):
             raise UserError(f"data.prepare_workers must be at least 1 or null, got {prepare_workers!r}")
+        if not isinstance(root, (str, Path)) or not str(root):
+            raise UserError(f"data.root must be the folder of your audio, got {root!r}")
+        if isinstance(extensions, str) or not extensions:
+            raise UserError(f"data.extensions must be a list such as [wav, flac], got {extensions!r}")
         self.root = Path(root).expanduser()  # also `~/...` from a YAML config or a quoted override
         self.layout = layout
         self.extensions = tuple(str(extension) for extension in extensions)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from wavenet.data.audio import find_audio_files
+from wavenet.data.audio import scan_audio_files
 from wavenet.errors import UserError
 
 # LJSpeech has one reader; the corpus names her only in its README.
@@ -24,15 +24,33 @@ class Source:
 
     relative: str  # path under the corpus root, with "/" separators: the file's name in the manifest
     speaker: str | None
-    missing: bool = False  # listed by the corpus (LJSpeech's metadata.csv) but not on disk
+    # Why it is left out before preparation: listed by the corpus (LJSpeech's metadata.csv) but missing, a
+    # second path to a file already listed, a folder that cannot be listed. None: a file to prepare.
+    problem: str | None = None
 
 
 def folder_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
-    """Every file under `root` with one of `extensions`, recursively; no speakers."""
-    paths = find_audio_files(root, extensions)
-    if not paths:
-        raise UserError(f"no audio files ({', '.join(extensions)}) found under data root {root}")
-    return [Source(path.relative_to(root).as_posix(), None) for path in paths]
+    """Every file under `root` with one of `extensions`, recursively; no speakers.
+
+    A second path to the same file, and a folder that cannot be listed, are sources with a problem, so
+    that the warning of left-out files names them.
+    """
+    found = scan_audio_files(root, extensions)
+    if not found.paths:
+        unlisted = found.unreadable_folders
+        note = f"; {len(unlisted)} folder(s) in it cannot be listed ({unlisted[0][1]})" if unlisted else ""
+        raise UserError(f"no audio files ({', '.join(extensions)}) found under data root {root}{note}")
+
+    def relative(path: Path) -> str:
+        return path.relative_to(root).as_posix()
+
+    sources = [Source(relative(path), None) for path in found.paths]
+    sources += [Source(relative(path), None, f"same file as {relative(first)}") for path, first in found.duplicates]
+    sources += [
+        Source(f"{relative(folder)}/", None, f"folder cannot be listed ({reason})")
+        for folder, reason in found.unreadable_folders
+    ]
+    return sorted(sources, key=lambda source: source.relative)
 
 
 def vctk_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
@@ -72,13 +90,20 @@ def ljspeech_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
     metadata = root / "metadata.csv"
     if not metadata.is_file():
         raise UserError(f"data root {root} is not an LJSpeech corpus: it has no metadata.csv")
-    # The transcripts contain quotes, so the file is split by hand rather than parsed as CSV.
-    ids = [line.split("|", 1)[0].strip() for line in metadata.read_text(encoding="utf-8").splitlines()]
+    # The transcripts contain quotes, so the file is split by hand rather than parsed as CSV. Only the ids
+    # are needed: a byte-order mark (as editors save it) is not part of the first, and a transcript in
+    # another encoding does not matter.
+    text = metadata.read_text(encoding="utf-8-sig", errors="replace")
+    ids = [line.split("|", 1)[0].strip() for line in text.splitlines()]
     ids = [clip for clip in ids if clip]
     if not ids:
         raise UserError(f"{metadata} lists no clips")
     return [
-        Source(f"wavs/{clip}.wav", LJSPEECH_SPEAKER, missing=not (root / "wavs" / f"{clip}.wav").is_file())
+        Source(
+            f"wavs/{clip}.wav",
+            LJSPEECH_SPEAKER,
+            None if (root / "wavs" / f"{clip}.wav").is_file() else "listed by the corpus but missing",
+        )
         for clip in ids
     ]
 

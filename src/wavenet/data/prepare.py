@@ -19,14 +19,17 @@ Layout of a prepared folder:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import secrets
+import select
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -39,10 +42,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, resampled_length
+from wavenet.data.audio import EMPTY_FILE, UnreadableAudioError, audio_info, read_audio, resampled_length
 from wavenet.data.layouts import Source, list_sources
 from wavenet.data.mulaw import mu_law_encode
-from wavenet.errors import UserError
+from wavenet.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ _PARTIAL = ".partial-"
 # Below this much source audio one process is quicker than a pool: each worker takes a second or two
 # to start (it imports torch), while one process prepares about an hour of 48 kHz FLAC (~200 MB) in 4 s.
 POOL_MIN_BYTES = 64 << 20
+# Left-out files an error about a corpus with none usable names; the line would get unreadable past that.
+_LISTED_IN_ERROR = 5
 
 
 def default_data_dir() -> Path:
@@ -107,10 +112,25 @@ class Manifest:
         Args:
             directory: The prepared folder.
             root: Where the corpus is now, if it moved since it was prepared; the manifest's otherwise.
+
+        Raises:
+            UserError: If the folder is damaged: its manifest unreadable, or a shard not of the size it names.
         """
         directory = Path(directory)
-        data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-        return cls.from_dict(data, directory, root)
+        try:
+            data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+            manifest = cls.from_dict(data, directory, root)
+            sizes = {shard["name"]: shard["samples"] for shard in data["shards"]}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise _damaged(directory, f"{MANIFEST}: {first_line(error)}") from error
+        for name, samples in sizes.items():
+            try:
+                size = (directory / name).stat().st_size
+            except OSError as error:
+                raise _damaged(directory, f"{name}: {error.strerror}") from error
+            if size != samples:
+                raise _damaged(directory, f"{name} has {size:,} bytes where the manifest says {samples:,}")
+        return manifest
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], directory: Path, root: str | Path | None = None) -> Manifest:
@@ -146,9 +166,9 @@ def prepared_folder(
     """
     root = Path(root)
     sources = list_sources(root, layout, extensions)
-    stats = [None if source.missing else (root / source.relative).stat() for source in sources]
+    stats = [None if source.problem else (root / source.relative).stat() for source in sources]
     identities = [
-        [source.relative, source.speaker, None if stat is None else [stat.st_size, stat.st_mtime_ns]]
+        [source.relative, source.speaker, None if stat is None else _identity(root / source.relative, stat)]
         for source, stat in zip(sources, stats)
     ]
     key_fields = {
@@ -158,13 +178,30 @@ def prepared_folder(
         "extensions": sorted(e.lower().lstrip(".") for e in extensions) if layout == "folder" else None,
         "sample_rate": settings.sample_rate,
         "quantization_channels": settings.quantization_channels,
-        "trim_db": settings.trim_db,
+        # 30 and 30.0 are the same setting: one key, so `data.trim_db=30.0` finds the cache of `trim_db: 30`.
+        "trim_db": None if settings.trim_db is None else _number_key(settings.trim_db),
         "sources": identities,
     }
     digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     rate, levels = settings.sample_rate, settings.quantization_channels
     name = f"{layout}-{root.resolve().name or 'root'}-{rate}hz-mu{levels}"
     return Path(cache_dir) / f"{name}-{digest}", sources, stats
+
+
+def _identity(path: Path, stat: os.stat_result) -> list[Any]:
+    """What a source file's bytes are known by: size and modification time, and whether it may be read.
+
+    A file made readable after a preparation left it out (chmod changes neither size nor time) is then
+    prepared anew; the flag is there only for unreadable files, so keys made before it was added still hold.
+    """
+    identity: list[Any] = [stat.st_size, stat.st_mtime_ns]
+    if not os.access(path, os.R_OK):
+        identity.append("unreadable")
+    return identity
+
+
+def _number_key(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
 
 
 def prepare_corpus(
@@ -246,7 +283,8 @@ def encode_file(path: str | Path, settings: PrepareSettings) -> _Encoded:
     try:
         source_frames, source_rate = audio_info(path)
     except UnreadableAudioError as error:
-        return _Encoded(None, f"unreadable ({error.reason})", 0, (0, 0))
+        problem = "empty (0 bytes)" if error.reason == EMPTY_FILE else f"unreadable ({error.reason})"
+        return _Encoded(None, problem, 0, (0, 0))
     if source_frames == 0:
         return _Encoded(None, "empty (no samples)", source_rate, (0, 0))
     rate = settings.sample_rate
@@ -280,9 +318,26 @@ def _encode_job(job: tuple[str, PrepareSettings]) -> _Encoded:
     return encode_file(*job)
 
 
-def _init_worker() -> None:
+def _init_worker(preparing_pid: int) -> None:
     # One thread per process: the pool is the parallelism, and torch's own threads would oversubscribe.
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_with, args=(preparing_pid,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """Ends this worker once process `pid` has gone.
+
+    A pool worker waits for jobs forever, and the forkserver it was forked from waits for its workers: if the
+    preparing process is killed (the OOM killer, kill -9), nothing else would end them and their memory.
+    """
+    try:
+        process = os.pidfd_open(pid)  # Linux: readable when the process ends, and immune to pid reuse
+    except (AttributeError, OSError):
+        while _alive(pid):
+            time.sleep(1.0)
+    else:
+        select.select([process], [], [])
+    os._exit(1)
 
 
 def _encode_all(paths: list[Path], settings: PrepareSettings, workers: int) -> Iterator[_Encoded]:
@@ -296,6 +351,7 @@ def _encode_all(paths: list[Path], settings: PrepareSettings, workers: int) -> I
         min(workers, len(jobs)),
         mp_context=multiprocessing.get_context("forkserver"),
         initializer=_init_worker,
+        initargs=(os.getpid(),),
     )
     try:
         # Results come back in order, so the shards are the same bytes whatever the number of workers.
@@ -369,9 +425,7 @@ def _prepare_into(
         "Preparing %d files of %s (%s layout) at %d Hz in %s",
         len(present), root, layout, settings.sample_rate, "1 process" if processes == 1 else f"{processes} processes",
     )  # fmt: skip
-    skipped = [
-        {"path": s.relative, "reason": "listed by the corpus but missing"} for s in sources if s.missing
-    ]
+    skipped = [{"path": source.relative, "reason": source.problem} for source in sources if source.problem]
     files: list[dict[str, Any]] = []
     writer = _ShardWriter(partial)
     total = 0
@@ -405,11 +459,13 @@ def _prepare_into(
             )
             total += len(encoded.samples)
             progress.set_postfix_str(f"{total / settings.sample_rate / 3600:.2f} h", refresh=False)
+    skipped.sort(key=lambda entry: entry["path"])
     if not files:
-        reasons = sorted({entry["reason"].split(" (")[0] for entry in skipped})
+        listed = [f"{entry['path']}: {entry['reason']}" for entry in skipped[:_LISTED_IN_ERROR]]
+        more = f"; and {len(skipped) - _LISTED_IN_ERROR} more" if len(skipped) > _LISTED_IN_ERROR else ""
         raise UserError(
-            f"no usable audio under data root {root}: all {len(sources)} files were left out "
-            f"({', '.join(reasons)})"
+            f"no usable audio under data root {root}: all {len(skipped)} files were left out: "
+            f"{'; '.join(listed)}{more}"
         )
     seconds = total / settings.sample_rate
     manifest = {
@@ -474,8 +530,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _damaged(directory: Path, what: str) -> UserError:
+    return UserError(f"the prepared folder {directory} is damaged ({what}): delete it, and it is prepared again")
+
+
 def _cache_error(cache_dir: Path, error: OSError) -> UserError:
+    fix = "free some space, or set" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "set"
     return UserError(
-        f"cannot write prepared data under {cache_dir}: {error.strerror or error}; free some space, or set "
-        "paths.data_dir (or $WAVENET_DATA_DIR) to a writable folder"
+        f"cannot write prepared data under {cache_dir}: {error.strerror or error}; {fix} paths.data_dir "
+        "(or $WAVENET_DATA_DIR) to a writable folder"
     )
