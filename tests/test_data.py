@@ -637,3 +637,15 @@ def test_interrupted_synthesis_leaves_nothing_that_passes_as_a_cache(tmp_path: P
         module.prepare_data()
     assert not module.root.exists()
     assert os.listdir(tmp_path / "synthetic") == []
+
+
+def test_overfit_batches_train_on_the_same_spread_windows_every_epoch(folder: Path) -> None:
+    module = ready(folder)
+    module.trainer = SimpleNamespace(global_rank=0, world_size=1, overfit_batches=2)
+    loader = module.train_dataloader()
+    # A SequentialSampler: Lightning would replace any other by windows starting at samples 0, 1, 2, ...
+    assert isinstance(loader.sampler, torch.utils.data.SequentialSampler)
+    windows = list(loader.sampler)
+    first_epoch = list(ChunkSampler(module.train_set, seed=module.seed))
+    assert windows == first_epoch[: 2 * module.batch_size] == list(loader.sampler)
+    assert min(b - a for a, b in itertools.pairwise(sorted(windows))) >= CHUNK

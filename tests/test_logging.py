@@ -25,7 +25,7 @@ from tests.conftest import BUILTIN_SMALL, TINY, compose_config, run_script
 from tests.test_module import TINY as TINY_MODULE
 from tests.test_module import fit, sine_batch
 from wavenet import WaveNetModule
-from wavenet.callbacks import TrainingMonitor, _contiguous
+from wavenet.callbacks import ModelSummaryWithoutFlops, StepProgressBar, TrainingMonitor, _contiguous
 from wavenet.config import instantiate_checked, instantiate_group
 from wavenet.errors import UserError
 from wavenet.tasks.train import resolve_auto_settings, run, wandb_offline
@@ -379,3 +379,28 @@ def test_progress_is_logged_in_lines_where_the_output_is_no_terminal(tmp_path, d
         "Validated at step 6/6",
     ]  # fmt: skip
     assert "train/loss" in lines[0] and "val/bits_per_sample" in lines[3]
+
+
+def test_model_summary_of_a_mixed_precision_run_sizes_float32_weights_without_a_warning(recwarn, capsys):
+    # bf16-mixed is the default on a GPU, where Lightning's summary warned at every start that it knows no size
+    # for it; its weights are float32.
+    module = WaveNetModule(**TINY_MODULE)
+    fit(
+        module, sine_batch(module.receptive_field), max_steps=1, limit_val_batches=0, precision="bf16-mixed",
+        enable_model_summary=True, callbacks=[ModelSummaryWithoutFlops()],
+    )  # fmt: skip
+    assert not [warning for warning in recwarn if "model summary" in str(warning.message)]
+    megabytes = sum(p.numel() for p in module.parameters()) * 4 / 1e6
+    assert f"Total estimated model params size (MB): {megabytes:.3f}" in capsys.readouterr().out
+
+
+def test_progress_bar_shows_metrics_without_the_loggers_version(tmp_path):
+    # Lightning adds the logger's version, for W&B the end of its run id ("v_num: 24do"): noise beside the losses.
+    module = WaveNetModule(**TINY_MODULE)
+    bar = StepProgressBar()
+    trainer = fit(
+        module, sine_batch(module.receptive_field), max_steps=1, log_every_n_steps=1, limit_val_batches=0,
+        enable_progress_bar=True, callbacks=[bar], logger=CSVLogger(tmp_path, name="", version="offline-run-24do"),
+    )  # fmt: skip
+    shown = bar.get_metrics(trainer, module)
+    assert "train/loss" in shown and "v_num" not in shown, shown

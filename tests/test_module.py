@@ -118,14 +118,19 @@ def test_a_run_resumes_only_from_a_checkpoint_of_the_same_network_with_steps_lef
 
     module = WaveNetModule(**TINY)
     path = tmp_path / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 30}, path)
-    with caplog.at_level(logging.WARNING, logger="wavenet.module"):
+    saved = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 30}
+    torch.save({**saved, "optimizer_states": [{"state": {}}]}, path)
+    with caplog.at_level(logging.INFO, logger="wavenet.module"):
         check_resumable(path, {**module.hparams, "betas": list(module.hparams.betas)}, max_steps=31)
         assert not caplog.records  # a list for the saved tuple is the same setting
-        # The optimiser and its schedule resume as saved: a changed setting is said to have no effect.
+        # The optimiser resumes as saved, the schedule's shape as configured now.
         check_resumable(path, {**module.hparams, "lr": 5e-4, "warmup_steps": 0}, max_steps=31)
-    (warning,) = caplog.records
-    assert "model.lr=0.0005 (resumed as 0.001)" in warning.message and "model.warmup_steps=0" in warning.message
+    warning, schedule = caplog.records
+    assert "model.lr=0.0005 (resumed as 0.001)" in warning.message and "warmup" not in warning.message
+    assert schedule.getMessage() == "The learning-rate schedule changes from step 30 on: model.warmup_steps=0 (was 100)"
+    torch.save(saved, tmp_path / "weights.ckpt")
+    with pytest.raises(UserError, match="holds the weights only"):
+        check_resumable(tmp_path / "weights.ckpt", module.hparams)
     with pytest.raises(UserError, match="is at step 30 and trainer.max_steps=30: nothing left to train"):
         check_resumable(path, module.hparams, max_steps=30)
     with pytest.raises(UserError, match=r"model.residual_channels=64 \(the checkpoint's: 16\)"):

@@ -198,7 +198,14 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
         # Found by an audit: each was a traceback, or (min_lr_ratio) trained with a negative learning rate.
         (["model.layers=7"], "model: layers (7) must be a multiple of stacks (2)"),
         (["model.min_lr_ratio=-1"], "model: min_lr_ratio must be between 0 and 1"),
-        (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["seed=abc"], "seed must be an integer from 0 to 2**32 - 1 (numpy's range), got 'abc'"),
+        (["seed=-1"], "seed must be an integer from 0 to 2**32 - 1 (numpy's range), got -1"),
+        # A second audit: each was a traceback, or trained from scratch (`last`), or without clipping (-1).
+        (["ckpt_path=last"], "ckpt_path=last would look in this run's folder, which is new"),
+        (["+ckpt_pth=x.ckpt"], "ckpt_pth is not a setting of train.py (added with +ckpt_pth); did you mean ckpt_path?"),
+        (["trainer.max_epochs=abc"], "trainer.max_epochs must be an integer, got 'abc'"),
+        (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val must be a positive number, 0 or null"),
+        (["trainer.devices=abc"], "trainer: TypeError: `devices` selected with `CPUAccelerator` should be an int"),
         (["train=maybe"], "train must be true or false, got 'maybe'"),
         # Hydra's own hint for a misspelt key is to add it with +.
         (["+data.batchsize=8"], "data.batchsize is not a setting of wavenet.data.SyntheticMusicDataModule; did you "
@@ -208,7 +215,7 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
         (["trainer.max_steps=2.5"], "trainer.max_steps must be a positive integer (or -1: no limit), got 2.5"),
         (["trainer.max_steps=0"], "trainer.max_steps must be a positive integer (or -1: no limit), got 0"),
         (["trainer.max_steps=-1"], "model.decay=cosine decays over the whole run, and this one has no end"),
-        (["trainer.val_check_interval=0"], "trainer.val_check_interval must be positive"),
+        (["trainer.val_check_interval=0"], "trainer.val_check_interval must be a positive number of steps"),
         pytest.param(
             ["trainer.accelerator=gpu"], "trainer.accelerator=gpu but no CUDA GPU is available here",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available here"),
@@ -324,3 +331,28 @@ def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path: Path, task
     )
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "interrupted"
+
+
+def test_a_run_folder_holding_a_run_is_refused_before_anything_is_written(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    train(run_dir, data_dir)
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    for script, overrides in [("train.py", TINY), ("generate.py", [f"ckpt_path={run_dir}/checkpoints/last.ckpt"])]:
+        result = run_script(script, *overrides, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}")
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            f"error: hydra.run.dir={run_dir} already holds a run (.hydra): choose a new folder, or leave "
+            "hydra.run.dir to its default (a new folder per run)"
+        )
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def test_a_setting_refused_on_the_spawned_ranks_is_one_error_line(tmp_path, data_dir):
+    result = run_script(
+        "train.py", *TINY, *BUILTIN_SMALL, "trainer=ddp_sim", "data.chunk_length=10000000", f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "shorter than one window (10000" in errors[0], result.stderr[-2000:]

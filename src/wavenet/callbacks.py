@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from types import FrameType
@@ -14,15 +15,17 @@ from typing import Any, NamedTuple
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+from lightning.pytorch.utilities.model_summary import ModelSummary, get_formatted_model_size, get_human_readable_count
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich import get_console
+from rich.progress import TaskID
 from rich.table import Table
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -44,6 +47,12 @@ _DYNAMIC_RANGE_DB = 80.0
 class StepProgressBar(RichProgressBar):
     """Rich progress bar for training bounded by `max_steps` (max_epochs = -1): "Epoch 3", not "Epoch 3/-2".
 
+    Such a run has one bar, over all its epochs, counting global steps to `max_steps` as the progress lines,
+    the checkpoints' names, the logged `step` and `trainer.max_steps` do: a run resumed at step 20 with
+    `trainer.max_steps=30` starts at 20/30, as Lightning's own bar starts a resumed epoch where it stopped.
+    Lightning's counts the epoch's batches against the steps left to run (30/10 there), and starts over at
+    every epoch.
+
     Where the output is no terminal (a batch job's log file, a pipe), a bar cannot redraw and rich shows it
     only at the end; there the progress is logged instead, as a line every `log_every_seconds` and after
     every validation, also into the run's log file.
@@ -57,10 +66,36 @@ class StepProgressBar(RichProgressBar):
         self.log_every_seconds = log_every_seconds
         self._logged_at = 0.0
 
+    def _counts_steps(self) -> bool:
+        return self.trainer.max_epochs == -1 and self.trainer.max_steps > 0
+
     def _get_train_description(self, current_epoch: int) -> str:
         if self.trainer.max_epochs == -1:
             return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
         return super()._get_train_description(current_epoch)
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._counts_steps() else super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.progress is None or self.train_progress_bar_id is None or not self._counts_steps():
+            super().on_train_epoch_start(trainer, pl_module)
+            return
+        # Lightning's reset of the bar would empty it and restart its clock at every epoch.
+        description = self._get_train_description(trainer.current_epoch)
+        self.progress.update(self.train_progress_bar_id, description=description)
+        self.refresh()
+
+    def _update(self, progress_bar_id: TaskID | None, current: int, visible: bool = True, hard: bool = False) -> None:
+        if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id and self._counts_steps():
+            current = self.trainer.global_step  # Lightning passes the batch's index in its epoch
+        super()._update(progress_bar_id, current, visible, hard)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version (a W&B run's id): the run folder names the run
+        return metrics
 
     def _logs_lines(self, trainer: L.Trainer) -> bool:
         return trainer.is_global_zero and not self.is_disabled and not get_console().is_terminal
@@ -97,7 +132,13 @@ class ModelSummaryWithoutFlops(RichModelSummary):
     Lightning counts FLOPs only in a forward pass of the module's `example_input_array`, run at every start
     (and compiled once more under `model.compile`); the count would be that of one window of an arbitrary
     length. `train/samples_per_sec` measures the speed that matters.
+
+    The size of the parameters is that of their dtypes, also under `*-mixed` precision (float32 weights, as
+    Lightning assumes after a warning at every start of a GPU's default bf16-mixed run).
     """
+
+    def _summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ModelSummary:
+        return _StoredSizeSummary(pl_module, max_depth=self._max_depth)
 
     @staticmethod
     def summarize(
@@ -127,6 +168,36 @@ class ModelSummaryWithoutFlops(RichModelSummary):
         console = get_console()
         console.print(table)
         console.print(totals)
+
+
+class _StoredSizeSummary(ModelSummary):
+    """Lightning's model summary, its size in MB that of the parameters as stored (their dtypes)."""
+
+    def __init__(self, model: L.LightningModule, max_depth: int = 1) -> None:
+        with warnings.catch_warnings():
+            # Lightning's table of bits per parameter has no entry for *-mixed; model_size does not use it.
+            warnings.filterwarnings("ignore", message="Precision .* is not supported by the model summary")
+            super().__init__(model, max_depth)
+
+    @property
+    def model_size(self) -> float:
+        return sum(p.numel() * p.element_size() for p in self._model.parameters()) / 1e6
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, whose best checkpoint after a resume is one of the resumed run's own.
+
+    A resumed run writes into a run folder of its own. Lightning restores the previous folder's
+    `best_model_path` all the same (with a warning that the rest of the state is not restored), so a resumed
+    run that never validates reports another run's file as its best. A state saved for another folder is left
+    out here; one saved for this folder (a run resumed into its own folder) is restored, so that its files are
+    kept or replaced by score as in one run. The class keeps Lightning's name: it names the state in
+    checkpoints, which stay interchangeable with Lightning's callback.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
 
 
 class InterruptCheckpoint(L.Callback):

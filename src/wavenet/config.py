@@ -6,6 +6,7 @@ import difflib
 import logging
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from wavenet.errors import FailedJob, UserError
+from wavenet.errors import FailedJob, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ def instantiate_checked(config: DictConfig, **kwargs: Any) -> Any:
             close = difflib.get_close_matches(unexpected[1], known, n=1)
             hint = f"; did you mean {key}.{close[0]}?" if close else ""
             raise UserError(f"{key}.{unexpected[1]} is not a setting of {config.get('_target_')}{hint}") from None
+        # A value of the wrong type, compared or used deep in the target; an option whose package is missing.
+        if isinstance(cause, (TypeError, ImportError)):
+            raise UserError(f"{key}: {first_line(cause)}") from None
         raise
 
 
@@ -88,6 +92,33 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
         for entry in group.values()
         if isinstance(entry, DictConfig) and "_target_" in entry
     ]
+
+
+class FreshRunFolder(Callback):
+    """Hydra callback refusing a run folder that holds an earlier run (`hydra.run.dir=` an existing one).
+
+    Hydra rewrites the folder's record of its run (`.hydra/`) before the task starts, and the task would then
+    mix its logs, metrics and checkpoints with the earlier ones: refused at the start, nothing is touched.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.output_subdir is None:  # a DDP rank, re-run into its job's folder (wavenet.launch)
+            return
+        self._refuse_if_used(Path(config.hydra.run.dir), config.hydra.output_subdir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse_if_used(Path(config.hydra.sweep.dir), "multirun.yaml", "hydra.sweep.dir")
+
+    @staticmethod
+    def _refuse_if_used(folder: Path, record: str, key: str) -> None:
+        if (folder / record).exists():
+            # A SystemExit, not an exception: Hydra would print an exception with its traceback.
+            print(
+                f"error: {key}={folder} already holds a run ({record}): choose a new folder, or leave {key} to "
+                "its default (a new folder per run)",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
 
 
 class SweepSummary(Callback):

@@ -95,8 +95,6 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
     # Lightning 2.6 calls a torch pytree API that torch 2.11 deprecates.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    # A resumed run has a run folder of its own by design, so its checkpoints' folder always differs.
-    warnings.filterwarnings("ignore", message="The dirpath has changed from")
     # Wrong for this project's step-wise logging: every log_every_n_steps optimiser steps are logged, counted
     # across epochs, so a corpus of few batches per epoch is logged all the same.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")

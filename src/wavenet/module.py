@@ -89,7 +89,7 @@ class WaveNetModule(L.LightningModule):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if not all(0 <= _finite("betas", beta) < 1 for beta in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
-        for name, flag in (("compile", compile), ("checkpoint_activations", checkpoint_activations)):
+        for name, flag in (("bias", bias), ("compile", compile), ("checkpoint_activations", checkpoint_activations)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be true or false, got {flag!r}")
         self.save_hyperparameters()
@@ -235,18 +235,23 @@ _RESUMED_AS_SAVED = {
 }
 
 
-# Settings the optimiser and its schedule were built with: a resumed run continues them as saved.
-_OPTIMISER_SETTINGS = ("lr", "weight_decay", "betas", "warmup_steps", "decay", "min_lr_ratio")
+# Settings a resumed run keeps as saved: Lightning restores the optimiser's hyperparameters, and the schedule's
+# base learning rate, from the checkpoint.
+_OPTIMISER_SETTINGS = ("lr", "weight_decay", "betas")
+# The schedule's shape is not saved (`LambdaLR` keeps no function): it is rebuilt from these and
+# trainer.max_steps, so a resumed run follows a changed one from its resumed step (a longer run decays longer).
+_SCHEDULE_SETTINGS = ("warmup_steps", "decay", "min_lr_ratio")
 
 
 def check_resumable(path: Path, hparams: Mapping[str, Any], max_steps: int = -1) -> None:
     """Checks, before anything is prepared or trained, that `path` is a checkpoint a run of the module
     that `hparams` (the config's `model`) describe can resume from, with steps left before `max_steps`.
-    Warns about optimiser settings that differ from the checkpoint's: Lightning restores the optimiser
-    and the learning-rate schedule as they were, so those changes would not take effect.
+    Warns about optimiser settings that differ from the checkpoint's: Lightning restores the optimiser as it
+    was, so those changes would not take effect. Changes to the schedule's shape do, and are logged.
 
     Raises:
-        UserError: Saying why `path` is no checkpoint (see `read_checkpoint`), naming each setting
+        UserError: Saying why `path` is no checkpoint (see `read_checkpoint`) or holds no optimiser state
+            (saved with weights only), naming each setting
             whose value differs from the checkpoint's (a resumed network cannot change shape, nor its
             audio its sample rate or mu-law levels), or if the checkpoint is at `max_steps` already.
     """
@@ -262,6 +267,11 @@ def check_resumable(path: Path, hparams: Mapping[str, Any], max_steps: int = -1)
             f"ckpt_path={path} was trained with other settings: {', '.join(differ)}; resume with its settings "
             "(e.g. its model= option)"
         )
+    if not checkpoint.get("optimizer_states"):
+        raise UserError(
+            f"ckpt_path={path} holds the weights only (no optimiser state, as save_weights_only writes): it "
+            "cannot resume training; generate.py reads it"
+        )
     step = int(checkpoint.get("global_step", 0))
     if max_steps != -1 and step >= max_steps:
         raise UserError(
@@ -275,10 +285,15 @@ def check_resumable(path: Path, hparams: Mapping[str, Any], max_steps: int = -1)
     ]
     if ignored:
         log.warning(
-            "Resuming continues the checkpoint's optimiser and learning-rate schedule, so these settings have no "
-            "effect: %s",
-            ", ".join(ignored),
+            "Resuming continues the checkpoint's optimiser, so these settings have no effect: %s", ", ".join(ignored)
         )
+    reshaped = [
+        f"model.{name}={hparams.get(name)} (was {saved.get(name)})"
+        for name in _SCHEDULE_SETTINGS
+        if name in saved and hparams.get(name) != saved.get(name)
+    ]
+    if reshaped:
+        log.info("The learning-rate schedule changes from step %d on: %s", step, ", ".join(reshaped))
 
 
 def _as_saved(value: Any) -> Any:

@@ -8,13 +8,14 @@ Lightning's `prepare_data` on one process per node) and train on windows sliced 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
 from wavenet.data.datasets import ChunkLoader, ChunkSampler, FixedChunks, RandomChunks, ShardReader
 from wavenet.data.layouts import LAYOUTS
@@ -129,7 +130,7 @@ class ChunkDataModule(L.LightningDataModule):
         if not _is_integer(num_workers) or num_workers < 0:
             raise UserError(f"data.num_workers must be 0 or more, got {num_workers!r}")
         if not _is_integer(seed):
-            raise UserError(f"seed must be an integer, got {seed!r}")
+            raise UserError(f"data.seed must be an integer, got {seed!r}")
         self.receptive_field = receptive_field
         self.sample_rate = sample_rate
         self.quantization_channels = quantization_channels
@@ -174,6 +175,23 @@ class ChunkDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             collate_fn=_collate,
         )
+
+
+class _SameWindows(SequentialSampler):
+    """The same windows every epoch: the first batches of the first epoch, for `trainer.overfit_batches`.
+
+    Lightning replaces any training sampler that is not a `SequentialSampler` by one over the dataset's first
+    indices: windows starting at samples 0, 1, 2, ... of the first file, one window shifted by a sample each.
+    """
+
+    def __init__(self, windows: list[int]) -> None:
+        self.windows = windows
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.windows)
+
+    def __len__(self) -> int:
+        return len(self.windows)
 
 
 class AudioFolderDataModule(ChunkDataModule):
@@ -279,7 +297,7 @@ class AudioFolderDataModule(ChunkDataModule):
             raise UserError(
                 f"no usable audio under data root {self.root}: of {total} "
                 f"audio files, {len(manifest.skipped)} are unusable and {len(short)} are shorter than one "
-                f"window ({self._window_text()})"
+                f"window ({self._window_text()}): add longer audio, or lower data.chunk_length"
             )
         if len(usable) == 1:
             raise UserError(
@@ -316,6 +334,11 @@ class AudioFolderDataModule(ChunkDataModule):
         assert self.train_set is not None, "setup() must run first"
         rank, world_size = self._distributed()
         sampler = ChunkSampler(self.train_set, num_replicas=world_size, rank=rank, seed=self.seed)
+        overfit = getattr(self.trainer, "overfit_batches", 0) if self.trainer is not None else 0
+        if overfit:
+            batches = overfit if isinstance(overfit, int) else max(int(overfit * len(sampler) / self.batch_size), 1)
+            windows = list(itertools.islice(sampler, batches * self.batch_size))
+            return self._loader(self.train_set, sampler=_SameWindows(windows), drop_last=True)
         return self._loader(self.train_set, sampler=sampler, drop_last=True, loader_class=ChunkLoader)
 
     def _warn_left_out(self, manifest: Manifest, short: list[PreparedFile]) -> None:

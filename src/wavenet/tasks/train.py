@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import netrc
 import os
@@ -18,6 +19,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.multiprocessing import ProcessRaisedException
 
 from wavenet.config import check_required, instantiate_checked, instantiate_group, print_config_tree
 from wavenet.errors import UserError
@@ -136,22 +138,60 @@ def resolve_auto_settings(cfg: DictConfig) -> None:
             wandb_cfg.log_model = False
 
 
-# What Lightning's fit(ckpt_path=...) takes besides a path: it finds those checkpoints itself.
+# What Lightning's fit(ckpt_path=...) takes besides a path. It looks for them in the run's own folder, and every
+# run has a new one: they would find nothing, and train from scratch.
 _LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+# Trainer settings Lightning compares with numbers: text there fails deep inside it, with a TypeError.
+_TRAINER_INTEGERS = (
+    "max_epochs", "min_epochs", "min_steps", "log_every_n_steps", "num_sanity_val_steps", "accumulate_grad_batches",
+    "check_val_every_n_epoch", "num_nodes",
+)  # fmt: skip
+_TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_settings(cfg: DictConfig) -> None:
     """Raises `UserError` for top-level and trainer settings that would fail only later, naming the key."""
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise UserError(f"seed must be an integer, got {cfg.seed!r}")
+    _check_added_keys(cfg)
+    if not _is_integer(cfg.seed) or not 0 <= cfg.seed < 2**32:
+        raise UserError(f"seed must be an integer from 0 to 2**32 - 1 (numpy's range), got {cfg.seed!r}")
     if not isinstance(cfg.train, bool):
         raise UserError(f"train must be true or false, got {cfg.train!r}")
-    max_steps = cfg.trainer.get("max_steps")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or not (max_steps > 0 or max_steps == -1):
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path in _LIGHTNING_CHECKPOINT_NAMES:
+        raise UserError(
+            f"ckpt_path={ckpt_path} would look in this run's folder, which is new: give the checkpoint's path, "
+            "e.g. ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt"
+        )
+    trainer = cfg.trainer
+    max_steps = trainer.get("max_steps")
+    if not _is_integer(max_steps) or not (max_steps > 0 or max_steps == -1):
         raise UserError(f"trainer.max_steps must be a positive integer (or -1: no limit), got {max_steps!r}")
-    interval = cfg.trainer.get("val_check_interval")
-    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
-        raise UserError(f"trainer.val_check_interval must be positive (steps, or a fraction of an epoch): {interval}")
+    for key in _TRAINER_INTEGERS:
+        value = trainer.get(key)
+        if value is not None and not _is_integer(value):
+            raise UserError(f"trainer.{key} must be an integer, got {value!r}")
+    for key in _TRAINER_LIMITS:
+        value = trainer.get(key)
+        if value is not None and not _is_number(value):
+            raise UserError(f"trainer.{key} must be a number of batches or a fraction of them, got {value!r}")
+    interval = trainer.get("val_check_interval")
+    if _is_number(interval) and interval <= 0:
+        raise UserError(f"trainer.val_check_interval must be a positive number of steps, got {interval}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (not _is_number(clip) or clip < 0):
+        # Lightning takes 0 and below as "no clipping": a negative value would quietly turn it off.
+        raise UserError(f"trainer.gradient_clip_val must be a positive number, 0 or null (no clipping), got {clip!r}")
+    deterministic = trainer.get("deterministic")
+    if deterministic is not None and deterministic not in (True, False, "warn"):
+        raise UserError(f"trainer.deterministic must be true, false, warn or null, got {deterministic!r}")
     accelerator = str(cfg.trainer.get("accelerator"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(
@@ -160,18 +200,59 @@ def _check_settings(cfg: DictConfig) -> None:
         )
 
 
+def _check_added_keys(cfg: DictConfig) -> None:
+    """Raises `UserError` for a top-level key added on the command line (`+ckpt_pth=...`) that nothing reads.
+
+    Hydra takes any key with `+`: a misspelt setting would be ignored, and the run go on without it. Keys of
+    the groups (`+trainer.limit_train_batches`) are checked by what they configure.
+    """
+    hydra_cfg = HydraConfig.get()
+    for override in hydra_cfg.overrides.task:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        if "." in key or "/" in key or key in hydra_cfg.runtime.choices:  # a group's key, or a group: `+experiment=`
+            continue
+        close = difflib.get_close_matches(key, [name for name in cfg if name != key], n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"{key} is not a setting of train.py (added with {override.split('=', 1)[0]}){hint}")
+
+
+def _warn_of_a_run_without_validation(trainer: DictConfig) -> None:
+    max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
+    if _is_integer(interval) and max_steps != -1 and interval > max_steps and trainer.get("limit_val_batches") != 0:
+        log.warning(
+            "trainer.val_check_interval=%d is more than trainer.max_steps=%d: the run never validates, so it "
+            "logs no val/loss and keeps no best checkpoint",
+            interval,
+            max_steps,
+        )
+
+
+def _user_error_of_a_rank(error: ProcessRaisedException) -> UserError | None:
+    """The `UserError` a spawned rank (trainer=ddp_sim) stopped with, from the traceback torch passes on."""
+    name, _, message = str(error).strip().splitlines()[-1].partition(": ")
+    user_errors = {f"{cls.__module__}.{cls.__qualname__}" for cls in (UserError, *_subclasses(UserError))}
+    return UserError(message) if name in user_errors else None
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
 def run(cfg: DictConfig) -> float | None:
     """Trains as the config says and returns `cfg.optimized_metric` (for sweepers), if it was logged."""
     check_required(cfg)
+    # Before anything is written to the run folder: a refused setting leaves nothing to clean up.
+    _check_settings(cfg)
     resolve_auto_settings(cfg)
     output_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_tree.log")
-
-    _check_settings(cfg)
+    _warn_of_a_run_without_validation(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     module = instantiate_checked(cfg.model)
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and ckpt_path not in _LIGHTNING_CHECKPOINT_NAMES:
+    if ckpt_path is not None:
         ckpt_path = str(Path(str(ckpt_path)).expanduser())
         # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
         check_resumable(Path(ckpt_path), module.hparams, max_steps=cfg.trainer.get("max_steps", -1))
@@ -200,13 +281,20 @@ def run(cfg: DictConfig) -> float | None:
             try:
                 with ddp_job():
                     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            except ProcessRaisedException as error:
+                user_error = _user_error_of_a_rank(error)
+                if user_error is None:
+                    raise
+                raise user_error from None
             except SIGTERMException:
                 # Lightning's exits with status 0: a preempted job must not look finished to its scheduler.
                 ctrl_c = any(getattr(callback, "stopped_by_ctrl_c", False) for callback in trainer.callbacks)
                 raise SystemExit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)) from None
             checkpoints = trainer.checkpoint_callback
             if trainer.is_global_zero and checkpoints is not None and checkpoints.best_model_path:
-                log.info("Best checkpoint: %s", checkpoints.best_model_path)
+                # Without a monitored metric (callbacks=none: Lightning's own checkpointing) it is the latest.
+                kind = "Best checkpoint" if checkpoints.monitor else "Checkpoint"
+                log.info("%s: %s", kind, checkpoints.best_model_path)
         else:
             # A check of the data too, and a way to prepare a corpus on a CPU machine before the GPU job.
             datamodule.prepare_data()
