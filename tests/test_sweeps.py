@@ -1,5 +1,5 @@
-"""Recipes: every experiment config runs, an Optuna search reports its best trial, the W&B sweep file's trials
-are valid train.py command lines."""
+"""Recipes: every experiment config runs, an Optuna search reports its best trial and its refused ones, the W&B
+sweep file's trials are valid train.py command lines."""
 
 from __future__ import annotations
 
@@ -88,6 +88,53 @@ def test_optuna_search_of_three_trials_reports_the_best(tmp_path, data_dir):
     for job in ("0", "1", "2"):  # each trial logged on its own
         assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
         assert len(list((sweep_dir / job / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_optuna_search_goes_on_past_a_refused_trial(tmp_path, data_dir):
+    sweep_dir = tmp_path / "optuna"
+    result = run_script(
+        "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *TINY, *BUILTIN_SMALL,
+        # TPE's first trials are random (seeded): 7 layers, which the model refuses (2 stacks), for some of them.
+        "model.layers=choice(4,7)", "model.residual_channels=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
+    refused = [trial["job"] for trial in summary["trials"] if trial["params"]["model.layers"] == "7"]
+    assert [trial["job"] for trial in summary["trials"] if trial["failed"]] == refused
+    assert 0 < len(refused) < 3, refused
+    optuna = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert optuna["best_params"]["model.layers"] == 4 and optuna["best_value"] == summary["best"]["value"]
+    # Each refused trial in one line of the sweep's log, not as a return value that is not a number.
+    for job in refused:
+        assert f"Trial {job} failed: model: layers (7) must be a multiple of stacks (2)\n" in result.stdout
+    assert "float-castable" not in result.stdout + result.stderr
+
+
+def test_optuna_search_in_which_no_trial_completes_ends_with_its_summary(tmp_path, data_dir):
+    sweep_dir = tmp_path / "optuna"
+    result = run_script(
+        "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "model.layers=choice(7,9)", *TINY,
+        *BUILTIN_SMALL, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("must be a multiple of stacks" in error for error in errors)  # one per trial
+    summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
+    assert [(trial["job"], trial["failed"]) for trial in summary["trials"]] == [(0, True), (1, True)]
+    assert summary["best"] is None and not (sweep_dir / "optimization_results.yaml").exists()
+    assert result.stdout.rstrip().endswith("2 of 2 jobs failed: [0, 1]")  # after the summary's table
+
+
+@pytest.mark.parametrize("setting", ["n_trials=0", "n_trials=-3", "n_jobs=0"])
+def test_optuna_search_of_no_trials_is_refused_before_any(tmp_path, setting):
+    sweep_dir = tmp_path / "optuna"
+    result = run_script("train.py", "-m", "hparams_search=optuna", f"hydra.sweeper.{setting}", *TINY,
+                        f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    key, value = setting.split("=")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: hydra.sweeper.{key} must be a positive integer, got {value}"]
+    assert not sweep_dir.exists()
 
 
 def test_wandb_sweep_trials_are_train_py_overrides(tmp_path):

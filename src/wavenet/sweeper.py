@@ -1,0 +1,94 @@
+"""The Optuna sweeper of hydra-optuna-sweeper, for searches in which settings may refuse a trial.
+
+`conf/hparams_search/optuna.yaml` selects it, as `hydra_plugins.wavenet_sweeper.OptunaSweeper` (the one place
+Hydra takes sweepers from). It differs from the plugin's own in three ways:
+- `n_trials` or `n_jobs` below 1 is refused in one line before any trial (the plugin ran no trial and
+  ended in a traceback, or divided by zero);
+- a search in which no trial completed ends like any other sweep: Hydra's end-of-multirun callbacks still
+  run, so `wavenet.config.SweepSummary` writes the summary, lists the failed trials and exits non-zero (the
+  plugin raised Optuna's "No trials are completed yet" when asking for the best trial, before them);
+- a trial refused with a `UserError` is logged as `Trial <job> failed: <reason>`, in place of the plugin's
+  lines about a return value that is not a number.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginOptunaSweeper
+from omegaconf import DictConfig
+
+from wavenet.errors import FailedJob
+
+log = logging.getLogger(__name__)
+
+# Optuna 2.10's message, whatever the storage, for the best trial of a study in which none completed.
+_NO_COMPLETED_TRIAL = "No trials are completed yet."
+
+
+class OptunaSweeper(PluginOptunaSweeper):
+    """`hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper`, with the same settings."""
+
+    def __init__(self, n_trials: int, n_jobs: int, **kwargs: Any) -> None:
+        for key, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
+            if value < 1:
+                # Hydra runs the sweeper outside the task function, where train.py turns errors into one line.
+                print(f"error: hydra.sweeper.{key} must be a positive integer, got {value}", file=sys.stderr)
+                raise SystemExit(1)
+        super().__init__(n_trials=n_trials, n_jobs=n_jobs, **kwargs)
+        self.refusals = _Refusals()
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.refusals.launcher = self.sweeper.launcher
+        self.sweeper.launcher = self.refusals
+
+    def sweep(self, arguments: list[str]) -> None:
+        plugin_log = logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl")
+        plugin_log.addFilter(self.refusals)
+        try:
+            super().sweep(arguments)
+        except ValueError as error:
+            if str(error) != _NO_COMPLETED_TRIAL:
+                raise
+            log.warning("No trial of the sweep completed: no best parameters, no optimization_results.yaml")
+        finally:
+            plugin_log.removeFilter(self.refusals)
+
+
+class _Refusals(logging.Filter):
+    """Stands in for the sweep's launcher to log each trial refused with a `UserError` in one line, and filters
+    the plugin's log to drop its own lines about those trials."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launcher: Launcher | None = None
+        self.plugin_lines: set[str] = set()  # about the trials refused in the last batch launched
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.launcher is not None
+        returns = self.launcher.launch(job_overrides, initial_job_idx)
+        # A job that raised has a return_value that re-raises; the plugin reports those itself.
+        refused = [
+            ret for ret in returns if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, FailedJob)
+        ]
+        for ret in refused:
+            log.warning("Trial %s failed: %s", ret.hydra_cfg.hydra.job.num, ret.return_value)
+        # What hydra-optuna-sweeper 1.3 logs for a trial whose value is not a number.
+        self.plugin_lines = {
+            f"Failed experiment: Return value must be float-castable. Got '{ret.return_value}'." for ret in refused
+        }
+        return returns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        # The plugin's line for a batch with more failed trials than max_failure_rate allows: it then re-raises
+        # the exceptions of the jobs that raised one, but a refused trial has none, and the search goes on.
+        too_many = message.startswith("Failed [") and " times out of " in message
+        return message not in self.plugin_lines and not (self.plugin_lines and too_many)
