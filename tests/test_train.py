@@ -205,6 +205,7 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
         (["+ckpt_pth=x.ckpt"], "ckpt_pth is not a setting of train.py (added with +ckpt_pth); did you mean ckpt_path?"),
         (["trainer.max_epochs=abc"], "trainer.max_epochs must be an integer, got 'abc'"),
         (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val must be a positive number, 0 or null"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs=0 trains nothing; to check the data only, use train=false"),
         (["trainer.devices=abc"], "trainer: TypeError: `devices` selected with `CPUAccelerator` should be an int"),
         (["train=maybe"], "train must be true or false, got 'maybe'"),
         # Hydra's own hint for a misspelt key is to add it with +.
@@ -356,3 +357,18 @@ def test_a_setting_refused_on_the_spawned_ranks_is_one_error_line(tmp_path, data
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "shorter than one window (10000" in errors[0], result.stderr[-2000:]
+
+
+def test_settings_that_waste_a_run_are_warned_of(caplog):
+    from omegaconf import OmegaConf
+
+    from wavenet.tasks.train import _warn_of_settings_that_waste_the_run
+
+    cfg = OmegaConf.create({"model": {"warmup_steps": 100}, "trainer": {"max_steps": 20, "val_check_interval": 50}})
+    _warn_of_settings_that_waste_the_run(cfg)
+    assert [record.getMessage() for record in caplog.records] == [
+        "model.warmup_steps=100 is not below trainer.max_steps=20: the learning rate rises for the whole run, and "
+        "never decays",
+        "trainer.val_check_interval=50 is more than trainer.max_steps=20: the run never validates, so it logs no "
+        "val/loss and keeps no best checkpoint",
+    ]

@@ -189,6 +189,9 @@ def _check_settings(cfg: DictConfig) -> None:
     if clip is not None and (not _is_number(clip) or clip < 0):
         # Lightning takes 0 and below as "no clipping": a negative value would quietly turn it off.
         raise UserError(f"trainer.gradient_clip_val must be a positive number, 0 or null (no clipping), got {clip!r}")
+    if trainer.get("max_epochs") == 0 or trainer.get("limit_train_batches") == 0:
+        key = "max_epochs" if trainer.get("max_epochs") == 0 else "limit_train_batches"
+        raise UserError(f"trainer.{key}=0 trains nothing; to check the data only, use train=false")
     deterministic = trainer.get("deterministic")
     if deterministic is not None and deterministic not in (True, False, "warn"):
         raise UserError(f"trainer.deterministic must be true, false, warn or null, got {deterministic!r}")
@@ -218,8 +221,16 @@ def _check_added_keys(cfg: DictConfig) -> None:
         raise UserError(f"{key} is not a setting of train.py (added with {override.split('=', 1)[0]}){hint}")
 
 
-def _warn_of_a_run_without_validation(trainer: DictConfig) -> None:
+def _warn_of_settings_that_waste_the_run(cfg: DictConfig) -> None:
+    trainer, warmup = cfg.trainer, cfg.model.get("warmup_steps")
     max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
+    if _is_integer(warmup) and max_steps != -1 and warmup >= max_steps:
+        log.warning(
+            "model.warmup_steps=%d is not below trainer.max_steps=%d: the learning rate rises for the whole run, "
+            "and never decays",
+            warmup,
+            max_steps,
+        )
     if _is_integer(interval) and max_steps != -1 and interval > max_steps and trainer.get("limit_val_batches") != 0:
         log.warning(
             "trainer.val_check_interval=%d is more than trainer.max_steps=%d: the run never validates, so it "
@@ -248,7 +259,7 @@ def run(cfg: DictConfig) -> float | None:
     resolve_auto_settings(cfg)
     output_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_tree.log")
-    _warn_of_a_run_without_validation(cfg.trainer)
+    _warn_of_settings_that_waste_the_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = instantiate_checked(cfg.model)
     ckpt_path = cfg.get("ckpt_path")
@@ -307,5 +318,9 @@ def run(cfg: DictConfig) -> float | None:
             # Each multirun job must end its own W&B run, or the next job logs into it.
             wandb.finish()
 
-    metric = trainer.callback_metrics.get(cfg.get("optimized_metric"))
+    name = cfg.get("optimized_metric")
+    metric = trainer.callback_metrics.get(name)
+    if metric is None and name and cfg.train and HydraConfig.get().mode == RunMode.MULTIRUN:
+        logged = ", ".join(sorted(key for key in trainer.callback_metrics if "/" in key))
+        log.warning("optimized_metric=%s was not logged, so this job has no value (logged: %s)", name, logged or "none")
     return None if metric is None else float(metric)
