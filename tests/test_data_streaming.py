@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import re
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +19,7 @@ import torch
 from litdata.utilities.env import _DistributedEnv
 from torch.utils.data import DataLoader, IterableDataset
 
-from tests.conftest import TINY, compose_config
+from tests.conftest import REPO, TINY, compose_config
 from tests.test_data import CHUNK, RATE, RECEPTIVE_FIELD, WINDOW, chirp, ready, write
 from wavenet.data import StreamingDataModule, publish
 from wavenet.data.streaming import SEGMENT_OVERLAP, StreamedChunks, segments
@@ -25,23 +31,29 @@ VAL_FRACTION = 0.3
 
 
 @pytest.fixture
-def published(tmp_path: Path) -> tuple[Path, Path]:
-    """(prepared folder, remote folder) of a small corpus published with short segments."""
+def prepared(tmp_path: Path) -> Path:
+    """The prepared folder of a small corpus."""
     root = tmp_path / "corpus"
     for index, seconds in enumerate([1.3, 0.9, 2.2, 0.6, 3.1, 1.0]):
         write(root / f"speaker{index % 2}" / f"clip{index}.wav", chirp(seconds, RATE, seed=index), RATE)
     module = ready(root, val_fraction=VAL_FRACTION)
     assert module.manifest is not None
+    return module.manifest.directory
+
+
+@pytest.fixture
+def published(prepared: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(prepared folder, remote folder) of a small corpus published with short segments."""
     remote = tmp_path / "bucket" / "corpus"
     publish(
-        module.manifest.directory,
+        prepared,
         str(remote),
         VAL_FRACTION,
         SEGMENT_SECONDS,
         workers=1,
         cache_dir=tmp_path / "lc",
     )
-    return module.manifest.directory, remote
+    return prepared, remote
 
 
 def streaming(remote: str, tmp_path: Path, **overrides) -> StreamingDataModule:
@@ -244,3 +256,143 @@ def test_a_resumed_stream_starts_a_new_epoch_instead_of_replaying_the_start(
     after = windows(resumed, 6)
     assert not set(after) & set(first)
     assert resumed.state_dict() == {"windows": 12 * 4}  # counting goes on from the checkpoint's
+
+
+# Publishing as users type it, each segment item slowed down, so that a Ctrl-C comes in the middle.
+SLOW_PUBLISH = """
+import sys, time
+from wavenet.data import streaming
+
+items = streaming._SegmentItems.__call__
+
+def slowly(self, job):
+    for item in items(self, job):
+        time.sleep(0.2)
+        yield item
+
+streaming._SegmentItems.__call__ = slowly
+streaming.main(sys.argv[1:])
+"""
+
+
+def running_with(argument: str) -> list[int]:
+    """Processes whose command line holds `argument`: a publisher's, and any it left behind."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if argument.encode() in cmdline.read_bytes().split(b"\0"):
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="litdata's workers are slowed down through fork")
+@pytest.mark.parametrize("ctrl_c", ["terminal", "process"])
+def test_ctrl_c_stops_publishing_at_once_with_nothing_taken_as_complete(
+    prepared: Path, tmp_path: Path, ctrl_c: str
+) -> None:
+    # litdata's own handler exited with status 0 at Ctrl-C from a terminal, and left its workers hanging forever
+    # when only the main process got SIGINT (kill -INT).
+    remote = tmp_path / "bucket" / "interrupted"
+    stderr = tmp_path / "stderr.txt"
+    options = ["--segment-seconds", "0.25", "--workers", "1"]
+    command = [sys.executable, "-c", SLOW_PUBLISH, str(prepared), str(remote), *options]
+    env = {**os.environ, "WAVENET_DATA_DIR": str(tmp_path / "data")}
+    with stderr.open("w") as log:
+        # A session of its own, as a terminal gives a command: its group is what Ctrl-C signals.
+        publisher = subprocess.Popen(command, cwd=REPO, stderr=log, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while "train files" not in stderr.read_text() and publisher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # litdata's workers are writing the first items
+        assert publisher.poll() is None, stderr.read_text()
+        interrupted = time.monotonic()
+        if ctrl_c == "terminal":
+            os.killpg(publisher.pid, signal.SIGINT)
+        else:
+            publisher.send_signal(signal.SIGINT)
+        status = publisher.wait(timeout=30)
+        took = time.monotonic() - interrupted
+        time.sleep(0.2)  # for killed processes to be gone
+        left = running_with(str(remote))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(publisher.pid, signal.SIGKILL)
+        for pid in running_with(str(remote)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    lines = stderr.read_text().strip().splitlines()
+    assert status == 130, lines
+    assert took < 10, took  # some 1 s here, most of it the interpreter's shutdown
+    assert not left, f"processes left writing: {left}"
+    assert not (remote / "manifest").exists()
+    assert lines[-1] == f"interrupted: nothing published to {remote} is complete; run the same command again"
+    assert not any("Traceback" in line or "Error" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("target", ["a file", "under a file", "read-only"])
+def test_an_unwritable_remote_is_a_user_error_naming_it(prepared: Path, tmp_path: Path, target: str) -> None:
+    afile = tmp_path / "afile.txt"
+    afile.write_text("not a folder")
+    remote = {"a file": afile, "under a file": afile / "corpus", "read-only": tmp_path / "locked" / "corpus"}[target]
+    if target == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only folders")
+        remote.parent.mkdir()
+        remote.parent.chmod(0o500)
+    reason = "is not writable|Permission denied" if target == "read-only" else "Not a directory"
+    with pytest.raises(UserError, match=f"^cannot publish to {re.escape(str(remote))}: .*({reason})"):
+        publish(prepared, str(remote), VAL_FRACTION, SEGMENT_SECONDS, workers=1, cache_dir=tmp_path / "lc")
+
+
+def test_an_unusable_cache_folder_is_a_user_error_naming_the_setting(
+    published: tuple[Path, Path], tmp_path: Path, monkeypatch
+) -> None:
+    prepared, remote = published
+    afile = tmp_path / "afile.txt"
+    afile.write_text("not a folder")
+    # local: is copied through the cache like a download (a plain folder is read in place).
+    with pytest.raises(UserError, match=f"cache in {re.escape(str(afile))}/streaming .*set data.cache_dir to"):
+        streaming(f"local:{remote}", tmp_path, cache_dir=afile / "streaming")
+    # publish must not take a remote it cannot read back for an empty one, and write over it.
+    monkeypatch.setenv("WAVENET_DATA_DIR", str(afile))
+    with pytest.raises(UserError, match="set WAVENET_DATA_DIR to"):
+        publish(prepared, f"local:{remote}", 0.5, SEGMENT_SECONDS, workers=1)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_remote_missing_a_split_is_a_user_error_at_setup(
+    published: tuple[Path, Path], tmp_path: Path, split: str
+) -> None:
+    _, remote = published
+    for path in (remote / split).iterdir():
+        path.unlink()
+    (remote / split).rmdir()
+    missing = f"data.remote={re.escape(str(remote))} has a manifest but no complete {split}/"
+    with pytest.raises(UserError, match=missing):
+        streaming(str(remote), tmp_path)
+
+
+def test_an_empty_manifest_folder_is_a_one_line_user_error(published: tuple[Path, Path], tmp_path: Path) -> None:
+    _, remote = published
+    for path in (remote / "manifest").iterdir():
+        path.unlink()
+    with pytest.raises(UserError, match="no published corpus at data.remote") as error:
+        streaming(str(remote), tmp_path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_truncated_chunk_is_a_user_error_naming_it(
+    published: tuple[Path, Path], tmp_path: Path, split: str
+) -> None:
+    _, remote = published
+    chunk = remote / split / "chunk-0-0.bin"
+    os.truncate(chunk, 1000)
+    module = streaming(str(remote), tmp_path, num_workers=1)
+    with pytest.raises(UserError, match=f"chunk {re.escape(str(chunk))} of the published corpus was not complete"):
+        if split == "train":
+            next(iter(module.train_dataloader()))  # in a worker, as training reads
+        else:
+            assert module.val_set is not None
+            module.val_set[0]

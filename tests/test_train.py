@@ -346,6 +346,13 @@ def test_a_run_folder_holding_a_run_is_refused_before_anything_is_written(tmp_pa
             "hydra.run.dir to its default (a new folder per run)"
         )
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    (tmp_path / "a_file").write_text("")
+    result = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'a_file' / 'run'}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: cannot create hydra.run.dir={tmp_path / 'a_file' / 'run'}: Not a directory; set paths.log_dir to a "
+        "writable folder"
+    )
 
 
 def test_a_setting_refused_on_the_spawned_ranks_is_one_error_line(tmp_path, data_dir):

@@ -111,14 +111,23 @@ class FreshRunFolder(Callback):
 
     @staticmethod
     def _refuse_if_used(folder: Path, record: str, key: str) -> None:
+        # SystemExit, not an exception: Hydra would print an exception with its traceback.
         if (folder / record).exists():
-            # A SystemExit, not an exception: Hydra would print an exception with its traceback.
             print(
                 f"error: {key}={folder} already holds a run ({record}): choose a new folder, or leave {key} to "
                 "its default (a new folder per run)",
                 file=sys.stderr,
             )
             raise SystemExit(1)
+        try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(
+                f"error: cannot create {key}={folder}: {error.strerror or error}; set paths.log_dir to a writable "
+                "folder",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
 
 
 class SweepSummary(Callback):

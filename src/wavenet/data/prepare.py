@@ -538,5 +538,5 @@ def _cache_error(cache_dir: Path, error: OSError) -> UserError:
     fix = "free some space, or set" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "set"
     return UserError(
         f"cannot write prepared data under {cache_dir}: {error.strerror or error}; {fix} paths.data_dir "
-        "(or $WAVENET_DATA_DIR) to a writable folder"
+        "(or $WAVENET_DATA_DIR, or data.cache_dir) to a writable folder"
     )

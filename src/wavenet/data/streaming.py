@@ -25,27 +25,35 @@ fits in it: segments lose no window start, and none is drawn twice.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import litdata
 import numpy as np
 import torch
+from litdata import ChunkWaitTimeoutError
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wavenet.data.datamodule import ChunkDataModule, split_files
 from wavenet.data.datasets import FixedChunks
 from wavenet.data.prepare import MANIFEST, Manifest, PreparedFile, available_cpus, default_data_dir
-from wavenet.errors import UserError
+from wavenet.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +119,57 @@ def _identity(item: str) -> str:
 
 
 def _optimize(fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None:
-    # litdata.optimize points Ctrl-C at a handler of its own, which stops its workers and exits with status 0, and
-    # leaves it there: a training run in the same process would then end at Ctrl-C as if it had finished, with
-    # nothing saved.
-    ctrl_c = signal.getsignal(signal.SIGINT)
+    """litdata.optimize, run in a child process of its own process group, so that Ctrl-C stays ours.
+
+    litdata points SIGINT at a handler that its workers inherit and that ends each process with
+    `os._exit(0)`: Ctrl-C made publishing exit with status 0 and half a split written, ended a Python caller
+    the same way, and a SIGINT to the main process alone left its workers waiting forever. The terminal sends
+    Ctrl-C to its foreground process group only, so here it raises KeyboardInterrupt in this process, which
+    kills the child's group (litdata's workers with it) before passing on.
+
+    Raises:
+        UserError: If the operating system refused a write (a local folder that is not writable, ...).
+    """
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_optimize_alone, args=(sender, fn, inputs, output_dir, workers))
+    # What the child sends: None once done, else whether an OSError stopped it and its traceback. This default
+    # stands if it ends without a word.
+    outcome: tuple[bool, str] | None = (False, "")
+    # Blocked until the child is in a group of its own: a Ctrl-C in between must not reach it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        child.start()
+        # Both sides move the child, as shells do, so the group exists whichever runs first (a spawned child
+        # may have exec'd already, which refuses this call; its own covers it).
+        with contextlib.suppress(OSError):
+            os.setpgid(child.pid, child.pid)  # type: ignore[arg-type]
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        sender.close()  # the child has the copy that writes
+        multiprocessing.connection.wait([receiver, child.sentinel])
+        with contextlib.suppress(EOFError):
+            if receiver.poll():
+                outcome = receiver.recv()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if child.pid is not None:
+            if outcome is not None:
+                _kill_group(child)
+            child.join()
+    if outcome is None:
+        return
+    os_error, report = outcome
+    if os_error:
+        raise UserError(f"cannot publish to {output_dir}: {report.strip().splitlines()[-1]}")
+    raise RuntimeError(f"litdata.optimize did not finish {output_dir} (exit status {child.exitcode})\n{report}".strip())
+
+
+def _optimize_alone(result: Connection, fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None:
+    """`_optimize`'s child: sends None once litdata.optimize is done, or what stopped it."""
+    os.setpgid(0, 0)
+    # Drops a Ctrl-C that came while this process was still in the parent's group (it was blocked).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         litdata.optimize(
             fn=fn,
@@ -129,9 +184,61 @@ def _optimize(fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None
             start_method="fork" if sys.platform == "linux" else None,
             verbose=False,
         )
-    finally:
-        if ctrl_c is not None and signal.getsignal(signal.SIGINT) is not ctrl_c:
-            signal.signal(signal.SIGINT, ctrl_c)
+    except Exception as error:  # noqa: BLE001 (every failure goes to the parent; as text, as not all pickle)
+        result.send((isinstance(error, OSError), traceback.format_exc()))
+    else:
+        result.send(None)
+
+
+def _kill_group(child: BaseProcess) -> None:
+    """Ends `_optimize`'s child and every process litdata started in it."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    except ProcessLookupError:  # a spawned child killed before it made its group: it has started nothing
+        child.kill()
+
+
+def _output_dir(remote: str, split: str) -> str:
+    """Where litdata writes `split` of `remote`; a local folder is made first, so a bad one is named.
+
+    Raises:
+        UserError: If the folder cannot be made or written to.
+    """
+    if "://" in remote:
+        return _join(remote, split)
+    # litdata reads local:/folder but does not write to it.
+    folder = Path(remote.removeprefix("local:")).expanduser() / split
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot publish to {remote}: {first_line(error)}") from error
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot publish to {remote}: {folder} is not writable")
+    return str(folder)
+
+
+def _cache_folder(remote: str, folder: Path, setting: str) -> None:
+    """Makes `folder` for litdata's cache of `remote`, or raises a UserError naming the `setting` that chose it."""
+    if "://" not in remote and not remote.startswith("local:"):
+        return  # litdata reads a plain local folder in place
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = first_line(error)
+    else:
+        if os.access(folder, os.W_OK | os.X_OK):
+            return
+        reason = "it is not writable"
+    raise UserError(f"cannot keep litdata's cache in {folder} ({reason}); set {setting} to a writable folder")
+
+
+def _stalled(records: litdata.StreamingDataset, error: ChunkWaitTimeoutError) -> UserError:
+    """The UserError of a chunk litdata gave up waiting for: truncated, or a download that stalled."""
+    chunk = _join(records.input_dir.url or records.input_dir.path, Path(error.path).name)
+    return UserError(
+        f"chunk {chunk} of the published corpus was not complete after {error.waited_s:.0f} s: it is shorter "
+        "than its index says (publish the corpus again) or its download stalled"
+    )
 
 
 def read_published(remote: str, cache_dir: str | Path, max_cache_size: str | int = "50GB") -> dict[str, Any]:
@@ -148,7 +255,7 @@ def read_published(remote: str, cache_dir: str | Path, max_cache_size: str | int
         text = manifest[0]
     except (FileNotFoundError, ValueError) as error:
         raise UserError(
-            f"no published corpus at data.remote={remote} ({error}); publish a prepared one with "
+            f"no published corpus at data.remote={remote} ({first_line(error)}); publish a prepared one with "
             "python -m wavenet.data.streaming PREPARED_FOLDER REMOTE"
         ) from error
     return json.loads(text)
@@ -173,7 +280,10 @@ def publish(
         cache_dir: Where litdata keeps what it reads back; None for the default data folder's.
 
     Raises:
-        UserError: If `prepared` is no prepared corpus, or `remote` holds a different published corpus.
+        UserError: If `prepared` is no prepared corpus, `remote` holds a different published corpus or cannot be
+            written to, or the cache cannot be made.
+        KeyboardInterrupt: At Ctrl-C, once every process writing has stopped; the manifest, written last, is
+            not, so nothing at `remote` is taken as complete.
     """
     prepared = Path(prepared)
     if not (prepared / MANIFEST).is_file():
@@ -192,7 +302,10 @@ def publish(
         "segment": segment,
         "overlap": SEGMENT_OVERLAP,
     }
+    setting = "WAVENET_DATA_DIR" if cache_dir is None else "cache_dir"
     cache_dir = default_data_dir() / "streaming" if cache_dir is None else Path(cache_dir)
+    # Checked first: read_published failing on it would look like nothing published, which would be written over.
+    _cache_folder(remote, cache_dir, setting)
     try:
         existing = read_published(remote, cache_dir)["published"]
     except UserError:
@@ -212,8 +325,9 @@ def publish(
     workers = available_cpus() if workers is None else workers
     for split, files, split_workers in (("train", train, workers), ("val", val, 1)):
         jobs = [(index[file.relative], file.shard, file.offset, file.frames) for file in files]
+        output_dir = _output_dir(remote, split)
         log.info("Publishing %d %s files of %s to %s", len(files), split, prepared.name, _join(remote, split))
-        _optimize(writer, jobs, _join(remote, split), split_workers)
+        _optimize(writer, jobs, output_dir, split_workers)
     published = {
         **data,
         "published": {
@@ -222,7 +336,7 @@ def publish(
             "val_files": [index[file.relative] for file in val],
         },
     }
-    _optimize(_identity, [json.dumps(published)], _join(remote, "manifest"), 1)
+    _optimize(_identity, [json.dumps(published)], _output_dir(remote, "manifest"), 1)
     log.info("Published %s to %s", prepared.name, remote)
 
 
@@ -272,15 +386,18 @@ class StreamedChunks(IterableDataset[tuple[Tensor, Tensor]]):
         for epoch in itertools.count(self.first_epoch):
             self.records.set_epoch(epoch)
             drawn = 0
-            for record in self.records:
-                for window in self._windows(record, epoch):
-                    drawn += 1
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(window)
-                        continue
-                    slot = int(rng.integers(len(buffer)))
-                    buffer[slot], window = window, buffer[slot]
-                    yield self._example(window)
+            try:
+                for record in self.records:
+                    for window in self._windows(record, epoch):
+                        drawn += 1
+                        if len(buffer) < self.shuffle_buffer:
+                            buffer.append(window)
+                            continue
+                        slot = int(rng.integers(len(buffer)))
+                        buffer[slot], window = window, buffer[slot]
+                        yield self._example(window)
+            except ChunkWaitTimeoutError as error:
+                raise _stalled(self.records, error) from error
             if not drawn:
                 raise UserError(
                     f"a data loader worker got no training window in epoch {epoch}: the published corpus has "
@@ -355,7 +472,10 @@ class _SegmentReader:
     def __call__(self, segment: Segment, start: int, length: int) -> np.ndarray:
         # Validation reads a segment's windows one after another: decode it once, not once per window.
         if self._last is None or self._last[0] != segment.index:
-            self._last = (segment.index, self.records[segment.index]["audio"])
+            try:
+                self._last = (segment.index, self.records[segment.index]["audio"])
+            except ChunkWaitTimeoutError as error:
+                raise _stalled(self.records, error) from error
         return self._last[1][start : start + length]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -412,11 +532,12 @@ class StreamingDataModule(ChunkDataModule):
         """Reads the published manifest and opens the training and validation streams.
 
         Raises:
-            UserError: If nothing is published at `remote`, its sample rate or mu-law levels differ from
-                the settings, or no validation segment is as long as one window.
+            UserError: If nothing complete is published at `remote`, its sample rate or mu-law levels differ
+                from the settings, no validation segment is as long as one window, or the cache cannot be made.
         """
         if self.train_set is not None:
             return
+        _cache_folder(self.remote, self.cache_dir, "data.cache_dir")
         data = read_published(self.remote, self.cache_dir, self.max_cache_size)
         for key in ("sample_rate", "quantization_channels"):
             if data[key] != getattr(self, key):
@@ -434,9 +555,7 @@ class StreamingDataModule(ChunkDataModule):
         self.manifest = manifest = Manifest.from_dict(data, Path(self.remote))
         # Four chunks ahead: litdata raises it to four for its concurrent downloads, saying so every epoch.
         records = dict(cache_dir=str(self.cache_dir), max_cache_size=self.max_cache_size, max_pre_download=4)
-        train_records = litdata.StreamingDataset(
-            _join(self.remote, "train"), shuffle=True, seed=self.seed % 2**31, **records
-        )
+        train_records = self._records("train", shuffle=True, seed=self.seed % 2**31, **records)
         train_starts = sum(max(manifest.files[i].frames - self.window + 1, 0) for i in published["train_files"])
         self.train_set = StreamedChunks(
             train_records,
@@ -456,7 +575,7 @@ class StreamingDataModule(ChunkDataModule):
                 f"no validation file of the corpus at data.remote={self.remote} is as long as one window "
                 f"({self.window} samples): lower data.chunk_length"
             )
-        val_records = litdata.StreamingDataset(_join(self.remote, "val"), shuffle=False, **records)
+        val_records = self._records("val", shuffle=False, **records)
         self.val_set = FixedChunks(
             usable,
             [min(s.owned, s.frames - self.window + 1) for s in usable],
@@ -473,6 +592,16 @@ class StreamingDataModule(ChunkDataModule):
             len(published["train_files"]),
             self.remote,
         )
+
+    def _records(self, split: str, **options: Any) -> litdata.StreamingDataset:
+        try:
+            return litdata.StreamingDataset(_join(self.remote, split), **options)
+        except (FileNotFoundError, ValueError) as error:
+            raise UserError(
+                f"the corpus at data.remote={self.remote} has a manifest but no complete {split}/ "
+                f"({first_line(error)}); publish it again with "
+                "python -m wavenet.data.streaming PREPARED_FOLDER REMOTE"
+            ) from error
 
     def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         assert self.train_set is not None, "setup() must run first"
@@ -499,6 +628,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: nothing published to {args.remote} is complete; run the same command again",
+            file=sys.stderr,
+        )
+        sys.exit(130)  # what a shell reports for a command Ctrl-C ended
 
 
 if __name__ == "__main__":
