@@ -185,6 +185,49 @@ def test_bad_primes_are_refused(prime):
         generate(random_wavenet(), 10, batch_size=2, prime=prime)
 
 
+BAD_ARGUMENTS = {
+    "batch_size 0": ({"batch_size": 0}, ValueError, "batch_size must be at least 1, got 0"),
+    "batch_size float": ({"batch_size": 2.0}, TypeError, "batch_size must be an integer, got 2.0"),
+    "batch_size bool": ({"batch_size": True}, TypeError, "batch_size must be an integer, got True"),
+    "num_samples fraction": ({"num_samples": 2.5}, TypeError, "num_samples must be an integer, got 2.5"),
+    "num_samples text": ({"num_samples": "10"}, TypeError, "num_samples must be an integer, got '10'"),
+    "temperature None": ({"temperature": None}, TypeError, "temperature must be a number, got NoneType"),
+    "temperature nan": ({"temperature": math.nan}, ValueError, "temperature must be 0 .greedy. or more"),
+    "temperature past float32": ({"temperature": 1e38}, ValueError, "at most 2e\\+37, got 1e\\+38"),
+    "prime list": ({"prime": [1, 2]}, TypeError, "prime must be a tensor of mu-law classes or None, got list"),
+    "generator int": ({"generator": 0}, TypeError, "generator must be a torch.Generator or None, got int"),
+    "progress": ({"progress": 1}, TypeError, "progress must be callable or None, got int"),
+    "out shape": ({"out": torch.empty(2, 5, dtype=torch.long)}, ValueError, "out must be int64 \\(1, 10\\) on cpu"),
+    "model None": ({"model": None}, TypeError, "model must be a WaveNet or a module holding one as .model"),
+    "model Linear": ({"model": torch.nn.Linear(2, 2)}, TypeError, "holding one as .model, got Linear"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_generate_names_a_bad_argument_before_any_work(case):
+    overrides, error, message = BAD_ARGUMENTS[case]
+    arguments = {"model": random_wavenet(), "num_samples": 10, **overrides}
+    with pytest.raises(error, match=message):
+        generate(**arguments)
+
+
+def test_the_largest_temperature_samples_every_class_without_overflow():
+    from wavenet.generation import MAX_TEMPERATURE
+
+    # Noise scaled past float32's range was inf for many classes at once; the argmax of such ties is the lowest.
+    classes = generate(random_wavenet(), 1, batch_size=4000, temperature=MAX_TEMPERATURE)
+    counts = torch.bincount(classes[:, 0], minlength=LEVELS)
+    assert counts.min() > 60 and counts.max() < 200  # all but uniform: 125 each
+
+
+def test_generation_writes_into_out_as_it_goes():
+    model, out = random_wavenet(), torch.full((2, 100), -1)
+    seen = []
+    classes = generate(model, 100, 2, temperature=0.0, out=out, progress=lambda steps: seen.append(out[0].clone()))
+    assert classes is out and torch.equal(out, generate(model, 100, 2, temperature=0.0))
+    assert (seen[0][:64] >= 0).all() and (seen[0][64:] == -1).all()  # a chunk is in place when it is reported
+
+
 @pytest.mark.parametrize(
     ("method", "message"),
     [("fast", "method must be one of"), ("cuda_graph", "needs a CUDA device")],
@@ -392,7 +435,7 @@ def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], s
         "text num_samples": (["num_samples=abc"], "num_samples must be a positive integer, got 'abc'"),
         "fractional batch": (["batch_size=2.5"], "batch_size must be a positive integer, got 2.5"),
         "text seed": (["seed=abc"], "seed must be an integer or null"),
-        "use_ema no": (["use_ema=no"], "use_ema must be true or false, got 'no'"),
+        "use_ema no": (["use_ema=no"], "use_ema must be auto, true or false, got 'no'"),
         "folder checkpoint": ([f"ckpt_path={tmp_path}"], f"checkpoint {tmp_path} is a folder"),
         "text checkpoint": ([f"ckpt_path={text}"], f"{text} is not a PyTorch checkpoint"),
         "cut checkpoint": ([f"ckpt_path={cut}"], f"{cut} is not a PyTorch checkpoint"),

@@ -1,5 +1,6 @@
 """The network's contract: shapes, causality, receptive field, and mu-law coding."""
 
+import numpy as np
 import pytest
 import torch
 import torchaudio.functional as AF
@@ -99,6 +100,25 @@ def test_too_short_input_is_an_error():
     model = make("k2")
     with pytest.raises(ValueError, match="receptive field"):
         model(torch.randint(0, 256, (1, model.receptive_field - 1)), causal_pad=False)
+    with pytest.raises(ValueError, match="input of 0 steps"):  # the user's length, not the padded one
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "message"),
+    [
+        (torch.zeros(1, 20), TypeError, "int64 mu-law classes, got torch.float32 tensor"),
+        (torch.zeros(1, 20, dtype=torch.uint8), TypeError, "got torch.uint8 tensor"),
+        (torch.zeros(1, 20, dtype=torch.bool), TypeError, "got torch.bool tensor"),
+        ([[1, 2, 3]], TypeError, "got list"),
+        (torch.zeros(20, dtype=torch.long), ValueError, r"\(B, T\) mu-law classes, got shape \(20,\)"),
+        (torch.zeros(1, 1, 20, dtype=torch.long), ValueError, r"got shape \(1, 1, 20\)"),
+    ],
+    ids=["float", "uint8", "bool", "list", "1-d", "3-d"],
+)
+def test_forward_names_the_expected_input_of_b_t_integer_classes(x, error, message):
+    with pytest.raises(error, match=message):
+        make("k2")(x)
 
 
 def test_bad_shape_arguments():
@@ -130,6 +150,28 @@ def test_mu_law_round_trip_and_clipping():
     assert mu_law_encode(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
     with pytest.raises(TypeError):
         mu_law_encode(torch.tensor([1, 2]))
+
+
+def test_mu_law_refuses_what_it_would_code_wrong():
+    with pytest.raises(ValueError, match="NaN"):  # torchaudio gives INT64_MIN
+        mu_law_encode(torch.tensor([float("nan"), 0.5]))
+    for levels in (1, 2**16 + 1):  # no class to pick from; more levels than 16-bit audio has
+        with pytest.raises(ValueError, match="quantization_channels must be from 2 to 65536"):
+            mu_law_encode(torch.zeros(3), levels)
+        with pytest.raises(ValueError, match="quantization_channels must be from 2 to 65536"):
+            mu_law_decode(torch.zeros(3, dtype=torch.long), levels)
+    for audio in (np.zeros(3, np.float32), [0.0, 0.5]):
+        with pytest.raises(TypeError, match="expects audio as a float tensor, got (ndarray|list)"):
+            mu_law_encode(audio)
+    with pytest.raises(ValueError, match=r"in \[0, quantization_channels=256\), got values from -5 to 300"):
+        mu_law_decode(torch.tensor([300, -5]))  # torchaudio decodes them past [-1, 1]
+    # More levels than uint8 holds: every uint8 is a class, the bound must not wrap around to 0.
+    assert mu_law_decode(torch.tensor([0, 255], dtype=torch.uint8), 2**16).abs().max() <= 1.0
+    with pytest.raises(ValueError, match="got values from 0 to 200"):
+        mu_law_decode(torch.tensor([0, 200], dtype=torch.uint8), 32)
+    for classes in (torch.tensor([0.5]), torch.tensor([True])):
+        with pytest.raises(TypeError, match="expects classes as an integer tensor"):
+            mu_law_decode(classes)
 
 
 def test_flops_per_step_counts_every_matmul():

@@ -24,6 +24,7 @@ import copy
 import functools
 import logging
 import math
+import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -359,6 +360,7 @@ def generate(
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
     method: str = "auto",
+    out: Tensor | None = None,
 ) -> Tensor:
     """Samples `num_samples` mu-law classes per stream, one at a time, on the model's device.
 
@@ -379,17 +381,23 @@ def generate(
             batched matmuls at (float32: up to 405 for `small`, 64 for `medium`; bfloat16: 1,028, 164 and 13
             for `large`) and, in float32, models up to 80 MiB (not `large`), where a C++ compiler is found, else
             `eager`. All of them compute the same function; with the same seed they draw the same noise.
+        out: (B, num_samples) int64 tensor on the model's device to write the samples to as they are made:
+            when generation stops early (Ctrl-C), those reported to `progress` so far are there.
 
     Returns:
-        (B, num_samples) int64 classes, without the prime.
+        (B, num_samples) int64 classes, without the prime: `out` where given.
+
+    Raises:
+        TypeError, ValueError: Naming the argument of a wrong type or value, before any work is done.
     """
     if isinstance(getattr(model, "model", None), WaveNet):
         model = model.model
-    if num_samples < 0:
-        raise ValueError(f"num_samples must not be negative, got {num_samples}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number, 0 or more, got {temperature}")
+    if not isinstance(model, WaveNet):
+        raise TypeError(f"model must be a WaveNet or a module holding one as .model, got {type(model).__name__}")
     device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
+    num_samples, batch_size = _check_arguments(
+        device, num_samples, batch_size, temperature, prime, generator, progress, out
+    )
     method = resolve_method(method, device, dtype, batch_size, sum(p.numel() for p in model.parameters()))
     prime = _check_prime(prime, model, batch_size).to(device)
     levels = model.quantization_channels
@@ -421,7 +429,7 @@ def generate(
             sample_steps(stepper, classes, out, noise)
 
     stepper.reset(prime[..., :-1])  # after the capture above, whose warm-up steps write the state
-    samples = torch.empty(batch_size, num_samples, dtype=torch.long, device=device)
+    samples = torch.empty(batch_size, num_samples, dtype=torch.long, device=device) if out is None else out
     # Steps write (chunk, B) rows; copied into `samples` chunk by chunk, so that the result is never transposed
     # whole (a second copy of every sample: gigabytes for thousands of long streams).
     steps = torch.empty(chunk, batch_size, dtype=torch.long, device=device)
@@ -528,6 +536,61 @@ def _gumbel_(uniform: Tensor, temperature: float) -> Tensor:
         np.multiply(draws, -temperature, out=draws)
         return uniform
     return uniform.clamp_min_(torch.finfo(uniform.dtype).tiny).log_().neg_().log_().neg_().mul_(temperature)
+
+
+# Noise is Gumbel draws times the temperature, in float32. The largest draw from float32 uniforms is
+# -log(-log(1 - 2**-24)) = 16.6: past float32's max / 17 some noise would be inf, and the argmax of tied
+# infinities is the lowest class. Sampling is all but uniform long before.
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max) / 17
+
+
+def _check_temperature(temperature: float) -> None:
+    """Raises TypeError or ValueError unless `temperature` is a number in [0, MAX_TEMPERATURE]."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not 0 <= temperature <= MAX_TEMPERATURE:  # NaN fails every comparison
+        raise ValueError(f"temperature must be 0 (greedy) or more, at most {MAX_TEMPERATURE:.0e}, got {temperature}")
+
+
+def _check_arguments(
+    device: torch.device,
+    num_samples: int,
+    batch_size: int,
+    temperature: float,
+    prime: Tensor | None,
+    generator: torch.Generator | None,
+    progress: Callable[[int], None] | None,
+    out: Tensor | None,
+) -> tuple[int, int]:
+    """`generate`'s arguments checked, as cheaply as their types allow; num_samples and batch_size as ints."""
+    num_samples = _check_integer("num_samples", num_samples, 0)
+    batch_size = _check_integer("batch_size", batch_size, 1)
+    _check_temperature(temperature)
+    if prime is not None and not isinstance(prime, Tensor):  # its values are checked by _check_prime
+        raise TypeError(f"prime must be a tensor of mu-law classes or None, got {type(prime).__name__}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but the model on {device}, where noise is drawn")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
+    if out is not None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a tensor or None, got {type(out).__name__}")
+        if out.shape != (batch_size, num_samples) or out.dtype != torch.long or out.device != device:
+            got = f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            raise ValueError(f"out must be int64 ({batch_size}, {num_samples}) on {device}, got {got}")
+    return num_samples, batch_size
+
+
+def _check_integer(name: str, value: int, least: int) -> int:
+    """`value` as an int, after a TypeError or ValueError naming `name` unless it is an integer >= `least`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}")
+    return int(value)
 
 
 def _check_prime(prime: Tensor | None, model: WaveNet, batch_size: int) -> Tensor:

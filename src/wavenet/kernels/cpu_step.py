@@ -78,7 +78,10 @@ class _Net(ctypes.Structure):
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    requested = os.environ.get("CXX")
+    if requested and not shutil.which(requested):
+        log.warning("CXX=%s: no such program (no such file, nor on PATH); trying c++, g++, clang++", requested)
+    for name in (requested, "c++", "g++", "clang++"):
         if name and shutil.which(name):
             return name
     return None

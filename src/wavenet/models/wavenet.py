@@ -164,7 +164,7 @@ class WaveNet(nn.Module):
         """Logits of the next sample at every position.
 
         Args:
-            x: (B, T) mu-law classes, int64.
+            x: (B, T) mu-law classes, int64 (or int32).
             causal_pad: If true, the input is treated as preceded by silence, and the output has one step
                 per input step. If false, only the positions that see a full receptive field of real
                 input are computed: T - receptive_field + 1 steps, the ones training uses.
@@ -173,12 +173,22 @@ class WaveNet(nn.Module):
             (B, Q, T) logits, or (B, Q, T - receptive_field + 1) without `causal_pad`. Output t is the
             distribution of the sample after input t.
         """
+        # Dtype and rank only, free; a check of the values would sync with the GPU at every forward.
+        if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32):
+            kind = f"{x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"WaveNet expects x as (B, T) int64 mu-law classes, got {kind}")
+        if x.dim() != 2:
+            raise ValueError(f"WaveNet expects x as (B, T) mu-law classes, got shape {tuple(x.shape)}")
+        steps = x.shape[1]
         if causal_pad:
+            if steps < 1:
+                raise ValueError("input of 0 steps: there is no position to predict from")
             x = F.pad(x, (self.receptive_field - 1, 0), value=self.silence_class)
         output_length = x.shape[-1] - self.receptive_field + 1
         if output_length < 1:
             raise ValueError(
-                f"input of {x.shape[-1]} steps is shorter than the receptive field ({self.receptive_field})"
+                f"input of {steps} steps is shorter than the receptive field ({self.receptive_field}); "
+                "causal_pad=True pads it with silence"
             )
         h = self.embedding(x).transpose(1, 2)  # (B, R, T)
         # Under no_grad (validation, generation) nothing is stored for backward, so nothing is recomputed.

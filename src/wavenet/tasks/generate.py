@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,15 +13,16 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TimeRemainingColumn
+from rich import get_console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from wavenet.config import check_required
-from wavenet.data.audio import read_audio, write_wav
+from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.ema import EMA_STATE_KEY
 from wavenet.errors import UserError, first_line
-from wavenet.generation import generate, resolve_method
+from wavenet.generation import MAX_TEMPERATURE, generate, resolve_method
 from wavenet.module import WaveNetModule, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,9 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> list[Path]:
     """Writes `cfg.batch_size` files `sample_000.wav`, ... of `cfg.num_samples` samples to the run folder.
+
+    Every setting and the prime file are checked before the checkpoint is read, so that a mistake costs no
+    loading. Interrupted (Ctrl-C), it writes the samples made so far, as shorter files, and re-raises.
 
     Returns:
         The paths of the files written.
@@ -36,73 +42,100 @@ def run(cfg: DictConfig) -> list[Path]:
     """
     check_required(cfg)
     _check_settings(cfg)
+    ckpt_path = _file_path("ckpt_path", cfg.ckpt_path, "the path of a checkpoint")
+    prime_path = None if cfg.prime is None else _file_path("prime", cfg.prime, "the path of an audio file, or null")
     output_dir = Path(cfg.paths.output_dir)
     _check_output_dir(output_dir)
-    device = _device(str(cfg.device))
+    device = _device(cfg.device)
+    num_samples, batch_size = cfg.num_samples, cfg.batch_size
+    _check_memory(num_samples, batch_size, device)
     dtype = PRECISIONS[str(cfg.precision)]
     try:  # before the checkpoint is read, so that a method that cannot run here costs no loading
-        resolve_method(str(cfg.method), device, dtype, int(cfg.batch_size))
+        resolve_method(str(cfg.method), device, dtype, batch_size)
     except ValueError as error:
         raise UserError(f"method={cfg.method}: {error}") from error
-    module = _load_checkpoint(Path(cfg.ckpt_path).expanduser(), device, use_ema=bool(cfg.use_ema))
+    if prime_path is not None:
+        _check_prime_file(prime_path)
+    module = _load_checkpoint(ckpt_path, device, use_ema=cfg.use_ema)
     model = module.model.eval().to(dtype)
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    method = resolve_method(str(cfg.method), device, dtype, int(cfg.batch_size), parameters)
+    method = resolve_method(str(cfg.method), device, dtype, batch_size, parameters)
     sample_rate = int(module.hparams.sample_rate)
     levels = model.quantization_channels
     prime = None
-    if cfg.prime is not None:
-        audio = _read_prime(Path(cfg.prime).expanduser(), sample_rate)
+    if prime_path is not None:
+        audio = _read_prime(prime_path, sample_rate)
         prime = mu_law_encode(audio[-model.receptive_field :], levels)  # older samples cannot matter
-    generator = None if cfg.seed is None else torch.Generator(device).manual_seed(int(cfg.seed))
+    generator = None if cfg.seed is None else torch.Generator(device).manual_seed(cfg.seed)
     log.info(
         "Generating %d x %d samples (%.2f s at %d Hz) on %s (%s, %s), temperature %g%s; receptive field %d samples",
-        cfg.batch_size,
-        cfg.num_samples,
-        cfg.num_samples / sample_rate,
+        batch_size,
+        num_samples,
+        num_samples / sample_rate,
         sample_rate,
         device,
         method,
         cfg.precision,
         cfg.temperature,
-        "" if prime is None else f", continuing {cfg.prime}",
+        "" if prime is None else f", continuing {prime_path}",
         model.receptive_field,
     )
 
+    # Filled as generation goes, so that an interrupted run can still write the first `made` samples of each file.
+    classes = torch.empty(batch_size, num_samples, dtype=torch.long, device=device)
+    made = 0
     started = time.perf_counter()
-    with _progress_bar(cfg.num_samples, cfg.batch_size, sample_rate) as advance:
-        classes = generate(
-            model,
-            cfg.num_samples,
-            batch_size=cfg.batch_size,
-            temperature=cfg.temperature,
-            prime=prime,
-            generator=generator,
-            progress=advance,
-            method=method,
-        )
-    seconds = time.perf_counter() - started
-    rate = cfg.num_samples * cfg.batch_size / seconds
+    try:
+        with _progress_bar(num_samples, batch_size, sample_rate, float(cfg.log_every_seconds)) as show:
 
+            def advance(steps: int) -> None:
+                nonlocal made
+                made += steps
+                show(steps)
+
+            generate(
+                model,
+                num_samples,
+                batch_size=batch_size,
+                temperature=cfg.temperature,
+                prime=prime,
+                generator=generator,
+                progress=advance,
+                method=method,
+                out=classes,
+            )
+    except KeyboardInterrupt:
+        if made:
+            paths = _write_wavs(output_dir, classes[:, :made], levels, sample_rate)
+            log.warning("Interrupted: wrote %d file(s) cut short, %s of %s samples, to %s",
+                        len(paths), f"{made:,}", f"{num_samples:,}", output_dir)  # fmt: skip
+        raise
+    seconds = time.perf_counter() - started
+    paths = _write_wavs(output_dir, classes, levels, sample_rate)
+    log.info("Wrote %d file(s) to %s in %.1f s: %s", len(paths), output_dir, seconds,
+             _speed(num_samples, seconds, batch_size, sample_rate, total=True))  # fmt: skip
+    return paths
+
+
+def _write_wavs(output_dir: Path, classes: torch.Tensor, levels: int, sample_rate: int) -> list[Path]:
+    """Writes each stream of (B, T) classes as `sample_<index>.wav`; returns their paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    digits = max(3, len(str(cfg.batch_size - 1)))  # sample_0999.wav sorts before sample_1000.wav
+    digits = max(3, len(str(len(classes) - 1)))  # sample_0999.wav sorts before sample_1000.wav
     for index, stream in enumerate(classes.cpu()):  # decoded one at a time: float audio of one stream in memory
         paths.append(output_dir / f"sample_{index:0{digits}d}.wav")
         write_wav(paths[-1], mu_law_decode(stream, levels), sample_rate)
-    log.info(
-        "Wrote %d file(s) to %s in %.1f s: %s samples/s, %.2fx real time",
-        len(paths),
-        output_dir,
-        seconds,
-        f"{rate:,.0f}",
-        rate / sample_rate,
-    )
     return paths
 
 
 # Weights and activations of the step; bf16 halves the bytes every step reads (see conf/generate.yaml).
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16}
+
+
+# RIFF's sizes are 32-bit: a WAV file holds 4 GiB, less room for its header, at 2 bytes a 16-bit sample.
+_MAX_WAV_SAMPLES = (2**32 - 2**10) // 2
+# torch.Generator.manual_seed's range: negative seeds are taken modulo 2**64.
+_SEEDS = range(-(2**63), 2**64)
 
 
 def _check_settings(cfg: DictConfig) -> None:
@@ -112,19 +145,38 @@ def _check_settings(cfg: DictConfig) -> None:
     for key in ("num_samples", "batch_size"):
         if not _is_integer(cfg[key]) or cfg[key] < 1:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg.num_samples > _MAX_WAV_SAMPLES:
+        raise UserError(
+            f"num_samples must be at most {_MAX_WAV_SAMPLES:,}, what a 16-bit WAV file holds (4 GiB), "
+            f"got {cfg.num_samples:,}"
+        )
     temperature = cfg.temperature
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature):
-        raise UserError(f"temperature must be a number, 0 (greedy) or more, got {temperature!r}")
-    if temperature < 0:
-        raise UserError(f"temperature must be 0 (greedy) or positive, got {temperature}")
-    if cfg.seed is not None and not _is_integer(cfg.seed):
-        raise UserError(f"seed must be an integer or null, got {cfg.seed!r}")
-    if not isinstance(cfg.use_ema, bool):
-        raise UserError(f"use_ema must be true or false, got {cfg.use_ema!r}")
+    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:  # NaN fails both comparisons
+        raise UserError(f"temperature must be a number from 0 (greedy) to {MAX_TEMPERATURE:.0e}, got {temperature!r}")
+    if cfg.seed is not None and not (_is_integer(cfg.seed) and cfg.seed in _SEEDS):
+        raise UserError(f"seed must be an integer or null, from -2**63 to 2**64 - 1, got {cfg.seed!r}")
+    if not isinstance(cfg.use_ema, bool) and cfg.use_ema != "auto":
+        raise UserError(f"use_ema must be auto, true or false, got {cfg.use_ema!r}")
+    seconds = cfg.log_every_seconds
+    if not _is_number(seconds) or not 0 <= seconds < math.inf:
+        raise UserError(f"log_every_seconds must be a number of seconds, 0 or more, got {seconds!r}")
+
+
+def _file_path(key: str, value: object, expected: str) -> Path:
+    """`value` of config key `key` as a path; a `UserError` for a value that is no path or empty."""
+    if not isinstance(value, str):
+        raise UserError(f"{key} must be {expected}, got {'null' if value is None else repr(value)}")
+    if not value.strip():
+        raise UserError(f"{key} is empty: set it to {expected}")
+    return Path(value).expanduser()
 
 
 def _is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -137,14 +189,19 @@ def _check_output_dir(output_dir: Path) -> None:
         )
 
 
-def _device(name: str) -> torch.device:
+def _device(name: object) -> torch.device:
     """`auto` is CUDA when there is a GPU, else the CPU; other names are torch's (`cpu`, `cuda`, `cuda:1`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wrong = UserError(f"device must be auto, cpu, cuda or cuda:<index>, got {name!r}")
+    if not isinstance(name, str):
+        raise wrong
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise UserError(f"device must be auto, cpu or cuda[:index], got {name!r}") from error
+        raise wrong from error
+    if device.type not in ("cpu", "cuda"):  # torch names more (mps, xpu, meta); generation runs on these two
+        raise wrong
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -154,13 +211,49 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _load_checkpoint(path: Path, device: torch.device, use_ema: bool) -> WaveNetModule:
-    """The trained module, with the EMA weights in place of the training weights where there are some."""
+def _check_memory(num_samples: int, batch_size: int, device: torch.device) -> None:
+    """Refuses samples that cannot fit in memory, which would fail only once the checkpoint is loaded.
+
+    The bound is the memory there is, not what is free: a run it lets through may still not fit beside
+    other processes, but none it refuses could run.
+    """
+    classes = 8 * batch_size * num_samples  # (B, N) int64 classes: on the device, and copied to the host to write
+    host = classes + 8 * num_samples  # and one stream's float32 audio at a time, decoded then clipped to write
+    sizes = [(host, _physical_memory(), "this machine's memory")]
+    if device.type == "cuda":
+        sizes.append((classes, torch.cuda.get_device_properties(device).total_memory, f"the memory of {device}"))
+    for needed, memory, where in sizes:
+        if memory is not None and needed > memory:
+            raise UserError(
+                f"num_samples={num_samples:,} x batch_size={batch_size:,} takes {needed / 1e9:,.1f} GB (8 bytes a "
+                f"sample), more than {where} ({memory / 1e9:,.1f} GB): generate fewer or shorter files"
+            )
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM, or None where the OS does not say (sysconf is POSIX)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _load_checkpoint(path: Path, device: torch.device, use_ema: bool | str) -> WaveNetModule:
+    """The trained module, with the EMA weights in place of the training weights as `use_ema` asks.
+
+    `auto` takes the EMA weights where the checkpoint has them; `true` insists on them, as a user who asks for
+    them would not want results from the training weights, noticed (if at all) in a log line.
+    """
     # Read once: the module is rebuilt from its primitive hyperparameters, as load_from_checkpoint would.
     checkpoint = read_checkpoint(path, map_location=device)
+    averaged = checkpoint.get(EMA_STATE_KEY) if use_ema else None
+    if use_ema is True and not averaged:
+        raise UserError(
+            f"use_ema=true but checkpoint {path} has no EMA weights (trained without the EMA callback); "
+            "use_ema=false (or auto) takes its training weights"
+        )
     try:
         module = WaveNetModule(**checkpoint["hyper_parameters"]).to(device)
-        averaged = checkpoint.get(EMA_STATE_KEY) if use_ema else None
         module.load_state_dict(averaged or checkpoint["state_dict"])
     except (TypeError, ValueError, RuntimeError) as error:
         # Hyperparameters or weights that do not fit this version's WaveNetModule.
@@ -170,22 +263,40 @@ def _load_checkpoint(path: Path, device: torch.device, use_ema: bool) -> WaveNet
     return module
 
 
-def _read_prime(path: Path, sample_rate: int) -> torch.Tensor:
-    """The prime file as float audio at the model's rate; read_audio raises UserError if it is unreadable."""
+def _check_prime_file(path: Path) -> None:
+    """Raises `UserError` unless the prime is a readable audio file with samples; from its header alone."""
     if path.is_dir():
         raise UserError(f"prime {path} is a folder, not an audio file")
     if not path.is_file():
         raise UserError(f"prime file not found: {path}")
-    audio = read_audio(path, sample_rate)
-    if audio.numel() == 0:
+    try:
+        frames, _ = audio_info(path)
+    except UnreadableAudioError as error:
+        raise UserError(f"cannot read prime {path}: {error.reason}") from error
+    if frames == 0:
         raise UserError(f"prime file {path} has no samples")
+
+
+def _read_prime(path: Path, sample_rate: int) -> torch.Tensor:
+    """The prime file, checked by `_check_prime_file`, as float audio at the model's rate."""
+    audio = read_audio(path, sample_rate)
     if not torch.isfinite(audio).all():
         raise UserError(f"prime file {path} holds NaN or infinite samples")
     return audio
 
 
+def _speed(steps: float, seconds: float, batch_size: int, sample_rate: int, total: bool = False) -> str:
+    """`4 x 31,000 samples/s, 1.94x real time each` for 4 files, as their count shows; or with `total`,
+    `124,000 samples/s in all, 1.94x real time each`."""
+    rate = steps / seconds  # per file
+    if batch_size == 1:
+        return f"{rate:,.0f} samples/s, {rate / sample_rate:.2f}x real time"
+    speed = f"{rate * batch_size:,.0f} samples/s in all" if total else f"{batch_size:,} x {rate:,.0f} samples/s"
+    return f"{speed}, {rate / sample_rate:.2f}x real time each"
+
+
 class _SpeedColumn(ProgressColumn):
-    """Samples per second over all streams, and how many seconds of audio that makes per second."""
+    """`_speed` since the start: the mean, steady enough."""
 
     def __init__(self, batch_size: int, sample_rate: int) -> None:
         super().__init__()
@@ -195,19 +306,39 @@ class _SpeedColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         if not task.elapsed or not task.completed:
             return Text("? samples/s", style="progress.data.speed")
-        rate = task.completed * self.batch_size / task.elapsed  # the mean since the start: steady enough
-        text = f"{rate:,.0f} samples/s, {rate / self.sample_rate:.2f}x real time"
-        return Text(text, style="progress.data.speed")
+        speed = _speed(task.completed, task.elapsed, self.batch_size, self.sample_rate)
+        return Text(speed, style="progress.data.speed")
 
 
 @contextmanager
-def _progress_bar(num_samples: int, batch_size: int, sample_rate: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar over the steps of generation; yields the function that advances it."""
+def _progress_bar(
+    num_samples: int, batch_size: int, sample_rate: int, log_every_seconds: float
+) -> Iterator[Callable[[int], None]]:
+    """A progress bar over the steps of generation, `4 x 4,864/16,000` for 4 files; yields what advances it.
+
+    Where the output is no terminal (a batch job's log), a bar would show only once full, squeezed to 80
+    columns: there a progress line is logged every `log_every_seconds` instead, as in training.
+    """
+    files = f"{batch_size:,} x " if batch_size > 1 else ""
+    logs_lines = not get_console().is_terminal
     with Progress(
-        BarColumn(bar_width=24),
-        MofNCompleteColumn(),
+        BarColumn(bar_width=20),
+        TextColumn(files + "{task.completed:,.0f}/{task.total:,.0f}", style="progress.download"),
         _SpeedColumn(batch_size, sample_rate),
         TimeRemainingColumn(),
+        disable=logs_lines,
     ) as progress:
         task = progress.add_task("generate", total=num_samples)
-        yield lambda steps: progress.advance(task, steps)
+        logged_at = time.monotonic()
+
+        def advance(steps: int) -> None:
+            nonlocal logged_at
+            progress.advance(task, steps)
+            if logs_lines and time.monotonic() - logged_at >= log_every_seconds:
+                done, seconds = progress.tasks[0].completed, progress.tasks[0].elapsed
+                left = datetime.timedelta(seconds=round((num_samples - done) * seconds / done))
+                log.info("Sample %s%s/%s: %s, %s left", files, f"{done:,.0f}", f"{num_samples:,}",
+                         _speed(done, seconds, batch_size, sample_rate), left)  # fmt: skip
+                logged_at = time.monotonic()
+
+        yield advance

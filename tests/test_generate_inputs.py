@@ -1,0 +1,142 @@
+"""generate.py's answers to bad input (one line naming the key or file, before the checkpoint is read), its
+progress lines, its files when interrupted, and the compiler it is told to use."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from rich.console import Console
+
+from tests.conftest import compose_config, run_script
+from wavenet.errors import UserError
+from wavenet.module import WaveNetModule
+from wavenet.tasks.generate import run
+
+SAMPLE_RATE = 8000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained model without EMA weights, saved with what generate.py reads."""
+    module = WaveNetModule(
+        layers=4, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=8, sample_rate=SAMPLE_RATE
+    )
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def refused_before_loading(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Overrides found in an audit, each with the start of the one error it must give."""
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio")
+    return {
+        "null checkpoint": (["ckpt_path=null"], "ckpt_path must be the path of a checkpoint, got null"),
+        "numeric checkpoint": (["ckpt_path=123"], "ckpt_path must be the path of a checkpoint, got 123"),
+        "empty checkpoint": (["ckpt_path="], "ckpt_path is empty"),
+        "numeric prime": (["prime=123"], "prime must be the path of an audio file, or null, got 123"),
+        "list prime": (["prime=[1,2]"], "prime must be the path of an audio file, or null, got [1, 2]"),
+        "empty prime": (["prime="], "prime is empty"),
+        "missing prime": ([f"prime={tmp_path / 'missing.wav'}"], "prime file not found"),
+        "unreadable prime": ([f"prime={text}"], f"cannot read prime {text}: "),
+        "huge seed": (["seed=99999999999999999999"], "seed must be an integer or null, from -2**63 to 2**64 - 1"),
+        "past a WAV file": (["num_samples=1000000000000"], "num_samples must be at most 2,147,483,136"),
+        "past memory": (
+            ["num_samples=2000000000", "batch_size=10000000"],
+            "num_samples=2,000,000,000 x batch_size=10,000,000 takes 160,000,0",  # GB, more than any RAM
+        ),
+        "past float32 temperature": (["temperature=1e308"], "temperature must be a number from 0 (greedy) to 2e+37"),
+        "mps device": (["device=mps"], "device must be auto, cpu, cuda or cuda:<index>, got 'mps'"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["null checkpoint", "numeric checkpoint", "empty checkpoint", "numeric prime", "list prime", "empty prime",
+     "missing prime", "unreadable prime", "huge seed", "past a WAV file", "past memory", "past float32 temperature",
+     "mps device"],
+)  # fmt: skip
+def test_bad_input_is_one_line_naming_it_before_the_checkpoint_is_read(tmp_path, checkpoint, monkeypatch, case):
+    def read_checkpoint(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checkpoint was read before the input was checked")
+
+    monkeypatch.setattr("wavenet.tasks.generate.read_checkpoint", read_checkpoint)
+    overrides, message = refused_before_loading(tmp_path)[case]
+    cfg = compose_config("generate", [f"ckpt_path={checkpoint}", "device=cpu", *overrides], tmp_path / "run")
+    with pytest.raises(UserError) as error:
+        run(cfg)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["ckpt_path=null", "prime=[1,2]"])
+def test_generate_script_answers_a_wrong_type_in_one_line(tmp_path, checkpoint, override):
+    result = run_script("generate.py", f"ckpt_path={checkpoint}", override, f"hydra.run.dir={tmp_path / 'run'}")
+    key = override.split("=")[0]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and f"error: {key} must be" in result.stderr
+
+
+def test_use_ema_true_insists_on_ema_weights_and_auto_takes_the_training_ones(tmp_path, checkpoint):
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=50"]
+    with pytest.raises(UserError, match=f"use_ema=true but checkpoint {checkpoint} has no EMA weights"):
+        run(compose_config("generate", [*overrides, "use_ema=true"], tmp_path / "true"))
+    assert not (tmp_path / "true").exists()
+    (wav,) = run(compose_config("generate", overrides, tmp_path / "auto"))  # the default
+    assert sf.info(wav).frames == 50
+
+
+def test_progress_is_logged_per_file_and_in_all_where_the_output_is_no_terminal(
+    tmp_path, checkpoint, monkeypatch, caplog
+):
+    monkeypatch.setattr("wavenet.tasks.generate.get_console", lambda: Console(file=io.StringIO()))
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=200", "batch_size=3", "log_every_seconds=0"]
+    with caplog.at_level(logging.INFO, logger="wavenet.tasks.generate"):
+        run(compose_config("generate", overrides, tmp_path))
+    lines = [record.getMessage() for record in caplog.records]
+    progress = [line for line in lines if line.startswith("Sample ")]
+    # Every chunk of 64 steps, the last one too: the count and the speed are per file, 3 of them.
+    assert [line.split(":")[0] for line in progress] == [f"Sample 3 x {n}/200" for n in (64, 128, 192, 200)]
+    assert all(" samples/s, " in line and "x real time each, " in line and line.endswith(" left") for line in progress)
+    assert all(line.split(": ")[1].startswith("3 x ") for line in progress)
+    (wrote,) = [line for line in lines if line.startswith("Wrote")]
+    assert " samples/s in all, " in wrote and wrote.endswith("x real time each")
+
+
+def test_an_interrupted_run_writes_the_samples_made_so_far(tmp_path, checkpoint, monkeypatch, caplog):
+    from wavenet import generation
+
+    sample_steps, chunks = generation.sample_steps, []
+
+    def interrupted_at_the_third_chunk(*args: object) -> None:
+        chunks.append(args)
+        if len(chunks) == 3:
+            raise KeyboardInterrupt
+        sample_steps(*args)
+
+    monkeypatch.setattr(generation, "sample_steps", interrupted_at_the_third_chunk)
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=1000", "batch_size=2", "method=eager"]
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config("generate", [*overrides, "seed=3"], tmp_path / "cut"))
+    cut = sorted((tmp_path / "cut").glob("sample_*.wav"))
+    assert [sf.info(path).frames for path in cut] == [128, 128]  # two chunks of 64 steps
+    assert "Interrupted: wrote 2 file(s) cut short, 128 of 1,000 samples" in caplog.text
+    monkeypatch.undo()
+    whole = run(compose_config("generate", [*overrides, "seed=3"], tmp_path / "whole"))
+    for part, full in zip(cut, whole):
+        np.testing.assert_array_equal(sf.read(part)[0], sf.read(full)[0][:128])
+
+
+def test_a_cxx_that_names_no_program_is_named_in_a_warning(monkeypatch, caplog):
+    from wavenet.kernels import cpu_step
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with caplog.at_level(logging.WARNING, logger="wavenet.kernels.cpu_step"):
+        cpu_step._compiler()
+    assert "CXX=/nonexistent/c++: no such program" in caplog.text
