@@ -104,7 +104,17 @@ class FreshRunFolder(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.output_subdir is None:  # a DDP rank, re-run into its job's folder (wavenet.launch)
             return
-        self._refuse_if_used(Path(config.hydra.run.dir), config.hydra.output_subdir, "hydra.run.dir")
+        folder = Path(config.hydra.run.dir)
+        self._refuse_if_used(folder, config.hydra.output_subdir, "hydra.run.dir")
+        try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(
+                f"error: cannot create hydra.run.dir={folder}: {error.strerror or error}; set paths.log_dir to a "
+                "writable folder",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._refuse_if_used(Path(config.hydra.sweep.dir), "multirun.yaml", "hydra.sweep.dir")
@@ -119,15 +129,6 @@ class FreshRunFolder(Callback):
                 file=sys.stderr,
             )
             raise SystemExit(1)
-        try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            print(
-                f"error: cannot create {key}={folder}: {error.strerror or error}; set paths.log_dir to a writable "
-                "folder",
-                file=sys.stderr,
-            )
-            raise SystemExit(1) from None
 
 
 class SweepSummary(Callback):
