@@ -6,7 +6,6 @@ import difflib
 import logging
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from wavenet.errors import FailedJob, UserError, first_line
+from wavenet.errors import FailedJob, UserError, exit_with_error, first_line
 
 log = logging.getLogger(__name__)
 
@@ -109,26 +108,21 @@ class FreshRunFolder(Callback):
         try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            print(
-                f"error: cannot create hydra.run.dir={folder}: {error.strerror or error}; set paths.log_dir to a "
-                "writable folder",
-                file=sys.stderr,
+            exit_with_error(
+                f"cannot create hydra.run.dir={folder}: {error.strerror or error}; set paths.log_dir to a writable "
+                "folder"
             )
-            raise SystemExit(1) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._refuse_if_used(Path(config.hydra.sweep.dir), "multirun.yaml", "hydra.sweep.dir")
 
     @staticmethod
     def _refuse_if_used(folder: Path, record: str, key: str) -> None:
-        # SystemExit, not an exception: Hydra would print an exception with its traceback.
         if (folder / record).exists():
-            print(
-                f"error: {key}={folder} already holds a run ({record}): choose a new folder, or leave {key} to "
-                "its default (a new folder per run)",
-                file=sys.stderr,
+            exit_with_error(
+                f"{key}={folder} already holds a run ({record}): choose a new folder, or leave {key} to its "
+                "default (a new folder per run)"
             )
-            raise SystemExit(1)
 
 
 class SweepSummary(Callback):

@@ -1,5 +1,8 @@
 """Errors a user can cause and fix: bad paths, unreadable audio, wrong overrides."""
 
+import sys
+from typing import NoReturn
+
 # How torch's `ExceptionWrapper` puts a worker's traceback into the message of the exception it re-raises.
 _WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
 
@@ -15,7 +18,46 @@ class UserError(Exception):
         # Raised in a DataLoader worker, it reaches the main process re-raised by torch with the worker's whole
         # traceback in its message, ending in the line `wavenet.errors.UserError: <message>`.
         _, worker, traceback = message.partition(_WORKER_TRACEBACK)
-        return traceback.strip().splitlines()[-1].split(": ", 1)[-1] if worker and traceback.strip() else message
+        original = user_error_message(traceback) if worker else None
+        return message if original is None else original
+
+
+def exit_with_error(message: str) -> NoReturn:
+    """Ends the process as the entry points end at a `UserError`: `error: <message>`, status 1.
+
+    For Hydra callbacks and sweepers, which run outside the task function: Hydra would print an exception
+    raised there with its traceback.
+    """
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def user_error_message(traceback: str) -> str | None:
+    """The message of the `UserError` a formatted traceback ends with (`wavenet.errors.UserError: <message>`),
+    as another process reports it (a DataLoader worker, a spawned DDP rank); None if it ends with another error."""
+    lines = traceback.strip().splitlines()
+    if not lines:
+        return None
+    name, _, message = lines[-1].partition(": ")
+    return message if name in {_qualified_name(cls) for cls in _user_errors(UserError)} else None
+
+
+def _user_errors(cls: type) -> list[type]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _user_errors(direct))]
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_integer(value: object) -> bool:
+    """Whether a setting's value is an integer (not a bool, which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """Whether a setting's value is an int or a float (not a bool); it may be infinite or NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def first_line(error: BaseException) -> str:

@@ -14,7 +14,6 @@ Hydra takes sweepers from). It differs from the plugin's own in three ways:
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginOptunaSweeper
 from omegaconf import DictConfig
 
-from wavenet.errors import FailedJob
+from wavenet.errors import FailedJob, exit_with_error
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,7 @@ class OptunaSweeper(PluginOptunaSweeper):
     def __init__(self, n_trials: int, n_jobs: int, **kwargs: Any) -> None:
         for key, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
             if value < 1:
-                # Hydra runs the sweeper outside the task function, where train.py turns errors into one line.
-                print(f"error: hydra.sweeper.{key} must be a positive integer, got {value}", file=sys.stderr)
-                raise SystemExit(1)
+                exit_with_error(f"hydra.sweeper.{key} must be a positive integer, got {value}")
         super().__init__(n_trials=n_trials, n_jobs=n_jobs, **kwargs)
         self.refusals = _Refusals()
 

@@ -37,7 +37,7 @@ from wavenet.data.prepare import (
     prepared_folder,
 )
 from wavenet.data.synthetic import SYNTHESIS_VERSION, synthesize_dataset
-from wavenet.errors import UserError
+from wavenet.errors import UserError, is_integer, is_number
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ def _collate(examples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Stacks examples into `(inputs, targets)`, each (B, T); `default_collate` alone would give a list."""
     inputs, targets = default_collate(examples)
     return inputs, targets
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _validation_score(relative_path: str) -> float:
@@ -120,16 +112,16 @@ class ChunkDataModule(L.LightningDataModule):
             ("chunk_length", chunk_length),
             ("batch_size", batch_size),
         ]:
-            if not _is_integer(value) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise UserError(f"data.{name} must be a positive integer, got {value!r}")
-        if not _is_integer(quantization_channels) or not 2 <= quantization_channels <= 256:
+        if not is_integer(quantization_channels) or not 2 <= quantization_channels <= 256:
             raise UserError(
                 f"data.quantization_channels must be between 2 and 256 (one byte per sample), "
                 f"got {quantization_channels!r}"
             )
-        if not _is_integer(num_workers) or num_workers < 0:
+        if not is_integer(num_workers) or num_workers < 0:
             raise UserError(f"data.num_workers must be 0 or more, got {num_workers!r}")
-        if not _is_integer(seed):
+        if not is_integer(seed):
             raise UserError(f"data.seed must be an integer, got {seed!r}")
         self.receptive_field = receptive_field
         self.sample_rate = sample_rate
@@ -243,11 +235,11 @@ class AudioFolderDataModule(ChunkDataModule):
         )
         if layout not in LAYOUTS:
             raise UserError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        if trim_db is not None and (not _is_number(trim_db) or trim_db <= 0):
+        if trim_db is not None and (not is_number(trim_db) or not 0 < trim_db < math.inf):
             raise UserError(f"data.trim_db must be positive (dB below the peak) or null, got {trim_db!r}")
-        if not _is_number(val_fraction) or not 0.0 < val_fraction < 1.0:
+        if not is_number(val_fraction) or not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
-        if prepare_workers is not None and (not _is_integer(prepare_workers) or prepare_workers < 1):
+        if prepare_workers is not None and (not is_integer(prepare_workers) or prepare_workers < 1):
             raise UserError(f"data.prepare_workers must be at least 1 or null, got {prepare_workers!r}")
         if not isinstance(root, (str, Path)) or not str(root):
             raise UserError(f"data.root must be the folder of your audio, got {root!r}")

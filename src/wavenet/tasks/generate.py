@@ -21,7 +21,7 @@ from wavenet.config import check_required
 from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.ema import EMA_STATE_KEY
-from wavenet.errors import UserError, first_line
+from wavenet.errors import UserError, first_line, is_integer, is_number
 from wavenet.generation import MAX_TEMPERATURE, generate, resolve_method
 from wavenet.module import WaveNetModule, read_checkpoint
 
@@ -143,7 +143,7 @@ def _check_settings(cfg: DictConfig) -> None:
     if str(cfg.precision) not in PRECISIONS:
         raise UserError(f"precision must be 32 or bf16, got {cfg.precision}")
     for key in ("num_samples", "batch_size"):
-        if not _is_integer(cfg[key]) or cfg[key] < 1:
+        if not is_integer(cfg[key]) or cfg[key] < 1:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if cfg.num_samples > _MAX_WAV_SAMPLES:
         raise UserError(
@@ -151,14 +151,14 @@ def _check_settings(cfg: DictConfig) -> None:
             f"got {cfg.num_samples:,}"
         )
     temperature = cfg.temperature
-    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:  # NaN fails both comparisons
+    if not is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:  # NaN fails both comparisons
         raise UserError(f"temperature must be a number from 0 (greedy) to {MAX_TEMPERATURE:.0e}, got {temperature!r}")
-    if cfg.seed is not None and not (_is_integer(cfg.seed) and cfg.seed in _SEEDS):
+    if cfg.seed is not None and not (is_integer(cfg.seed) and cfg.seed in _SEEDS):
         raise UserError(f"seed must be an integer or null, from -2**63 to 2**64 - 1, got {cfg.seed!r}")
     if not isinstance(cfg.use_ema, bool) and cfg.use_ema != "auto":
         raise UserError(f"use_ema must be auto, true or false, got {cfg.use_ema!r}")
     seconds = cfg.log_every_seconds
-    if not _is_number(seconds) or not 0 <= seconds < math.inf:
+    if not is_number(seconds) or not 0 <= seconds < math.inf:
         raise UserError(f"log_every_seconds must be a number of seconds, 0 or more, got {seconds!r}")
 
 
@@ -169,14 +169,6 @@ def _file_path(key: str, value: object, expected: str) -> Path:
     if not value.strip():
         raise UserError(f"{key} is empty: set it to {expected}")
     return Path(value).expanduser()
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_output_dir(output_dir: Path) -> None:

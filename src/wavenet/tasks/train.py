@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.multiprocessing import ProcessRaisedException
 
 from wavenet.config import check_required, instantiate_checked, instantiate_group, print_config_tree
-from wavenet.errors import UserError
+from wavenet.errors import UserError, is_integer, is_number, user_error_message
 from wavenet.launch import ddp_job, quiet_lightning
 from wavenet.module import check_resumable
 
@@ -149,18 +149,10 @@ _TRAINER_INTEGERS = (
 _TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")
 
 
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_settings(cfg: DictConfig) -> None:
     """Raises `UserError` for top-level and trainer settings that would fail only later, naming the key."""
     _check_added_keys(cfg)
-    if not _is_integer(cfg.seed) or not 0 <= cfg.seed < 2**32:
+    if not is_integer(cfg.seed) or not 0 <= cfg.seed < 2**32:
         raise UserError(f"seed must be an integer from 0 to 2**32 - 1 (numpy's range), got {cfg.seed!r}")
     if not isinstance(cfg.train, bool):
         raise UserError(f"train must be true or false, got {cfg.train!r}")
@@ -172,26 +164,26 @@ def _check_settings(cfg: DictConfig) -> None:
         )
     trainer = cfg.trainer
     max_steps = trainer.get("max_steps")
-    if not _is_integer(max_steps) or not (max_steps > 0 or max_steps == -1):
+    if not is_integer(max_steps) or not (max_steps > 0 or max_steps == -1):
         raise UserError(f"trainer.max_steps must be a positive integer (or -1: no limit), got {max_steps!r}")
     for key in _TRAINER_INTEGERS:
         value = trainer.get(key)
-        if value is not None and not _is_integer(value):
+        if value is not None and not is_integer(value):
             raise UserError(f"trainer.{key} must be an integer, got {value!r}")
     for key in _TRAINER_LIMITS:
         value = trainer.get(key)
-        if value is not None and not _is_number(value):
+        if value is not None and not is_number(value):
             raise UserError(f"trainer.{key} must be a number of batches or a fraction of them, got {value!r}")
     interval = trainer.get("val_check_interval")
-    if _is_number(interval) and interval <= 0:
+    if is_number(interval) and interval <= 0:
         raise UserError(f"trainer.val_check_interval must be a positive number of steps, got {interval}")
     clip = trainer.get("gradient_clip_val")
-    if clip is not None and (not _is_number(clip) or clip < 0):
+    if clip is not None and (not is_number(clip) or clip < 0):
         # Lightning takes 0 and below as "no clipping": a negative value would quietly turn it off.
         raise UserError(f"trainer.gradient_clip_val must be a positive number, 0 or null (no clipping), got {clip!r}")
-    if trainer.get("max_epochs") == 0 or trainer.get("limit_train_batches") == 0:
-        key = "max_epochs" if trainer.get("max_epochs") == 0 else "limit_train_batches"
-        raise UserError(f"trainer.{key}=0 trains nothing; to check the data only, use train=false")
+    for key in ("max_epochs", "limit_train_batches"):
+        if trainer.get(key) == 0:
+            raise UserError(f"trainer.{key}=0 trains nothing; to check the data only, use train=false")
     deterministic = trainer.get("deterministic")
     if deterministic is not None and deterministic not in (True, False, "warn"):
         raise UserError(f"trainer.deterministic must be true, false, warn or null, got {deterministic!r}")
@@ -224,31 +216,20 @@ def _check_added_keys(cfg: DictConfig) -> None:
 def _warn_of_settings_that_waste_the_run(cfg: DictConfig) -> None:
     trainer, warmup = cfg.trainer, cfg.model.get("warmup_steps")
     max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
-    if _is_integer(warmup) and max_steps != -1 and warmup >= max_steps:
+    if is_integer(warmup) and max_steps != -1 and warmup >= max_steps:
         log.warning(
             "model.warmup_steps=%d is not below trainer.max_steps=%d: the learning rate rises for the whole run, "
             "and never decays",
             warmup,
             max_steps,
         )
-    if _is_integer(interval) and max_steps != -1 and interval > max_steps and trainer.get("limit_val_batches") != 0:
+    if is_integer(interval) and max_steps != -1 and interval > max_steps and trainer.get("limit_val_batches") != 0:
         log.warning(
             "trainer.val_check_interval=%d is more than trainer.max_steps=%d: the run never validates, so it "
             "logs no val/loss and keeps no best checkpoint",
             interval,
             max_steps,
         )
-
-
-def _user_error_of_a_rank(error: ProcessRaisedException) -> UserError | None:
-    """The `UserError` a spawned rank (trainer=ddp_sim) stopped with, from the traceback torch passes on."""
-    name, _, message = str(error).strip().splitlines()[-1].partition(": ")
-    user_errors = {f"{cls.__module__}.{cls.__qualname__}" for cls in (UserError, *_subclasses(UserError))}
-    return UserError(message) if name in user_errors else None
-
-
-def _subclasses(cls: type) -> list[type]:
-    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -293,10 +274,11 @@ def run(cfg: DictConfig) -> float | None:
                 with ddp_job():
                     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             except ProcessRaisedException as error:
-                user_error = _user_error_of_a_rank(error)
-                if user_error is None:
+                # A spawned rank (trainer=ddp_sim) stopped by a UserError: torch passes on its traceback as text.
+                message = user_error_message(str(error))
+                if message is None:
                     raise
-                raise user_error from None
+                raise UserError(message) from None
             except SIGTERMException:
                 # Lightning's exits with status 0: a preempted job must not look finished to its scheduler.
                 ctrl_c = any(getattr(callback, "stopped_by_ctrl_c", False) for callback in trainer.callbacks)
