@@ -66,7 +66,7 @@ def test_bad_input_is_one_line_naming_it_before_the_checkpoint_is_read(tmp_path,
     def read_checkpoint(*args: object, **kwargs: object) -> None:
         raise AssertionError("the checkpoint was read before the input was checked")
 
-    monkeypatch.setattr("wavenet.tasks.generate.read_checkpoint", read_checkpoint)
+    monkeypatch.setattr("wavenet.module.read_checkpoint", read_checkpoint)
     overrides, message = refused_before_loading(tmp_path)[case]
     cfg = compose_config("generate", [f"ckpt_path={checkpoint}", "device=cpu", *overrides], tmp_path / "run")
     with pytest.raises(UserError) as error:

@@ -387,6 +387,30 @@ def test_generate_task_uses_the_ema_weights_when_the_checkpoint_has_them(tmp_pat
     assert np.abs(with_ema - greedy(False)).max() > 0.01
 
 
+def test_load_for_generation_takes_the_ema_weights_as_asked(tmp_path, checkpoint):
+    from wavenet.ema import EMA_STATE_KEY
+    from wavenet.errors import UserError
+
+    saved = torch.load(checkpoint, weights_only=False)
+    averaged = WaveNetModule(**saved["hyper_parameters"]).state_dict()  # other random weights: the "average"
+    with_ema = tmp_path / "with_ema.ckpt"
+    torch.save({**saved, EMA_STATE_KEY: averaged}, with_ema)
+
+    for path, use_ema, expected in [
+        (with_ema, "auto", averaged),
+        (with_ema, True, averaged),
+        (with_ema, False, saved["state_dict"]),
+        (checkpoint, "auto", saved["state_dict"]),
+    ]:
+        loaded = WaveNetModule.load_for_generation(path, use_ema=use_ema)
+        assert not loaded.training
+        torch.testing.assert_close(loaded.state_dict(), expected, rtol=0, atol=0)
+    with pytest.raises(UserError, match=f"use_ema=true but checkpoint {checkpoint} has no EMA weights"):
+        WaveNetModule.load_for_generation(checkpoint, use_ema=True)
+    with pytest.raises(ValueError, match="use_ema must be 'auto', True or False, got 1"):
+        WaveNetModule.load_for_generation(checkpoint, use_ema=1)
+
+
 def test_generate_task_names_the_method_that_cannot_run_here(tmp_path, checkpoint):
     from tests.conftest import compose_config
     from wavenet.errors import UserError

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wavenet.ema import EMA_STATE_KEY
 from wavenet.errors import UserError, first_line
 from wavenet.models.wavenet import WaveNet
 
@@ -105,6 +106,47 @@ class WaveNetModule(L.LightningModule):
             checkpoint_activations=checkpoint_activations,
         )
         self._compiled = False
+
+    @classmethod
+    def load_for_generation(
+        cls, path: str | Path, use_ema: bool | str = "auto", device: str | torch.device = "cpu"
+    ) -> WaveNetModule:
+        """The trained module of checkpoint `path`, in eval mode, with its EMA weights where `use_ema` asks.
+
+        `load_from_checkpoint` gives the training weights; the average of the EMA callback, also in the
+        checkpoint, usually generates better audio: `generate.py` takes it in the same way.
+
+        Args:
+            path: A checkpoint written by train.py (`last.ckpt`, a best one, or weights only).
+            use_ema: `"auto"` takes the EMA weights where the checkpoint has them, `True` insists on them,
+                `False` takes the training weights.
+            device: Where the module goes.
+
+        Raises:
+            UserError: Naming the checkpoint, if it cannot be read (see `read_checkpoint`), does not fit this
+                version's module, or has no EMA weights and `use_ema` is True.
+            ValueError: If `use_ema` is not "auto", True or False.
+        """
+        if not (isinstance(use_ema, bool) or use_ema == "auto"):
+            raise ValueError(f"use_ema must be 'auto', True or False, got {use_ema!r}")
+        path = Path(path).expanduser()
+        checkpoint = read_checkpoint(path, map_location=device)
+        averaged = checkpoint.get(EMA_STATE_KEY) if use_ema else None
+        if use_ema is True and not averaged:
+            raise UserError(
+                f"use_ema=true but checkpoint {path} has no EMA weights (trained without the EMA callback); "
+                "use_ema=false (or auto) takes its training weights"
+            )
+        try:
+            # Rebuilt from the primitive hyperparameters, as load_from_checkpoint would, without a second read.
+            module = cls(**checkpoint["hyper_parameters"])
+            module.load_state_dict(averaged or checkpoint["state_dict"])
+        except (TypeError, ValueError, RuntimeError) as error:
+            # Hyperparameters or weights that do not fit this version's WaveNetModule.
+            raise UserError(f"cannot load the model of checkpoint {path}: {first_line(error)}") from error
+        if averaged:
+            log.info("Using the EMA weights of %s", path)
+        return module.to(device).eval()
 
     @property
     def receptive_field(self) -> int:

@@ -20,10 +20,9 @@ from rich.text import Text
 from wavenet.config import check_required
 from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
-from wavenet.ema import EMA_STATE_KEY
-from wavenet.errors import UserError, first_line, is_integer, is_number
+from wavenet.errors import UserError, is_integer, is_number
 from wavenet.generation import MAX_TEMPERATURE, generate, resolve_method
-from wavenet.module import WaveNetModule, read_checkpoint
+from wavenet.module import WaveNetModule
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def run(cfg: DictConfig) -> list[Path]:
         raise UserError(f"method={cfg.method}: {error}") from error
     if prime_path is not None:
         _check_prime_file(prime_path)
-    module = _load_checkpoint(ckpt_path, device, use_ema=cfg.use_ema)
+    module = WaveNetModule.load_for_generation(ckpt_path, use_ema=cfg.use_ema, device=device)
     model = module.model.eval().to(dtype)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     method = resolve_method(str(cfg.method), device, dtype, batch_size, parameters)
@@ -228,31 +227,6 @@ def _physical_memory() -> int | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
-
-
-def _load_checkpoint(path: Path, device: torch.device, use_ema: bool | str) -> WaveNetModule:
-    """The trained module, with the EMA weights in place of the training weights as `use_ema` asks.
-
-    `auto` takes the EMA weights where the checkpoint has them; `true` insists on them, as a user who asks for
-    them would not want results from the training weights, noticed (if at all) in a log line.
-    """
-    # Read once: the module is rebuilt from its primitive hyperparameters, as load_from_checkpoint would.
-    checkpoint = read_checkpoint(path, map_location=device)
-    averaged = checkpoint.get(EMA_STATE_KEY) if use_ema else None
-    if use_ema is True and not averaged:
-        raise UserError(
-            f"use_ema=true but checkpoint {path} has no EMA weights (trained without the EMA callback); "
-            "use_ema=false (or auto) takes its training weights"
-        )
-    try:
-        module = WaveNetModule(**checkpoint["hyper_parameters"]).to(device)
-        module.load_state_dict(averaged or checkpoint["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as error:
-        # Hyperparameters or weights that do not fit this version's WaveNetModule.
-        raise UserError(f"cannot load the model of checkpoint {path}: {first_line(error)}") from error
-    if averaged:
-        log.info("Using the EMA weights of %s", path)
-    return module
 
 
 def _check_prime_file(path: Path) -> None:
