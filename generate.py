@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from wavenet.errors import UserError
+from wavenet.errors import UserError, report_config_errors_in_one_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
@@ -24,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    report_config_errors_in_one_line()
     main()

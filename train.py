@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from wavenet.errors import FailedJob, UserError
+from wavenet.errors import FailedJob, UserError, report_config_errors_in_one_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -35,4 +35,5 @@ if __name__ == "__main__":
     if not sys.stderr.isatty():
         # Optuna's log lines are coloured whatever the stream: no escape codes in a batch job's log file.
         os.environ.setdefault("NO_COLOR", "1")
+    report_config_errors_in_one_line()
     main()

@@ -57,15 +57,17 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
     return cfg
 
 
-def run_script(script: str, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs `python <script> overrides...` from the repository root, as a user would."""
+def run_script(
+    script: str, *overrides: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs `python <script> overrides...` from the repository root, as a user would, with `env` added."""
     return subprocess.run(
         [sys.executable, script, *overrides],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 

@@ -109,3 +109,44 @@ def test_config_tree_lists_every_group(tmp_path):
     text = (Path(tmp_path) / "tree.log").read_text()
     for key in ["data", "model", "trainer", "callbacks", "logger", "paths"]:
         assert key in text
+
+
+@pytest.mark.parametrize(
+    "script,override,expected",
+    [
+        ("train.py", "model=huge", "Could not find 'model/huge'; options in 'model': large, medium, small, tiny"),
+        ("train.py", "+experiment=nope", "Could not find 'experiment/nope'; options in 'experiment': music_medium"),
+        ("train.py", "foo=1", "Could not override 'foo'; Key 'foo' is not in struct; To append to your config use +foo"),
+        ("train.py", "seed=[", "seed=[: no viable alternative at input '['"),
+        ("generate.py", "num_samples=1,2", "Ambiguous value for argument 'num_samples=1,2'; 1. To use it as a list"),
+    ],
+)
+def test_a_config_hydra_cannot_compose_is_one_line(tmp_path, script, override, expected):
+    result = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [f"error: {result.stderr.strip().removeprefix('error: ')}"], result.stderr
+    assert expected in result.stderr and "Config search path" not in result.stderr, result.stderr
+    # Hydra's way to the whole traceback still works.
+    full = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}", env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr, full.stderr
+
+
+@pytest.mark.parametrize(
+    "config,overrides,expected",
+    [
+        ("train", ["~model"], "model must be set, and the command line removed it (~model)"),
+        ("generate", ["ckpt_path=x.ckpt", "~method"], "method must be set, and the command line removed it (~method)"),
+        ("train", ["data.root=${oc.env:WAVENET_TEST_UNSET}"], "data.root: KeyError raised while resolving"),
+        ("train", ["model.lr=${nope}"], "model.lr: Interpolation key 'nope' not found"),
+    ],
+)
+def test_a_removed_setting_or_a_broken_interpolation_is_one_line(tmp_path, monkeypatch, config, overrides, expected):
+    from wavenet.errors import UserError
+    from wavenet.tasks import generate, train
+
+    monkeypatch.delenv("WAVENET_TEST_UNSET", raising=False)
+    cfg = compose_config(config, overrides, tmp_path / "run")
+    with pytest.raises(UserError) as error:
+        (train if config == "train" else generate).run(cfg)
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value), str(error.value)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -6,6 +6,7 @@ import difflib
 import logging
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from wavenet.errors import FailedJob, UserError, exit_with_error, first_line
@@ -25,9 +27,19 @@ from wavenet.errors import FailedJob, UserError, exit_with_error, first_line
 log = logging.getLogger(__name__)
 
 
-def check_required(cfg: DictConfig) -> None:
-    """Raises `UserError` naming every required value (`???`) the user has not set."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+def check_required(cfg: DictConfig, keys: Iterable[str] = ()) -> None:
+    """Raises `UserError` naming every required value (`???`) the user has not set, any of the top-level `keys`
+    an override removed (`~model`), or the first value whose interpolation (`${oc.env:HOME}`) fails."""
+    removed = [key for key in keys if key not in cfg]
+    if removed:
+        raise UserError(f"{', '.join(removed)} must be set, and the command line removed it (~{removed[0]})")
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if not missing:
+            OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        reason = str(error.msg).strip().splitlines()[0] if error.msg else type(error).__name__
+        raise UserError(f"{error.full_key}: {reason}") from None
     if missing:
         keys = ", ".join(missing)
         raise UserError(f"missing required value(s): {keys} (set them on the command line, e.g. {missing[0]}=...)")

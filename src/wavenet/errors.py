@@ -1,7 +1,10 @@
 """Errors a user can cause and fix: bad paths, unreadable audio, wrong overrides."""
 
+import os
+import re
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 # How torch's `ExceptionWrapper` puts a worker's traceback into the message of the exception it re-raises.
 _WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
@@ -30,6 +33,46 @@ def exit_with_error(message: str) -> NoReturn:
     """
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(1)
+
+
+def report_config_errors_in_one_line() -> None:
+    """Makes Hydra end at a config it cannot compose as the entry points end at a `UserError`: one line.
+
+    An unknown option (`model=huge`) or key (`foo=1`), an override it cannot parse or merge: Hydra prints
+    its message over several lines, then its config search path and a hint about HYDRA_FULL_ERROR, which
+    still gives the whole traceback. Call before the `@hydra.main` function; other errors are left to Hydra.
+    """
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    report = hydra_utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        def composed() -> Any:
+            try:
+                return func()
+            except (ConfigCompositionException, OverrideParseException) as error:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                exit_with_error(config_error_line(error))
+
+        return report(composed)
+
+    hydra_utils.run_and_report = run_and_report
+
+
+def config_error_line(error: Exception) -> str:
+    """Hydra's message for a config it cannot compose, in one line: without its config search path, a list of
+    options on one line, and the reason of the OmegaConf error behind it (without its key and type lines)."""
+    text = str(error).split("\nConfig search path:")[0]
+    options = re.compile(r"Available options in (.*?):\n((?:\t.*(?:\n|$))+)")
+    text = options.sub(lambda match: f"options in {match[1]}: {', '.join(match[2].split())}", text)
+    pieces = [line.strip().rstrip(".") for line in text.splitlines() if line.strip()]
+    reason = getattr(error.__cause__, "msg", None)
+    if reason:
+        pieces.insert(1, str(reason).strip().splitlines()[0].rstrip("."))
+    override = getattr(error, "override", None)
+    return (f"{override}: " if override else "") + "; ".join(pieces)
 
 
 def user_error_message(traceback: str) -> str | None:

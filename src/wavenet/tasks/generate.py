@@ -26,6 +26,12 @@ from wavenet.module import WaveNetModule
 
 log = logging.getLogger(__name__)
 
+# Every setting of conf/generate.yaml, which `~key` could remove.
+_SETTINGS = (
+    "ckpt_path", "num_samples", "batch_size", "temperature", "seed", "prime", "use_ema", "device", "method",
+    "precision", "log_every_seconds", "paths",
+)  # fmt: skip
+
 
 def run(cfg: DictConfig) -> list[Path]:
     """Writes `cfg.batch_size` files `sample_000.wav`, ... of `cfg.num_samples` samples to the run folder.
@@ -39,7 +45,7 @@ def run(cfg: DictConfig) -> list[Path]:
     Raises:
         UserError: For a missing or unreadable checkpoint or prime file, or a setting out of range.
     """
-    check_required(cfg)
+    check_required(cfg, keys=_SETTINGS)
     _check_settings(cfg)
     ckpt_path = _file_path("ckpt_path", cfg.ckpt_path, "the path of a checkpoint")
     prime_path = None if cfg.prime is None else _file_path("prime", cfg.prime, "the path of an audio file, or null")

@@ -234,7 +234,7 @@ def _warn_of_settings_that_waste_the_run(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> float | None:
     """Trains as the config says and returns `cfg.optimized_metric` (for sweepers), if it was logged."""
-    check_required(cfg)
+    check_required(cfg, keys=("model", "data", "trainer", "paths", "seed", "train"))
     # Before anything is written to the run folder: a refused setting leaves nothing to clean up.
     _check_settings(cfg)
     resolve_auto_settings(cfg)
