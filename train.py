@@ -1,5 +1,6 @@
 """Train WaveNet: python train.py [group=option ...] [key=value ...] (see README.md)."""
 
+import logging
 import os
 import sys
 
@@ -8,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from wavenet.errors import FailedJob, UserError, report_config_errors_in_one_line
+from wavenet.errors import FailedJob, UserError, first_line, report_config_errors_in_one_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -16,15 +17,24 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
     # Imported here so `--help` and `--cfg job` answer without loading torch.
     from wavenet.tasks.train import run
 
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    job = f"job {HydraConfig.get().job.num}: " if multirun else ""
     try:
         return run(cfg)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # One job of a sweep: the others still run; the sweep's summary lists this one as failed and the
-            # sweep exits non-zero at its end.
-            return FailedJob(error)
+        print(f"error: {job}{error}", file=sys.stderr)
+        if multirun:
+            # One job of a sweep: the others still run; the sweep's summary lists this one as failed, with the
+            # reason, and the sweep exits non-zero at its end.
+            return FailedJob(str(error))
         sys.exit(1)
+    except Exception as error:
+        if not multirun:
+            raise
+        # A bug, or out of memory: the traceback goes to the console and the job's log, and the sweep goes on
+        # (Hydra's launcher would stop an Optuna search here, and end a grid with a traceback, no summary).
+        logging.getLogger(__name__).exception("%s%s", job, first_line(error))
+        return FailedJob(first_line(error))
     except KeyboardInterrupt:
         # Outside training (preparing data, with train=false), where Lightning's Ctrl-C handling is not in place.
         print("interrupted", file=sys.stderr)

@@ -4,6 +4,8 @@ sweep file's trials are valid train.py command lines."""
 from __future__ import annotations
 
 import math
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +126,79 @@ def test_optuna_search_in_which_no_trial_completes_ends_with_its_summary(tmp_pat
     assert [(trial["job"], trial["failed"]) for trial in summary["trials"]] == [(0, True), (1, True)]
     assert summary["best"] is None and not (sweep_dir / "optimization_results.yaml").exists()
     assert result.stdout.rstrip().endswith("2 of 2 jobs failed: [0, 1]")  # after the summary's table
+
+
+FAST_TRIAL = ["model.residual_channels=4", "model.layers=4", "trainer.max_steps=2"]
+
+
+@pytest.mark.parametrize(
+    "overrides,reason",
+    [
+        (["model.lr=1e30", "model.warmup_steps=0", "trainer.val_check_interval=2"], "val/bits_per_sample is nan"),
+        (["trainer.val_check_interval=4"], "val/bits_per_sample was not logged"),  # never validated
+    ],
+    ids=["nan", "not logged"],
+)
+def test_optuna_search_goes_on_past_trials_without_a_value_and_fails(tmp_path, data_dir, overrides, reason):
+    sweep_dir = tmp_path / "optuna"
+    result = run_script(
+        "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY, *BUILTIN_SMALL, *FAST_TRIAL,
+        *overrides, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    # Optuna 2.10 raised at a NaN, and the plugin's retry ended the search in a traceback after the first trial.
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
+    assert [(trial["failed"], trial["reason"]) for trial in summary["trials"]] == [(True, reason)] * 2
+    for job in (0, 1):
+        assert f"Trial {job} failed: {reason}\n" in result.stdout
+    assert "float-castable" not in result.stdout + result.stderr
+
+
+def test_a_job_that_raises_fails_alone_with_its_traceback_in_its_log(tmp_path, data_dir):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        "train.py", "-m", *TINY, *BUILTIN_SMALL, *FAST_TRIAL, "trainer.val_check_interval=2",
+        # Lightning raises at the first validation for a monitored metric that is never logged.
+        "callbacks.model_checkpoint.monitor=val/loss,val/nope", f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
+    assert [trial["failed"] for trial in summary["trials"]] == [False, True]
+    assert summary["trials"][1]["reason"].startswith("MisconfigurationException: `ModelCheckpoint(monitor='val/nope')`")
+    assert "Traceback" in (sweep_dir / "1" / "train.log").read_text()
+
+
+def test_optuna_study_continued_from_storage_gets_new_trials_in_a_new_folder(tmp_path, data_dir):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def search(folder: str, *settings: str) -> subprocess.CompletedProcess:
+        return run_script(
+            "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, *BUILTIN_SMALL,
+            *FAST_TRIAL, "train=false", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / folder}",
+            *settings,
+        )  # fmt: skip
+
+    first, second = (search(folder, f"hydra.sweeper.storage={storage}") for folder in ("first", "second"))
+    assert first.returncode == second.returncode == 1  # train=false: no value, so no trial completed
+    # The sampler is seeded from ${seed}: continued as it was, it drew the first search's trials again.
+    lrs = [re.search(r"#0 : model\.lr=(\S+)", result.stdout)[1] for result in (first, second)]
+    assert lrs[0] != lrs[1] and "Continuing study wavenet after its 1 trials" in second.stdout, lrs
+    for folder in ("first", "second"):
+        assert yaml.safe_load((tmp_path / folder / "multirun.yaml").read_text())["hydra"]["sweeper"]["storage"]
+
+    again = search("first")  # a folder that holds a search is refused, not mixed with a second one
+    assert again.returncode == 1
+    assert again.stderr.splitlines() == [
+        f"error: hydra.sweep.dir={tmp_path / 'first'} already holds a run (multirun.yaml): choose a new folder, or "
+        "leave hydra.sweep.dir to its default (a new folder per run)"
+    ]  # fmt: skip
+    unusable = search("third", "hydra.sweeper.storage=sqlite:////nonexistent/folder/optuna.db")
+    assert unusable.returncode == 1 and not (tmp_path / "third").exists()
+    assert unusable.stderr.splitlines() == [
+        "error: hydra.sweeper.storage=sqlite:////nonexistent/folder/optuna.db: OperationalError: "
+        "(sqlite3.OperationalError) unable to open database file"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("setting", ["n_trials=0", "n_trials=-3", "n_jobs=0"])

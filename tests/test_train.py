@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -156,6 +157,44 @@ def test_a_second_ctrl_c_stops_at_once_as_does_the_first_under_ddp(world_size):
         signal.signal(signal.SIGINT, ctrl_c)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_ctrl_c_saves_a_checkpoint_only_outside_ddp(tmp_path, world_size):
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from wavenet.callbacks import InterruptCheckpoint
+
+    saved: list[Path] = []
+    trainer = SimpleNamespace(
+        world_size=world_size, state=SimpleNamespace(fn=TrainerFn.FITTING), global_step=7,
+        strategy=SimpleNamespace(launcher=None), save_checkpoint=lambda path, weights_only: saved.append(path),
+    )  # fmt: skip
+    callback = InterruptCheckpoint(str(tmp_path))
+    callback.on_exception(trainer, None, KeyboardInterrupt())
+    # Under DDP a rank may have stopped inside an all-reduce the others left: saving waits for all of them.
+    assert saved == [tmp_path / "interrupted.ckpt"] * (world_size == 1)
+    assert callback.stopped_by_ctrl_c  # train.py then exits 130, not Lightning's 1
+
+
+def test_ctrl_c_in_a_forked_data_loader_worker_is_left_to_the_trainer():
+    from wavenet.callbacks import InterruptCheckpoint
+
+    stops: list[int] = []
+    lightning_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: stops.append(signum))
+    ctrl_c = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        callback = InterruptCheckpoint("unused")
+        callback.on_train_start(SimpleNamespace(world_size=1), None)
+        child = os.fork()
+        if child == 0:  # as a worker: the inherited handler must neither stop nor print
+            signal.raise_signal(signal.SIGINT)
+            os._exit(10 + len(stops) + callback.stopped_by_ctrl_c)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 10
+    finally:
+        signal.signal(signal.SIGTERM, lightning_sigterm)
+        signal.signal(signal.SIGINT, ctrl_c)
+
+
 def test_ddp_sim_trains_on_two_cpu_processes(tmp_path, data_dir):
     run_dir, ranks = tmp_path / "ddp", tmp_path / "ranks"
     probe = ["+callbacks.probe._target_=tests.probes.RankRecorder", f"+callbacks.probe.out={ranks}"]
@@ -242,20 +281,42 @@ def test_bad_input_is_one_clear_error(tmp_path, data_dir, overrides, expected):
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
 
 
+CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+
+
 def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path, data_dir):
     # Plain `ddp` starts ranks by re-running the script: they must re-run their own job, not the sweep
-    # (which, with the default time-stamped sweep folder, would land in a second folder).
+    # (which, with the default time-stamped sweep folder, would land in a second folder). A job refused on
+    # every rank fails alone: Lightning's watch over the ranks of one job once killed the sweep in the next.
     log_dir = tmp_path / "outputs"
     result = run_script(
-        "train.py", "-m", *TINY, *BUILTIN_SMALL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32-true", "trainer.max_steps=2", "trainer.val_check_interval=2",
-        "model.residual_channels=4,8", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}",
+        "train.py", "-m", *TINY, *BUILTIN_SMALL, *CPU_DDP, "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "model.residual_channels=4", "model.min_lr_ratio=-1,0.1,0.2", f"paths.data_dir={data_dir}",
+        f"paths.log_dir={log_dir}",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    (sweep,) = (log_dir / "train" / "multiruns").iterdir()
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "2", "multirun.yaml", "multirun_summary.yaml"]
+    summary = yaml.safe_load((sweep / "multirun_summary.yaml").read_text())
+    assert [trial["failed"] for trial in summary["trials"]] == [True, False, False], summary
+    for job in ("1", "2"):
+        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_ddp_in_an_optuna_search_runs_each_trial_once(tmp_path, data_dir):
+    # The search's config makes a run a multirun: a rank re-run with it started a search of its own.
+    log_dir = tmp_path / "outputs"
+    result = run_script(
+        "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, *BUILTIN_SMALL, *CPU_DDP,
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "model.residual_channels=4", "model.layers=4",
+        f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Study name:") == 1, result.stdout[-3000:]
     (sweep,) = (log_dir / "train" / "multiruns").iterdir()
-    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml", "multirun_summary.yaml"]
-    for job in ("0", "1"):
-        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert sorted(p.name for p in sweep.iterdir()) == [
+        "0", "multirun.yaml", "multirun_summary.yaml", "optimization_results.yaml"
+    ]  # fmt: skip
 
 
 def test_a_job_of_a_sweep_with_bad_input_fails_alone_and_the_sweep_says_so(tmp_path, data_dir):
@@ -266,7 +327,7 @@ def test_a_job_of_a_sweep_with_bad_input_fails_alone_and_the_sweep_says_so(tmp_p
     )  # fmt: skip
     assert result.returncode == 1  # a sweep with a failed job is a failed command
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: model: min_lr_ratio must be between 0 and 1, got -1"], result.stderr[-2000:]
+    assert errors == ["error: job 1: model: min_lr_ratio must be between 0 and 1, got -1"], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
     assert [trial["failed"] for trial in summary["trials"]] == [False, True, False]  # the others ran

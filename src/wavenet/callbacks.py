@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -18,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import ModelSummary, get_formatted_model_size, get_human_readable_count
@@ -207,10 +210,11 @@ class InterruptCheckpoint(L.Callback):
     at the end of the step in progress (Ctrl-C through Lightning's SIGTERM handling), so the checkpoint resumes
     exactly where an uninterrupted run would be. A second Ctrl-C stops at once: the step in progress is not
     retrained, and one stopped inside the optimizer step may save half-updated weights. Under DDP the first
-    Ctrl-C already stops at once: every rank receives it, and Lightning's SIGTERM handler would have each one
-    broadcast the stop, unmatched. Other exceptions (a bug, out of memory) save nothing: their state may be
-    broken. Not Lightning's `OnExceptionCheckpoint`, which saves on every exception and, when present, makes
-    every `fit` without `ckpt_path` look for a checkpoint to resume from.
+    Ctrl-C already stops at once, and saves nothing: every rank receives it, and Lightning's SIGTERM handler
+    would have each one broadcast the stop, unmatched; saving would wait for ranks stopped elsewhere. Other
+    exceptions (a bug, out of memory) save nothing: their state may be broken. Not Lightning's
+    `OnExceptionCheckpoint`, which saves on every exception and, when present, makes every `fit` without
+    `ckpt_path` look for a checkpoint to resume from.
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
@@ -226,7 +230,11 @@ class InterruptCheckpoint(L.Callback):
         if threading.current_thread() is not threading.main_thread():  # only there can signal handlers be set
             return
 
+        training_process = os.getpid()
+
         def stop_after_this_step(signum: int, frame: FrameType | None) -> None:
+            if os.getpid() != training_process:  # a DataLoader worker, forked with this handler: the trainer ends it
+                return
             self._restore_ctrl_c()
             self.stopped_by_ctrl_c = True
             rank_zero_info("Ctrl-C: stopping at the end of this step (Ctrl-C again stops at once)")
@@ -249,6 +257,16 @@ class InterruptCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_ctrl_c()
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if isinstance(exception, KeyboardInterrupt):
+            self.stopped_by_ctrl_c = True  # Lightning then exits with status 1, which train.py makes 130
+        launcher = trainer.strategy.launcher
+        spawner = isinstance(launcher, _MultiProcessingLauncher) and not multiprocessing.parent_process()
+        if isinstance(exception, KeyboardInterrupt) and (trainer.world_size > 1 or spawner):
+            # Under DDP every rank stops where Ctrl-C finds it, one maybe inside a collective (the gradients'
+            # all-reduce) that the others left: saving, which waits for every rank, would hang until the process
+            # group's time-out. trainer=ddp_sim's launching process holds a copy of the model that never trained.
+            rank_zero_info(f"Stopped; resume from the latest checkpoint in {self.path.parent} (last.ckpt), if any")
             return
         trainer.save_checkpoint(self.path, weights_only=False)
         rank_zero_info(f"Stopped at step {trainer.global_step}; resume with ckpt_path={self.path}")

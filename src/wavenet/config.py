@@ -148,13 +148,20 @@ class SweepSummary(Callback):
     Args:
         metric: Name of the value the task function returns, for the table.
         direction: "minimize" or "maximize": which value is the best.
+        require_value: Whether a job that returns no value, or NaN, failed: as in a search, which ranks its
+            trials by the value (Optuna fails such a trial); a grid of runs may not log it.
     """
 
-    def __init__(self, metric: str, direction: str = "minimize") -> None:
+    def __init__(self, metric: str, direction: str = "minimize", require_value: bool = False) -> None:
         if direction not in ("minimize", "maximize"):
-            raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
+            # Hydra would print a ValueError here with the traceback of its callbacks' instantiation.
+            exit_with_error(
+                f"hydra.sweeper.direction (or hydra.callbacks.summary.direction) must be minimize or maximize, "
+                f"got {direction!r}"
+            )
         self.metric = metric
         self.direction = direction
+        self.require_value = require_value
         self.jobs: list[dict[str, Any]] | None = None  # a list from the start of a multirun
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -163,16 +170,23 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.jobs is None:  # a single run (conf/train.yaml configures this callback for every run)
             return
-        # A failed job's return_value re-raises its exception; the launcher reports that failure itself.
         completed = job_return.status == JobStatus.COMPLETED
-        value = job_return.return_value if completed else None
-        failed = not completed or isinstance(value, FailedJob)
+        # A failed job's return_value re-raises its exception, and says so on stderr: read where it is kept.
+        value = job_return.return_value if completed else job_return._return_value
+        reason = None
+        if not completed:
+            reason = first_line(value)
+        elif isinstance(value, FailedJob):
+            reason = value.reason
+        elif self.require_value and (value is None or math.isnan(float(value))):
+            reason = f"{self.metric} was not logged" if value is None else f"{self.metric} is nan"
         hydra_cfg = job_return.hydra_cfg.hydra
         self.jobs.append(
             {
                 "job": int(hydra_cfg.job.num),
-                "failed": failed,
-                "value": None if failed or value is None else float(value),
+                "failed": reason is not None,
+                "reason": reason,
+                "value": None if reason is not None or value is None else float(value),
                 "overrides": dict(override.split("=", 1) for override in job_return.overrides or []),
                 "output_dir": str(hydra_cfg.runtime.output_dir),
             }
@@ -187,6 +201,7 @@ class SweepSummary(Callback):
             {
                 "job": job["job"],
                 "failed": job["failed"],
+                "reason": job["reason"],
                 "value": job["value"],
                 "params": {key: job["overrides"].get(key) for key in varying},
                 "output_dir": job["output_dir"],
@@ -204,7 +219,8 @@ class SweepSummary(Callback):
         for trial in trials:
             value = "failed" if trial["failed"] else "-" if trial["value"] is None else f"{trial['value']:.4f}"
             params = " ".join(f"{key}={setting}" for key, setting in trial["params"].items())
-            lines.append(f"  job {trial['job']:>3}  {value:>9}  {params}")
+            reason = f"  ({trial['reason']})" if trial["failed"] else ""
+            lines.append(f"  job {trial['job']:>3}  {value:>9}  {params}{reason}".rstrip())
         if best is not None:
             lines.append(f"Best: job {best['job']}, {self.metric} = {best['value']:.4f}, in {best['output_dir']}")
         log.info("\n".join(lines))

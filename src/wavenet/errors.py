@@ -110,15 +110,16 @@ def first_line(error: BaseException) -> str:
 
 
 class FailedJob:
-    """What a job of a multirun returns when a `UserError` stopped it, so the sweep goes on without it.
+    """What a job of a multirun returns when an error stopped it, so the sweep goes on without it: `reason`,
+    one line (a `UserError`'s message, or the first line of another exception).
 
     Not a number, so the Optuna sweeper counts the trial as failed; `wavenet.config.SweepSummary` lists it
-    as failed (a job that ran but logged no metric returns None, which is not a failure) and makes the
-    sweep exit non-zero.
+    as failed, with its reason (a job that ran but logged no metric returns None, which fails only a search
+    that ranks trials by it) and makes the sweep exit non-zero.
     """
 
-    def __init__(self, error: UserError) -> None:
-        self.reason = str(error)
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
     def __str__(self) -> str:
         return self.reason

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import logging.config
 import os
+import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +37,8 @@ _lightning_command = fabric_launcher._hydra_subprocess_cmd
 # What Lightning's launcher sets in the launching process's environment; left there, the next job would
 # take LOCAL_RANK as a sign that its ranks were started by someone else, and wait for them forever.
 _LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# How long the ranks of a finished job have to end (they tear down as rank 0 does) before they are killed.
+_RANK_EXIT_SECONDS = 30
 
 
 def _job_command(local_rank: int) -> tuple[Sequence[str], str]:
@@ -48,6 +52,8 @@ def _job_command(local_rank: int) -> tuple[Sequence[str], str]:
         command = [sys.executable, "-m", __main__.__spec__.name]
     command += list(hydra_cfg.overrides.task)  # this job's values, not the sweep's lists
     command += [
+        # A search's config (hparams_search=optuna) sets MULTIRUN itself: the rank would start a search of its own.
+        "hydra.mode=RUN",
         f"hydra.run.dir={hydra_cfg.runtime.output_dir}",
         f"hydra.job.name={hydra_cfg.job.name}_ddp_rank_{local_rank}",
         # The job's rank 0 writes the config; other ranks must not overwrite it.
@@ -66,6 +72,7 @@ def ddp_job() -> Iterator[None]:
     try:
         yield
     finally:
+        _end_ranks()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         for name, value in environment.items():
@@ -73,6 +80,26 @@ def ddp_job() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _end_ranks() -> None:
+    """Waits for the ranks Lightning started for this job (trainer=ddp) to end, and ends those that do not.
+
+    Lightning watches them from a thread that, when one exits with an error, kills this process: in a multirun
+    it outlives the job and killed the sweep in a later job for a rank of an earlier one that was refused (a
+    `UserError`, which the sweep goes on past). A rank still running after its job is waiting for a rank 0 that
+    stopped; nothing would end it.
+    """
+    for thread in threading.enumerate():
+        if not isinstance(thread, fabric_launcher._ChildProcessObserver):
+            continue
+        ranks, thread._child_processes = thread._child_processes, []  # the thread ends at its next look
+        for rank in ranks:
+            try:
+                rank.wait(timeout=_RANK_EXIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                rank.kill()
+                rank.wait()
 
 
 def _not_a_tip(record: logging.LogRecord) -> bool:

@@ -1,29 +1,39 @@
 """The Optuna sweeper of hydra-optuna-sweeper, for searches in which settings may refuse a trial.
 
 `conf/hparams_search/optuna.yaml` selects it, as `hydra_plugins.wavenet_sweeper.OptunaSweeper` (the one place
-Hydra takes sweepers from). It differs from the plugin's own in three ways:
+Hydra takes sweepers from). It differs from the plugin's own in these ways:
 - `n_trials` or `n_jobs` below 1 is refused in one line before any trial (the plugin ran no trial and
-  ended in a traceback, or divided by zero);
+  ended in a traceback, or divided by zero); so is a `storage` that cannot be opened, or whose study was
+  made for the other direction;
+- it writes `multirun.yaml` to the sweep folder, as Hydra's own sweeper does: the record by which a second
+  sweep into that folder is refused (`wavenet.config.FreshRunFolder`), instead of mixing its trials' files
+  with the first one's;
+- a study continued from `storage` gets new trials: its sampler, seeded from `${seed}`, would draw the
+  trials it drew the first time again, so it is reseeded with the seed and the number of trials so far;
 - a search in which no trial completed ends like any other sweep: Hydra's end-of-multirun callbacks still
   run, so `wavenet.config.SweepSummary` writes the summary, lists the failed trials and exits non-zero (the
   plugin raised Optuna's "No trials are completed yet" when asking for the best trial, before them);
-- a trial refused with a `UserError` is logged as `Trial <job> failed: <reason>`, in place of the plugin's
-  lines about a return value that is not a number.
+- a trial that failed (refused with a `UserError`, or raised: `train.py` returns a `FailedJob`), returned
+  NaN (the plugin then crashed in Optuna 2.10) or no value is logged as `Trial <job> failed: <reason>`, in
+  place of the plugin's lines about a return value that is not a number, and the search goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginOptunaSweeper
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from wavenet.errors import FailedJob, exit_with_error
+from wavenet.errors import FailedJob, exit_with_error, first_line
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,12 @@ class OptunaSweeper(PluginOptunaSweeper):
         self.sweeper.launcher = self.refusals
 
     def sweep(self, arguments: list[str]) -> None:
+        impl = self.sweeper
+        if impl.storage is not None:
+            self._continue_study(impl)
+        sweep_dir = Path(impl.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(impl.config, sweep_dir / "multirun.yaml")
         plugin_log = logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl")
         plugin_log.addFilter(self.refusals)
         try:
@@ -57,6 +73,28 @@ class OptunaSweeper(PluginOptunaSweeper):
             log.warning("No trial of the sweep completed: no best parameters, no optimization_results.yaml")
         finally:
             plugin_log.removeFilter(self.refusals)
+
+    @staticmethod
+    def _continue_study(impl: Any) -> None:
+        """Opens the study in `impl.storage` as the plugin will (one line for a storage or direction that does
+        not do), and reseeds the sampler where the study has trials already."""
+        import optuna  # Hydra imports this module at every start, to list its plugins: Optuna only for a search
+
+        try:
+            study = optuna.create_study(
+                study_name=impl.study_name,
+                storage=impl.storage,
+                directions=impl._get_directions(),
+                load_if_exists=True,
+            )
+        except Exception as error:  # noqa: BLE001 (SQLAlchemy's errors, of many types; Optuna's ValueError)
+            exit_with_error(f"hydra.sweeper.storage={impl.storage}: {first_line(error)}")
+        trials = len(study.trials)
+        sampler = impl.config.hydra.sweeper.get("sampler")
+        if trials and sampler is not None and sampler.get("seed") is not None:
+            seed = (int(sampler.seed) + trials) % 2**32
+            impl.sampler = instantiate(sampler, seed=seed)
+            log.info("Continuing study %s after its %d trials, with sampler seed %d", study.study_name, trials, seed)
 
 
 class _Refusals(logging.Filter):
@@ -72,9 +110,15 @@ class _Refusals(logging.Filter):
         assert self.launcher is not None
         returns = self.launcher.launch(job_overrides, initial_job_idx)
         # A job that raised has a return_value that re-raises; the plugin reports those itself.
-        refused = [
-            ret for ret in returns if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, FailedJob)
-        ]
+        completed = [ret for ret in returns if ret.status == JobStatus.COMPLETED]
+        for ret in completed:
+            metric = ret.cfg.get("optimized_metric") or "the value"
+            if ret.return_value is None:
+                ret.return_value = FailedJob(f"{metric} was not logged")
+            elif not isinstance(ret.return_value, FailedJob) and math.isnan(float(ret.return_value)):
+                # Told as a value, Optuna 2.10 fails the trial and raises, and the plugin's retry ends the search.
+                ret.return_value = FailedJob(f"{metric} is nan")
+        refused = [ret for ret in completed if isinstance(ret.return_value, FailedJob)]
         for ret in refused:
             log.warning("Trial %s failed: %s", ret.hydra_cfg.hydra.job.num, ret.return_value)
         # What hydra-optuna-sweeper 1.3 logs for a trial whose value is not a number.

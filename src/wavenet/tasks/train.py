@@ -17,6 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.multiprocessing import ProcessRaisedException
@@ -213,6 +214,7 @@ def _check_added_keys(cfg: DictConfig) -> None:
         raise UserError(f"{key} is not a setting of train.py (added with {override.split('=', 1)[0]}){hint}")
 
 
+@rank_zero_only  # under trainer=ddp every rank runs this script
 def _warn_of_settings_that_waste_the_run(cfg: DictConfig) -> None:
     trainer, warmup = cfg.trainer, cfg.model.get("warmup_steps")
     max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
@@ -230,6 +232,10 @@ def _warn_of_settings_that_waste_the_run(cfg: DictConfig) -> None:
             interval,
             max_steps,
         )
+
+
+def _stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
+    return any(getattr(callback, "stopped_by_ctrl_c", False) for callback in trainer.callbacks)
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -281,8 +287,12 @@ def run(cfg: DictConfig) -> float | None:
                 raise UserError(message) from None
             except SIGTERMException:
                 # Lightning's exits with status 0: a preempted job must not look finished to its scheduler.
-                ctrl_c = any(getattr(callback, "stopped_by_ctrl_c", False) for callback in trainer.callbacks)
-                raise SystemExit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)) from None
+                raise SystemExit(128 + (signal.SIGINT if _stopped_by_ctrl_c(trainer) else signal.SIGTERM)) from None
+            except SystemExit as stop:
+                # Lightning ends a run stopped at once by Ctrl-C (under DDP, or the second Ctrl-C) with status 1.
+                if stop.code == 1 and _stopped_by_ctrl_c(trainer):
+                    raise SystemExit(128 + signal.SIGINT) from None
+                raise
             checkpoints = trainer.checkpoint_callback
             if trainer.is_global_zero and checkpoints is not None and checkpoints.best_model_path:
                 # Without a monitored metric (callbacks=none: Lightning's own checkpointing) it is the latest.
