@@ -11,6 +11,10 @@
 # part's output goes to $OUT/<part>.txt (the device tool's folder) or bench-out/<part>.txt, and to the screen.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v nvidia-smi >/dev/null && [ "$*" != cpu ]; then
+  echo "bench/gpu.sh: no NVIDIA GPU here (no nvidia-smi); only its cpu part runs without one" >&2
+  exit 2
+fi
 out=${OUT:-bench-out}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -18,7 +22,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+fi
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$out/device.txt"
 
 parts=("$@")

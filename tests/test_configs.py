@@ -150,3 +150,8 @@ def test_a_removed_setting_or_a_broken_interpolation_is_one_line(tmp_path, monke
         (train if config == "train" else generate).run(cfg)
     assert str(error.value).startswith(expected) and "\n" not in str(error.value), str(error.value)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_trainer_settings_the_readme_names_take_no_plus(tmp_path):
+    cfg = compose_config("train", ["trainer=ddp", "trainer.num_nodes=4", "trainer.accumulate_grad_batches=2"], tmp_path)
+    assert (cfg.trainer.num_nodes, cfg.trainer.accumulate_grad_batches) == (4, 2)

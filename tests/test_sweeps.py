@@ -65,6 +65,18 @@ def test_debug_option_runs(name, tmp_path, data_dir):
         cfg.trainer.max_steps, cfg.trainer.val_check_interval = 4, 2
     metric = run(cfg)
     assert metric is None or math.isfinite(metric)
+    assert not list(tmp_path.rglob("*.ckpt"))  # callbacks=none: not even Lightning's own, in the logger's folder
+
+
+@pytest.mark.parametrize("name", DEBUGS)
+def test_debug_recipe_warns_of_nothing_and_keeps_the_chosen_logger(name, tmp_path, caplog):
+    from wavenet.tasks.train import _warn_of_settings_that_waste_the_run
+
+    cfg = compose_config("train", [f"debug={name}", "logger=tensorboard"], tmp_path)
+    assert cfg.logger.tensorboard._target_.endswith("TensorBoardLogger")
+    with caplog.at_level("WARNING"):
+        _warn_of_settings_that_waste_the_run(cfg)
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
 
 
 @pytest.mark.slow

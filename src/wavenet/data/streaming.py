@@ -617,9 +617,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("prepared", help="a prepared corpus folder (the training log names it)")
     parser.add_argument("remote", help="s3://bucket/prefix, gs://..., a local folder, ...")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="files held out for validation")
-    parser.add_argument("--segment-seconds", type=float, default=30.0, help="litdata's unit of shuffling")
-    parser.add_argument("--workers", type=int, default=None, help="processes writing; default one per CPU")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1,
+        help="files held out for validation (default: 0.1); data=streaming keeps this split",
+    )  # fmt: skip
+    parser.add_argument("--segment-seconds", type=float, default=30.0, help="litdata's unit of shuffling (default: 30)")
+    parser.add_argument("--workers", type=int, default=None, help="processes writing (default: one per CPU)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("litdata").setLevel(logging.WARNING)  # it reports each dataset's cache size at INFO

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -217,6 +218,8 @@ def _check_added_keys(cfg: DictConfig) -> None:
 @rank_zero_only  # under trainer=ddp every rank runs this script
 def _warn_of_settings_that_waste_the_run(cfg: DictConfig) -> None:
     trainer, warmup = cfg.trainer, cfg.model.get("warmup_steps")
+    if trainer.get("fast_dev_run"):  # a check that everything runs, of a batch or a few: no schedule to waste
+        return
     max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
     if is_integer(warmup) and max_steps != -1 and warmup >= max_steps:
         log.warning(
@@ -265,9 +268,12 @@ def run(cfg: DictConfig) -> float | None:
                 # The whole composed config, resolved, as the run's config (log_hyperparams is rank-zero only).
                 # Lightning adds the module's hyperparameters at the top level when fit starts.
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        trainer: L.Trainer = instantiate_checked(
-            cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
-        )
+        callbacks = instantiate_group(cfg.get("callbacks"))
+        settings = {}
+        if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # Without ours (callbacks=none), Lightning would checkpoint into the first logger's folder.
+            settings["enable_checkpointing"] = False
+        trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
         if trainer.is_global_zero:  # under trainer=ddp every rank runs this script
             log.info(
                 "WaveNet: %s parameters, receptive field %d samples (%.0f ms)",
@@ -295,7 +301,8 @@ def run(cfg: DictConfig) -> float | None:
                 raise
             checkpoints = trainer.checkpoint_callback
             if trainer.is_global_zero and checkpoints is not None and checkpoints.best_model_path:
-                # Without a monitored metric (callbacks=none: Lightning's own checkpointing) it is the latest.
+                # Without a monitored metric (Lightning's own checkpointing: +trainer.enable_checkpointing=true
+                # with callbacks=none) it is the latest.
                 kind = "Best checkpoint" if checkpoints.monitor else "Checkpoint"
                 log.info("%s: %s", kind, checkpoints.best_model_path)
         else:
