@@ -110,7 +110,7 @@ def test_multirun_logs_one_wandb_run_per_job(logged_sweep):
     assert runs[0].name.split("-")[-1] != runs[1].name.split("-")[-1]  # the run ids differ
     for job, run_dir in enumerate(runs):
         records = wandb_records(next(run_dir.glob("run-*.wandb")))
-        assert any(r.HasField("exit") for r in records)  # each finished
+        assert [r.exit.exit_code for r in records if r.HasField("exit")] == [0]  # each finished, as a success
         (run_record,) = [r.run for r in records if r.HasField("run")]
         assert run_record.display_name == f"{logged_sweep.name}/{job}"  # named after its run folder
         assert run_record.run_group == logged_sweep.name
@@ -125,7 +125,8 @@ def test_tensorboard_events_have_audio_and_image_summaries(logged_sweep):
     assert {"samples/generated_0", "samples/real_0", "samples/generated_1"} <= set(tags["audio"])
     assert {"samples/spectrogram_0", "samples/spectrogram_1"} <= set(tags["images"])
     audio = events.Audio("samples/generated_0")
-    assert [event.step for event in audio] == [3, 6]  # every validation
+    # Every validation, at the step of its val/loss (Lightning's, one below the checkpoint's global step).
+    assert [event.step for event in audio] == [event.step for event in events.Scalars("val/loss")] == [2, 5]
     assert (audio[0].sample_rate, audio[0].length_frames) == (16000, 4000)
 
 
@@ -290,6 +291,18 @@ def test_bad_sample_logger_setting_is_one_error_line(tmp_path, data_dir):
     assert errors == ["error: callbacks.audio_samples.seconds must be positive, got 0"], result.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_a_run_that_stops_with_an_error_ends_its_wandb_run_as_failed(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = run_script(
+        "train.py", *TINY, *BUILTIN_SMALL, "logger=wandb", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}",
+        "callbacks.audio_samples.seconds=0.01",  # refused when training starts, once the W&B run is open
+    )  # fmt: skip
+    assert result.returncode == 1 and "shorter than one spectrogram window" in result.stderr, result.stderr[-2000:]
+    records = wandb_records(next(offline_run(tmp_path).glob("run-*.wandb")))
+    assert [r.exit.exit_code for r in records if r.HasField("exit")] == [1]
+
+
 @pytest.fixture
 def no_wandb_environment(monkeypatch, tmp_path):
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
@@ -298,9 +311,17 @@ def no_wandb_environment(monkeypatch, tmp_path):
 
 
 def test_wandb_offline_auto_follows_login_server_and_wandb_mode(no_wandb_environment, monkeypatch, caplog):
-    assert wandb_offline(True) is True and wandb_offline(False) is False
+    assert wandb_offline(True) is True
     assert wandb_offline("auto") is True  # not logged in
+    # Online without a login, W&B would wait at its prompt for a key: refused up front.
+    with pytest.raises(UserError, match=r"^logger.wandb.offline=false, but W&B has no login here"):
+        wandb_offline(False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(UserError, match=r"^WANDB_MODE=online, but W&B has no login here"):
+        wandb_offline("auto")
+    monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_offline(False) is False
     with socket.socket() as closed:  # a local port nobody listens on: the server does not answer
         closed.bind(("127.0.0.1", 0))
         monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")

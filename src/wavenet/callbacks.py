@@ -438,11 +438,14 @@ class AudioSampleLogger(L.Callback):
         )  # (B, N)
         generated = mu_law_decode(classes.cpu(), clips.quantization_channels)
         images = [_spectrograms(real, fake, clips.sample_rate) for real, fake in zip(clips.real, generated)]
+        # The step Lightning logs this validation's metrics at (its count of optimiser steps before this one's
+        # end: global_step - 1 here), so that the clips sit beside the val/loss they go with on every dashboard.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in self._loggers:
             if isinstance(logger, TensorBoardLogger):
-                _log_to_tensorboard(logger, trainer.global_step, clips, generated, images)
+                _log_to_tensorboard(logger, step, clips, generated, images)
             elif isinstance(logger, WandbLogger):
-                _log_to_wandb(logger, trainer.global_step, clips, generated, images)
+                _log_to_wandb(logger, step, clips, generated, images)
 
     def _read_clips(self, trainer: L.Trainer, receptive_field: int) -> _Clips:
         """The primes and reference clips, read once from the validation set, spread over it."""
@@ -540,7 +543,7 @@ def _log_to_wandb(
         "samples/real": [audio(clip, caption) for clip, caption in zip(clips.real, captions)],
         "samples/spectrogram": [wandb.Image(image, caption=caption) for image, caption in zip(images, captions)],
     }
-    logger.log_metrics(media, step=step)  # one W&B step for all, at trainer/global_step = step
+    logger.log_metrics(media, step=step)  # one W&B row for all, at trainer/global_step = step
 
 
 def _spectrograms(real: Tensor, generated: Tensor, sample_rate: int) -> np.ndarray:

@@ -81,12 +81,22 @@ def wandb_offline(setting: bool | str) -> bool:
     """
     if setting not in (True, False, "auto"):
         raise UserError(f"logger.wandb.offline must be true, false or auto, got {setting!r}")
+    if setting is False and not wandb_logged_in() and os.environ.get("WANDB_MODE", "").lower() != "disabled":
+        raise UserError(
+            "logger.wandb.offline=false, but W&B has no login here: run `wandb login`, or set WANDB_API_KEY "
+            "(offline=auto logs offline then)"
+        )
     if setting != "auto":
         return bool(setting)
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "dryrun"):
         return True
-    if mode in ("online", "run", "disabled"):
+    if mode == "disabled":
+        return False
+    if mode in ("online", "run") and not wandb_logged_in():
+        # W&B would ask for a key at a terminal, and wait; without one it raises.
+        raise UserError("WANDB_MODE=online, but W&B has no login here: run `wandb login`, or set WANDB_API_KEY")
+    if mode in ("online", "run"):
         return False
     if not wandb_logged_in():
         return True
@@ -259,9 +269,10 @@ def run(cfg: DictConfig) -> float | None:
         check_resumable(Path(ckpt_path), module.hparams, max_steps=cfg.trainer.get("max_steps", -1))
     datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
     loggers = instantiate_group(cfg.get("logger"))
+    finished = False
     try:
         for logger in loggers:
-            if isinstance(logger, WandbLogger):
+            if isinstance(logger, WandbLogger) and cfg.train:  # train=false opens no W&B run
                 # Lightning 2.6 hands wandb.init anonymous=None, which W&B (0.19 on) warns of in every run.
                 if getattr(logger, "_wandb_init", {}).get("anonymous", False) is None:
                     del logger._wandb_init["anonymous"]
@@ -310,12 +321,14 @@ def run(cfg: DictConfig) -> float | None:
             datamodule.prepare_data()
             datamodule.setup("fit")
             log.info("train=false: config, model and data are ready; nothing trained")
+        finished = True
     finally:
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
 
-            # Each multirun job must end its own W&B run, or the next job logs into it.
-            wandb.finish()
+            # Each multirun job must end its own W&B run, or the next job logs into it. A run that stopped (an
+            # error, Ctrl-C, preemption) shows as failed, as its exit status says.
+            wandb.finish(exit_code=0 if finished else 1)
 
     name = cfg.get("optimized_metric")
     metric = trainer.callback_metrics.get(name)
