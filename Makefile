@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# pytest processes: the end-to-end tests wait on subprocesses, so two workers keep two cores busy.
+JOBS ?= 2
 
 .PHONY: setup train test test-gpu clean
 
@@ -17,7 +19,7 @@ train: setup
 	$(BIN)/python train.py $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) $(ARGS)
 
 test-gpu: setup
 	$(BIN)/python -m pytest -m gpu $(ARGS)

@@ -139,3 +139,15 @@ def test_a_run_resumes_only_from_a_checkpoint_of_the_same_network_with_steps_lef
         check_resumable(path, {**module.hparams, "sample_rate": 8000})
     with pytest.raises(UserError, match="checkpoint not found"):
         check_resumable(tmp_path / "missing.ckpt", module.hparams)
+
+
+def test_a_run_whose_loss_diverges_stops_with_one_error_line(tmp_path, data_dir):
+    from tests.conftest import BUILTIN_SMALL, compose_config
+    from tests.conftest import TINY as TINY_RUN
+    from wavenet.errors import UserError
+    from wavenet.tasks.train import run
+
+    overrides = [*TINY_RUN, *BUILTIN_SMALL, f"paths.data_dir={data_dir}", "model.lr=1e30", "model.warmup_steps=0",
+                 "trainer.max_steps=20", "trainer.val_check_interval=20"]  # fmt: skip
+    with pytest.raises(UserError, match=r"^train/loss is nan at step \d+: training diverged; lower model.lr"):
+        run(compose_config("train", overrides, tmp_path))

@@ -192,6 +192,20 @@ class WaveNetModule(L.LightningModule):
         self.log("train/bits_per_sample", loss / math.log(2))
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        # A NaN or infinite loss is the end of the run: its gradients make every weight NaN, and every step after
+        # trains on nothing. Checked at the steps Lightning logs, which read the loss then anyway, on every rank.
+        trainer = self.trainer
+        if trainer.global_step % trainer.log_every_n_steps:
+            return
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        if trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            return
+        raise UserError(
+            f"train/loss is {loss.item()} at step {trainer.global_step}: training diverged; lower model.lr (or "
+            "raise model.warmup_steps) and start again, or resume from a checkpoint saved before it"
+        )
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss = self._nll(batch)
         # Every validation batch has the same number of targets, so the mean of batch means is exact.
