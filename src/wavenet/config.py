@@ -12,6 +12,7 @@ from typing import Any
 
 import rich.syntax
 import rich.tree
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
@@ -25,6 +26,8 @@ from rich.console import Console
 from wavenet.errors import FailedJob, UserError, exit_with_error, first_line
 
 log = logging.getLogger(__name__)
+
+_NOT_SET = object()  # a key the command line does not set
 
 
 def check_required(cfg: DictConfig, keys: Iterable[str] = ()) -> None:
@@ -141,9 +144,9 @@ class SweepSummary(Callback):
     """Hydra callback that ends a multirun with a list of its jobs, their values and the best.
 
     Logs a table and writes `<sweep dir>/multirun_summary.yaml`: for every job, the value the task function
-    returned, the overrides that differ between jobs, and its run folder. Values are collected as jobs end,
-    so this needs a launcher that runs jobs in this process, like Hydra's basic launcher (the default, and
-    what the Optuna sweeper launches trials with).
+    returned, its parameters (the overrides the sweep set: swept values, or drawn by a search), why it failed,
+    and its run folder. Values are collected as jobs end, so this needs a launcher that runs jobs in this
+    process, like Hydra's basic launcher (the default, and what the Optuna sweeper launches trials with).
 
     Args:
         metric: Name of the value the task function returns, for the table.
@@ -163,9 +166,16 @@ class SweepSummary(Callback):
         self.direction = direction
         self.require_value = require_value
         self.jobs: list[dict[str, Any]] | None = None  # a list from the start of a multirun
+        self.command_line: dict[str, Any] = {}  # key: value, None for a sweep (`a,b`, `choice(...)`)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.jobs = []
+        # The sweep's own command line: a job's override that it does not set to that value is one of the job's
+        # parameters (a value of `key=a,b`, or drawn by a search), even where every job has the same.
+        self.command_line = {
+            override.key_or_group: None if override.is_sweep_override() else override.value()
+            for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        }
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.jobs is None:  # a single run (conf/train.yaml configures this callback for every run)
@@ -181,13 +191,18 @@ class SweepSummary(Callback):
         elif self.require_value and (value is None or math.isnan(float(value))):
             reason = f"{self.metric} was not logged" if value is None else f"{self.metric} is nan"
         hydra_cfg = job_return.hydra_cfg.hydra
+        overrides = OverridesParser.create().parse_overrides(list(job_return.overrides or []))
         self.jobs.append(
             {
                 "job": int(hydra_cfg.job.num),
                 "failed": reason is not None,
                 "reason": reason,
                 "value": None if reason is not None or value is None else float(value),
-                "overrides": dict(override.split("=", 1) for override in job_return.overrides or []),
+                "params": {
+                    override.key_or_group: override.get_value_element_as_str()
+                    for override in overrides
+                    if self.command_line.get(override.key_or_group, _NOT_SET) != override.value()
+                },
                 "output_dir": str(hydra_cfg.runtime.output_dir),
             }
         )
@@ -195,15 +210,14 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.jobs:
             return
-        keys = sorted({key for job in self.jobs for key in job["overrides"]})
-        varying = [key for key in keys if len({job["overrides"].get(key) for job in self.jobs}) > 1]
+        swept = sorted({key for job in self.jobs for key in job["params"]})
         trials = [
             {
                 "job": job["job"],
                 "failed": job["failed"],
                 "reason": job["reason"],
                 "value": job["value"],
-                "params": {key: job["overrides"].get(key) for key in varying},
+                "params": {key: job["params"].get(key) for key in swept},
                 "output_dir": job["output_dir"],
             }
             for job in self.jobs

@@ -37,8 +37,8 @@ from wavenet.errors import FailedJob, exit_with_error, first_line
 
 log = logging.getLogger(__name__)
 
-# Optuna 2.10's message, whatever the storage, for the best trial of a study in which none completed.
-_NO_COMPLETED_TRIAL = "No trials are completed yet."
+# Optuna 2.10's messages for the best trial of a study in which none completed: in memory, and in a database.
+_NO_COMPLETED_TRIAL = {"No trials are completed yet.", "Record does not exist."}
 
 
 class OptunaSweeper(PluginOptunaSweeper):
@@ -68,7 +68,7 @@ class OptunaSweeper(PluginOptunaSweeper):
         try:
             super().sweep(arguments)
         except ValueError as error:
-            if str(error) != _NO_COMPLETED_TRIAL:
+            if str(error) not in _NO_COMPLETED_TRIAL:
                 raise
             log.warning("No trial of the sweep completed: no best parameters, no optimization_results.yaml")
         finally:
