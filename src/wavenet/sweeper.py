@@ -49,12 +49,12 @@ class OptunaSweeper(PluginOptunaSweeper):
             if value < 1:
                 exit_with_error(f"hydra.sweeper.{key} must be a positive integer, got {value}")
         super().__init__(n_trials=n_trials, n_jobs=n_jobs, **kwargs)
-        self.refusals = _Refusals()
+        self.failures = _FailedTrials()
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        self.refusals.launcher = self.sweeper.launcher
-        self.sweeper.launcher = self.refusals
+        self.failures.launcher = self.sweeper.launcher
+        self.sweeper.launcher = self.failures
 
     def sweep(self, arguments: list[str]) -> None:
         impl = self.sweeper
@@ -64,7 +64,7 @@ class OptunaSweeper(PluginOptunaSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(impl.config, sweep_dir / "multirun.yaml")
         plugin_log = logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl")
-        plugin_log.addFilter(self.refusals)
+        plugin_log.addFilter(self.failures)
         try:
             super().sweep(arguments)
         except ValueError as error:
@@ -72,7 +72,7 @@ class OptunaSweeper(PluginOptunaSweeper):
                 raise
             log.warning("No trial of the sweep completed: no best parameters, no optimization_results.yaml")
         finally:
-            plugin_log.removeFilter(self.refusals)
+            plugin_log.removeFilter(self.failures)
 
     @staticmethod
     def _continue_study(impl: Any) -> None:
@@ -97,14 +97,14 @@ class OptunaSweeper(PluginOptunaSweeper):
             log.info("Continuing study %s after its %d trials, with sampler seed %d", study.study_name, trials, seed)
 
 
-class _Refusals(logging.Filter):
-    """Stands in for the sweep's launcher to log each trial refused with a `UserError` in one line, and filters
-    the plugin's log to drop its own lines about those trials."""
+class _FailedTrials(logging.Filter):
+    """Stands in for the sweep's launcher to make each trial without a value (failed, NaN, not logged) a
+    `FailedJob` logged in one line, and filters the plugin's log to drop its own lines about those trials."""
 
     def __init__(self) -> None:
         super().__init__()
         self.launcher: Launcher | None = None
-        self.plugin_lines: set[str] = set()  # about the trials refused in the last batch launched
+        self.plugin_lines: set[str] = set()  # about the failed trials of the last batch launched
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.launcher is not None
@@ -118,18 +118,18 @@ class _Refusals(logging.Filter):
             elif not isinstance(ret.return_value, FailedJob) and math.isnan(float(ret.return_value)):
                 # Told as a value, Optuna 2.10 fails the trial and raises, and the plugin's retry ends the search.
                 ret.return_value = FailedJob(f"{metric} is nan")
-        refused = [ret for ret in completed if isinstance(ret.return_value, FailedJob)]
-        for ret in refused:
+        failed = [ret for ret in completed if isinstance(ret.return_value, FailedJob)]
+        for ret in failed:
             log.warning("Trial %s failed: %s", ret.hydra_cfg.hydra.job.num, ret.return_value)
         # What hydra-optuna-sweeper 1.3 logs for a trial whose value is not a number.
         self.plugin_lines = {
-            f"Failed experiment: Return value must be float-castable. Got '{ret.return_value}'." for ret in refused
+            f"Failed experiment: Return value must be float-castable. Got '{ret.return_value}'." for ret in failed
         }
         return returns
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         # The plugin's line for a batch with more failed trials than max_failure_rate allows: it then re-raises
-        # the exceptions of the jobs that raised one, but a refused trial has none, and the search goes on.
+        # the exceptions of the jobs that raised one, but a failed trial here has none, and the search goes on.
         too_many = message.startswith("Failed [") and " times out of " in message
         return message not in self.plugin_lines and not (self.plugin_lines and too_many)
