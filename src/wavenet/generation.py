@@ -544,7 +544,7 @@ def _gumbel_(uniform: Tensor, temperature: float) -> Tensor:
 MAX_TEMPERATURE = float(torch.finfo(torch.float32).max) / 17
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
     """Raises TypeError or ValueError unless `temperature` is a number in [0, MAX_TEMPERATURE]."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
@@ -565,7 +565,7 @@ def _check_arguments(
     """`generate`'s arguments checked, as cheaply as their types allow; num_samples and batch_size as ints."""
     num_samples = _check_integer("num_samples", num_samples, 0)
     batch_size = _check_integer("batch_size", batch_size, 1)
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if prime is not None and not isinstance(prime, Tensor):  # its values are checked by _check_prime
         raise TypeError(f"prime must be a tensor of mu-law classes or None, got {type(prime).__name__}")
     if generator is not None:

@@ -21,7 +21,7 @@ from wavenet.config import check_required
 from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.errors import UserError, is_integer, is_number
-from wavenet.generation import MAX_TEMPERATURE, generate, resolve_method
+from wavenet.generation import MAX_TEMPERATURE, check_temperature, generate, resolve_method
 from wavenet.module import WaveNetModule
 
 log = logging.getLogger(__name__)
@@ -155,9 +155,12 @@ def _check_settings(cfg: DictConfig) -> None:
             f"num_samples must be at most {_MAX_WAV_SAMPLES:,}, what a 16-bit WAV file holds (4 GiB), "
             f"got {cfg.num_samples:,}"
         )
-    temperature = cfg.temperature
-    if not is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:  # NaN fails both comparisons
-        raise UserError(f"temperature must be a number from 0 (greedy) to {MAX_TEMPERATURE:.0e}, got {temperature!r}")
+    try:
+        check_temperature(cfg.temperature)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"temperature must be a number from 0 (greedy) to {MAX_TEMPERATURE:.0e}, got {cfg.temperature!r}"
+        ) from None
     if cfg.seed is not None and not (is_integer(cfg.seed) and cfg.seed in _SEEDS):
         raise UserError(f"seed must be an integer or null, from -2**63 to 2**64 - 1, got {cfg.seed!r}")
     if not isinstance(cfg.use_ema, bool) and cfg.use_ema != "auto":
