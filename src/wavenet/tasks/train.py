@@ -81,22 +81,20 @@ def wandb_offline(setting: bool | str) -> bool:
     """
     if setting not in (True, False, "auto"):
         raise UserError(f"logger.wandb.offline must be true, false or auto, got {setting!r}")
-    if setting is False and not wandb_logged_in() and os.environ.get("WANDB_MODE", "").lower() != "disabled":
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    forced_online = (setting is False and mode != "disabled") or (setting == "auto" and mode in ("online", "run"))
+    if forced_online and not wandb_logged_in():
+        # W&B would ask for a key at a terminal, and wait; without one it raises.
+        asked = "logger.wandb.offline=false" if setting is False else f"WANDB_MODE={mode}"
         raise UserError(
-            "logger.wandb.offline=false, but W&B has no login here: run `wandb login`, or set WANDB_API_KEY "
-            "(offline=auto logs offline then)"
+            f"{asked}, but W&B has no login here: run `wandb login`, or set WANDB_API_KEY (or log offline: "
+            "logger.wandb.offline=true)"
         )
     if setting != "auto":
         return bool(setting)
-    mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "dryrun"):
         return True
-    if mode == "disabled":
-        return False
-    if mode in ("online", "run") and not wandb_logged_in():
-        # W&B would ask for a key at a terminal, and wait; without one it raises.
-        raise UserError("WANDB_MODE=online, but W&B has no login here: run `wandb login`, or set WANDB_API_KEY")
-    if mode in ("online", "run"):
+    if mode in ("online", "run", "disabled"):
         return False
     if not wandb_logged_in():
         return True
