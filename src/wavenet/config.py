@@ -27,7 +27,8 @@ from wavenet.errors import FailedJob, UserError, exit_with_error, first_line
 
 log = logging.getLogger(__name__)
 
-_NOT_SET = object()  # a key the command line does not set
+_NOT_SET = object()  # a key the sweep's command line does not set
+_SWEPT = object()  # a key it sweeps (`a,b`, `choice(...)`): whatever value a job has, it is a parameter
 
 
 def check_required(cfg: DictConfig, keys: Iterable[str] = ()) -> None:
@@ -166,14 +167,14 @@ class SweepSummary(Callback):
         self.direction = direction
         self.require_value = require_value
         self.jobs: list[dict[str, Any]] | None = None  # a list from the start of a multirun
-        self.command_line: dict[str, Any] = {}  # key: value, None for a sweep (`a,b`, `choice(...)`)
+        self.command_line: dict[str, Any] = {}  # key: its value, or _SWEPT
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.jobs = []
         # The sweep's own command line: a job's override that it does not set to that value is one of the job's
         # parameters (a value of `key=a,b`, or drawn by a search), even where every job has the same.
         self.command_line = {
-            override.key_or_group: None if override.is_sweep_override() else override.value()
+            override.key_or_group: _SWEPT if override.is_sweep_override() else override.value()
             for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         }
 
