@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize
@@ -55,6 +56,14 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
         cfg.paths.log_dir = str(output_dir)
         cfg.paths.root_dir = str(REPO)
     return cfg
+
+
+def save_checkpoint(module: Any, path: Path, **extra: Any) -> Path:
+    """Saves a `WaveNetModule` with what generate.py reads (its weights and hyperparameters), and `extra` keys."""
+    import torch
+
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), **extra}, path)
+    return path
 
 
 def run_script(

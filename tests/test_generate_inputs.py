@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from rich.console import Console
 
-from tests.conftest import compose_config, run_script
+from tests.conftest import compose_config, run_script, save_checkpoint
 from wavenet.errors import UserError
 from wavenet.module import WaveNetModule
 from wavenet.tasks.generate import run
@@ -27,9 +26,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     module = WaveNetModule(
         layers=4, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=8, sample_rate=SAMPLE_RATE
     )
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
+    return save_checkpoint(module, tmp_path_factory.mktemp("checkpoint") / "tiny.ckpt")
 
 
 def refused_before_loading(tmp_path: Path) -> dict[str, tuple[list[str], str]]:

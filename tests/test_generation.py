@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from tests.conftest import run_script
+from tests.conftest import run_script, save_checkpoint
 from wavenet.data.mulaw import mu_law_decode
 from wavenet.generation import IncrementalWaveNet, generate
 from wavenet.models.wavenet import WaveNet
@@ -316,15 +316,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         layers=6, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16, sample_rate=SAMPLE_RATE
     )
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.ckpt"
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": L.__version__,
-        },
-        path,
-    )
-    return path
+    return save_checkpoint(module, path, **{"pytorch-lightning_version": L.__version__})
 
 
 @pytest.mark.slow
@@ -518,8 +510,7 @@ def test_generate_task_continues_the_last_receptive_field_of_the_prime_from_the_
     with torch.no_grad():  # samples that depend on their context (entropy ~2.4 nats of 3.5): the prime matters
         for parameter in module.parameters():
             parameter.normal_(0.0, 0.5) if parameter.dim() > 1 else parameter.zero_()
-    path = tmp_path / "strong.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    path = save_checkpoint(module, tmp_path / "strong.ckpt")
     field = module.receptive_field
     rng = np.random.default_rng(0)
     prime = (0.5 * rng.standard_normal(3 * field)).astype(np.float32)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import BUILTIN_SMALL, REPO, TINY, run_script
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, run_script, save_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -268,9 +268,8 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
 def test_bad_input_is_one_clear_error(tmp_path, data_dir, overrides, expected):
     from wavenet import WaveNetModule
 
-    tiny = tmp_path / "tiny.ckpt"
     module = WaveNetModule(layers=6, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tiny)
+    tiny = save_checkpoint(module, tmp_path / "tiny.ckpt")
     overrides = [override.format(tmp=tmp_path, tiny=tiny) for override in overrides]
     expected = expected.format(tmp=tmp_path)
     run_dir = tmp_path / "run"
