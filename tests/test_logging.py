@@ -15,9 +15,11 @@ import pytest
 import soundfile as sf
 import torch
 import wandb
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import AUDIO, IMAGES, EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.data import Dataset
 from wandb.proto import wandb_internal_pb2
 
@@ -128,6 +130,24 @@ def test_tensorboard_events_have_audio_and_image_summaries(logged_sweep):
     # Every validation, at the step of its val/loss (Lightning's, one below the checkpoint's global step).
     assert [event.step for event in audio] == [event.step for event in events.Scalars("val/loss")] == [2, 5]
     assert (audio[0].sample_rate, audio[0].length_frames) == (16000, 4000)
+
+
+@pytest.mark.slow
+def test_tensorboard_hparams_table_and_hparams_yaml_hold_the_whole_config(logged_sweep):
+    for job, seed in (("0", 1), ("1", 2)):
+        events = EventAccumulator(str(logged_sweep / job / "tensorboard"))
+        events.Reload()
+        content = [HParamsPluginData.FromString(data) for data in events.PluginTagToContent("hparams").values()]
+        (experiment,) = [data.experiment for data in content if data.HasField("experiment")]
+        assert {"val/bits_per_sample", "val/loss", "train/loss"} <= {m.name.tag for m in experiment.metric_infos}
+        (session,) = [data.session_start_info for data in content if data.HasField("session_start_info")]
+        settings = {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+                    for key, value in session.hparams.items()}  # fmt: skip
+        assert settings["seed"] == seed and settings["model.layers"] == 6 and settings["data.chunk_length"] == 256
+        assert settings["trainer.precision"] == "32-true" and not any("_target_" in key for key in settings)
+        for logger in ("tensorboard", "csv"):
+            saved = yaml.safe_load((logged_sweep / job / logger / "hparams.yaml").read_text())
+            assert saved["seed"] == seed and saved["data"]["chunk_length"] == 256 and saved["layers"] == 6
 
 
 class Tiles(Dataset):

@@ -17,7 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -245,6 +245,44 @@ def _warn_of_settings_that_waste_the_run(cfg: DictConfig) -> None:
         )
 
 
+# TensorBoard's HPARAMS table shows each run's latest value of these scalars beside its settings.
+_HPARAMS_TABLE_METRICS = ("val/bits_per_sample", "val/loss", "train/loss")
+
+
+def _log_config(loggers: list, cfg: DictConfig) -> None:
+    """Logs the whole composed config, resolved, as each logger's hyperparameters (W&B's run config, CSV's and
+    TensorBoard's hparams.yaml; Lightning adds the module's at the top level when fit starts), and fills
+    TensorBoard's HPARAMS table, which Lightning leaves empty with `default_hp_metric: false`. Rank zero only."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        # Lightning 2.6 hands wandb.init anonymous=None, which W&B (0.19 on) warns of in every run.
+        if isinstance(logger, WandbLogger) and getattr(logger, "_wandb_init", {}).get("anonymous", False) is None:
+            del logger._wandb_init["anonymous"]
+        logger.log_hyperparams(config)
+        if isinstance(logger, TensorBoardLogger) and rank_zero_only.rank == 0:
+            from torch.utils.tensorboard.summary import hparams  # loads TensorBoard: here, where it is used
+
+            names = sorted({cfg.get("optimized_metric"), *_HPARAMS_TABLE_METRICS} - {None})
+            writer = logger.experiment._get_file_writer()
+            # The table's metric values are not these zeros but the scalars' own, which the run logs.
+            for summary in hparams(_table_values(config), dict.fromkeys(names, 0.0)):
+                writer.add_summary(summary)
+
+
+def _table_values(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """`config` flattened to the dotted keys of command-line overrides, each value a number, string or bool;
+    without Hydra's `_target_`s, which name classes, not settings."""
+    values = {}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            values |= _table_values(value, f"{prefix}{key}.")
+        elif value is not None:
+            values[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return values
+
+
 def _stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
     return any(getattr(callback, "stopped_by_ctrl_c", False) for callback in trainer.callbacks)
 
@@ -269,14 +307,8 @@ def run(cfg: DictConfig) -> float | None:
     loggers = instantiate_group(cfg.get("logger"))
     finished = False
     try:
-        for logger in loggers:
-            if isinstance(logger, WandbLogger) and cfg.train:  # train=false opens no W&B run
-                # Lightning 2.6 hands wandb.init anonymous=None, which W&B (0.19 on) warns of in every run.
-                if getattr(logger, "_wandb_init", {}).get("anonymous", False) is None:
-                    del logger._wandb_init["anonymous"]
-                # The whole composed config, resolved, as the run's config (log_hyperparams is rank-zero only).
-                # Lightning adds the module's hyperparameters at the top level when fit starts.
-                logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if cfg.train:  # train=false opens no W&B run and writes no logs
+            _log_config(loggers, cfg)
         callbacks = instantiate_group(cfg.get("callbacks"))
         settings = {}
         if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
