@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import struct
+import time
 from pathlib import Path
 
 import lightning as L
@@ -249,6 +250,36 @@ def test_grad_norm_is_taken_on_logged_steps_only_with_the_same_values(tmp_path, 
     assert len(taken) == 2 and len(every_step.norms) == 7
     for step, norm in logged.items():
         assert norm == pytest.approx(every_step.norms[step], rel=1e-5)
+
+
+class SlowFirstBatch(L.Callback):
+    """One second more in the first training batch, as compiling or starting workers takes; the time at the end of
+    each batch, in `ends`."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == 0:
+            time.sleep(1.0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self.ends.append(time.perf_counter())
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+def test_samples_per_sec_leaves_out_the_first_batch(tmp_path):
+    L.seed_everything(0)
+    module = WaveNetModule(**TINY_MODULE)
+    batch = sine_batch(module.receptive_field)
+    logger, slow = CSVLogger(tmp_path, name="", version=""), SlowFirstBatch()
+    fit(module, batch, max_steps=3, log_every_n_steps=3, limit_val_batches=0, logger=logger,
+        callbacks=[TrainingMonitor(), slow])  # fmt: skip
+    with (tmp_path / "metrics.csv").open() as file:
+        (rate,) = [float(row["train/samples_per_sec"]) for row in csv.DictReader(file) if row["train/samples_per_sec"]]
+    per_batch = batch[0].shape[0] * (batch[0].shape[1] - module.receptive_field + 1)
+    # Batches 2 and 3, from the end of the first: its second of sleep left out.
+    assert rate == pytest.approx(2 * per_batch / (slow.ends[2] - slow.ends[0]), rel=0.05)
 
 
 def test_sample_audio_is_contiguous_audio_of_one_file():

@@ -282,15 +282,12 @@ class TrainingMonitor(L.Callback):
       step was clipped.
     - `train/samples_per_sec`: scored audio samples (targets) per second over all processes, as
       `bench/train.py` counts them, measured over the last `log_every_n_steps` steps. Data loading is
-      included, validation and sample logging are not.
+      included, validation and sample logging are not, nor the first batch after the start or a validation
+      (compiling, autotuning, the loader's workers starting: the first point would show them, not the rate).
     """
 
     def __init__(self) -> None:
         self._marks: deque[tuple[float, int]] = deque()  # (time, samples so far) at the latest batch ends
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if not self._marks:
-            self._marks.append((time.perf_counter(), 0))
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -307,6 +304,9 @@ class TrainingMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         inputs, _ = batch  # (B, receptive_field + chunk_length - 1)
+        if not self._marks:
+            self._marks.append((time.perf_counter(), 0))
+            return
         scored = inputs.shape[0] * (inputs.shape[1] - pl_module.receptive_field + 1) * trainer.world_size
         self._marks.append((time.perf_counter(), self._marks[-1][1] + scored))
         while len(self._marks) > trainer.log_every_n_steps + 1:
