@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.conftest import REPO, TINY, compose_config
 from tests.test_data import CHUNK, RATE, RECEPTIVE_FIELD, WINDOW, chirp, ready, write
 from wavenet.data import StreamingDataModule, publish
 from wavenet.data.streaming import SEGMENT_OVERLAP, StreamedChunks, segments
+from wavenet.data.streaming import main as streaming_main
 from wavenet.errors import UserError
 
 # Short segments, so the corpus's files are cut in several.
@@ -171,6 +173,18 @@ def test_two_ranks_with_two_workers_stream_disjoint_windows_on_one_grid(
         # One grid per file: segments continue it, so no two chunks of the epoch overlap.
         assert np.all(np.diff(starts) % CHUNK == 0) and np.all(np.diff(starts) >= CHUNK)
         assert starts[-1] <= module.manifest.files[file].frames - WINDOW
+
+
+def test_publishing_stages_nothing_in_the_system_temporary_folder(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    options = ["--val-fraction", str(VAL_FRACTION), "--segment-seconds", str(SEGMENT_SECONDS), "--workers", "1"]
+    streaming_main([str(prepared), str(tmp_path / "bucket"), *options, "--cache-dir", str(tmp_path / "lc")])
+    assert list(system_tmp.iterdir()) == []
+    assert (tmp_path / "lc" / "publishing" / "chunks").is_dir()
 
 
 def test_publishing_leaves_ctrl_c_as_it_was(published: tuple[Path, Path], tmp_path: Path) -> None:

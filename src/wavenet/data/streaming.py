@@ -118,8 +118,10 @@ def _identity(item: str) -> str:
     return item
 
 
-def _optimize(fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None:
-    """litdata.optimize, run in a child process of its own process group, so that Ctrl-C stays ours.
+def _optimize(fn: Any, inputs: list[Any], output_dir: str, workers: int, scratch: Path) -> None:
+    """litdata.optimize, run in a child process of its own process group, so that Ctrl-C stays ours. Chunks
+    bound for a bucket are staged in `scratch` (litdata's default is the system's temporary folder, often small
+    on cluster nodes).
 
     litdata points SIGINT at a handler that its workers inherit and that ends each process with
     `os._exit(0)`: Ctrl-C made publishing exit with status 0 and half a split written, ended a Python caller
@@ -132,7 +134,7 @@ def _optimize(fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None
     """
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_optimize_alone, args=(sender, fn, inputs, output_dir, workers))
+    child = context.Process(target=_optimize_alone, args=(sender, fn, inputs, output_dir, workers, scratch))
     # What the child sends: None once done, else whether an OSError stopped it and its traceback. This default
     # stands if it ends without a word.
     outcome: tuple[bool, str] | None = (False, "")
@@ -164,9 +166,13 @@ def _optimize(fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None
     raise RuntimeError(f"litdata.optimize did not finish {output_dir} (exit status {child.exitcode})\n{report}".strip())
 
 
-def _optimize_alone(result: Connection, fn: Any, inputs: list[Any], output_dir: str, workers: int) -> None:
+def _optimize_alone(
+    result: Connection, fn: Any, inputs: list[Any], output_dir: str, workers: int, scratch: Path
+) -> None:
     """`_optimize`'s child: sends None once litdata.optimize is done, or what stopped it."""
     os.setpgid(0, 0)
+    os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(scratch / "chunks")
+    os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(scratch / "data")
     # Drops a Ctrl-C that came while this process was still in the parent's group (it was blocked).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -277,7 +283,8 @@ def publish(
         val_fraction: Fraction of files held out for validation, split as `AudioFolderDataModule` splits.
         segment_seconds: Length of the segments long files are cut into: litdata's unit of shuffling.
         workers: Processes writing the training items; None for one per CPU.
-        cache_dir: Where litdata keeps what it reads back; None for the default data folder's.
+        cache_dir: Where litdata keeps what it reads back, and stages chunks bound for a bucket (in
+            `publishing/`); None for the default data folder's.
 
     Raises:
         UserError: If `prepared` is no prepared corpus, `remote` holds a different published corpus or cannot be
@@ -323,11 +330,12 @@ def publish(
     train, val = split_files(manifest.files, val_fraction)
     writer = _SegmentItems(prepared, manifest.shards, segment)
     workers = available_cpus() if workers is None else workers
+    scratch = cache_dir / "publishing"
     for split, files, split_workers in (("train", train, workers), ("val", val, 1)):
         jobs = [(index[file.relative], file.shard, file.offset, file.frames) for file in files]
         output_dir = _output_dir(remote, split)
         log.info("Publishing %d %s files of %s to %s", len(files), split, prepared.name, _join(remote, split))
-        _optimize(writer, jobs, output_dir, split_workers)
+        _optimize(writer, jobs, output_dir, split_workers, scratch)
     published = {
         **data,
         "published": {
@@ -336,7 +344,7 @@ def publish(
             "val_files": [index[file.relative] for file in val],
         },
     }
-    _optimize(_identity, [json.dumps(published)], _output_dir(remote, "manifest"), 1)
+    _optimize(_identity, [json.dumps(published)], _output_dir(remote, "manifest"), 1, scratch)
     log.info("Published %s to %s", prepared.name, remote)
 
 
@@ -623,11 +631,15 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--segment-seconds", type=float, default=30.0, help="litdata's unit of shuffling (default: 30)")
     parser.add_argument("--workers", type=int, default=None, help="processes writing (default: one per CPU)")
+    parser.add_argument(
+        "--cache-dir", default=None,
+        help="where chunks bound for a bucket are staged, and read back (default: $WAVENET_DATA_DIR/streaming)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("litdata").setLevel(logging.WARNING)  # it reports each dataset's cache size at INFO
     try:
-        publish(args.prepared, args.remote, args.val_fraction, args.segment_seconds, args.workers)
+        publish(args.prepared, args.remote, args.val_fraction, args.segment_seconds, args.workers, args.cache_dir)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
