@@ -5,10 +5,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.test_module import TINY, fit, sine_batch
 from wavenet import WaveNetModule
+from wavenet.callbacks import InterruptCheckpoint
 from wavenet.ema import EMA, EMA_STATE_KEY
 
 
@@ -97,6 +99,33 @@ def test_checkpoint_holds_both_and_resume_restores_the_average(tmp_path):
     fit(WaveNetModule(**TINY), batch, ckpt_path=str(path), callbacks=[resumed_ema, Peek()], max_steps=12, val_check_interval=12)
     assert seen["updates"] == 10
     torch.testing.assert_close(seen["weight"], averaged["model.head.3.weight"])
+
+
+def test_a_stop_during_validation_saves_and_keeps_the_training_weights(tmp_path):
+    L.seed_everything(0)
+    module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=1, decay="constant")
+    training_weights = {}
+
+    class StopInValidation(L.Callback):
+        """Records the weights as validation starts (before the EMA swaps them), then stops as Ctrl-C does."""
+
+        def on_validation_start(self, trainer, pl_module):
+            training_weights.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+        def on_validation_batch_end(self, trainer, *args):
+            if not trainer.sanity_checking:
+                raise SIGTERMException
+
+    # The checkpointing callback first: its on_exception saves before the EMA's can swap anything back.
+    callbacks = [InterruptCheckpoint(str(tmp_path)), StopInValidation(), EMA(decay=0.5)]
+    with pytest.raises(SIGTERMException):
+        fit(module, sine_batch(module.receptive_field), callbacks=callbacks, max_steps=20, val_check_interval=10)
+    saved = torch.load(tmp_path / "interrupted.ckpt", weights_only=False)
+    assert saved["global_step"] == 10
+    for name, value in module.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], training_weights[name]), name
+        assert torch.equal(value, training_weights[name]), name
+    assert not torch.equal(saved[EMA_STATE_KEY]["model.head.3.weight"], training_weights["model.head.3.weight"])
 
 
 def test_bad_decay():

@@ -64,7 +64,13 @@ class EMA(L.Callback):
             pl_module.load_state_dict(self.averaged, strict=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning runs checkpoint callbacks after all others, so they save the training weights.
+        self._restore_training_weights(pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # A stop inside validation (Ctrl-C, SIGTERM) skips on_validation_end.
+        self._restore_training_weights(pl_module)
+
+    def _restore_training_weights(self, pl_module: L.LightningModule) -> None:
         if self._training_weights is not None:
             pl_module.load_state_dict(self._training_weights, strict=False)
             self._training_weights = None
@@ -72,6 +78,10 @@ class EMA(L.Callback):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if self._training_weights is not None:
+            # Saved during validation (interrupted.ckpt, whichever callback's on_exception runs first): the module
+            # holds the average, but the checkpoint must resume training from the training weights.
+            checkpoint["state_dict"] |= {k: v.detach().clone() for k, v in self._training_weights.items()}
         checkpoint[EMA_STATE_KEY] = {k: v.detach().cpu() for k, v in self.averaged.items()}
 
     def on_load_checkpoint(
