@@ -80,6 +80,29 @@ def test_teacher_forced_logits_equal_the_eager_step_and_the_full_forward(kernel_
 
 
 @needs_compiler
+@pytest.mark.parametrize("bf16_weights", [False, True])
+@pytest.mark.parametrize("batch", [1, 2, 5, 9])
+def test_every_thread_plan_computes_the_same_bits(batch, bf16_weights):
+    """The kernel picks its threads' plan by timing, so a seed would not reproduce samples if plans differed in
+    the last bit: all of them must sum in the same order (NARROW splits its gated channels 16 + 4, WIDE 3 ways)."""
+    for widths, threads in ((NARROW, 2), (WIDE, 3)):
+        model = random_wavenet(3, widths)
+        inputs = torch.randint(0, LEVELS, (model.receptive_field + 40, batch))
+        results = []
+        for plan_threads, split in ((1, False), (threads, True), (threads, False)):
+            native = IncrementalWaveNet(model, batch)
+            native.reset()
+            logits = torch.empty(len(inputs), batch, LEVELS)
+            out = torch.empty(len(inputs), batch, dtype=torch.long)
+            with torch.inference_mode():
+                cpu_steps(native, inputs[0], out, forced=inputs, logits_out=logits, threads=plan_threads, split=split,
+                          bf16_weights=bf16_weights)  # fmt: skip
+            results.append(logits)
+        for logits in results[1:]:
+            assert torch.equal(logits, results[0]), (widths, batch)
+
+
+@needs_compiler
 @pytest.mark.parametrize("batch", [1, 2, 13])
 def test_sampled_classes_follow_the_same_noise_as_eager_and_turns_can_alternate(batch):
     """Chunks alternate between the kernel and the eager step on one state, with a device-side counter too."""

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Steps between progress reports and draws of Gumbel noise: at most this many, and at most as many as keep
 # one draw under _NOISE_ELEMENTS (step, stream, class) values, to bound its memory at large batch. Every
-# path draws the noise in the same chunks, so that a seed gives the same samples whatever the path.
+# path draws the noise in the same chunks, so that a seed gives the same noise whatever the path.
 # A CUDA graph holds one chunk of steps: 64 keeps capture short and the graph launch (~10 us) negligible.
 _CHUNK_STEPS = 64
 _NOISE_ELEMENTS = 1 << 22
