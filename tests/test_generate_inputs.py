@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -69,6 +70,25 @@ def test_bad_input_is_one_line_naming_it_before_the_checkpoint_is_read(tmp_path,
     with pytest.raises(UserError) as error:
         run(cfg)
     assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+
+
+def test_an_output_folder_that_cannot_take_the_files_is_refused_before_the_checkpoint_is_read(
+    tmp_path, checkpoint, monkeypatch
+):
+    def read_checkpoint(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checkpoint was read before the output folder was checked")
+
+    monkeypatch.setattr("wavenet.module.read_checkpoint", read_checkpoint)
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=300000", "batch_size=2"]
+    cfg = compose_config("generate", overrides, tmp_path / "run")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    cfg.paths.output_dir = str(tmp_path / "notes.txt" / "out")
+    with pytest.raises(UserError, match=r"^cannot write to paths.output_dir=.*notes.txt/out: .*notes.txt is a file, not a folder$"):
+        run(cfg)
+    cfg.paths.output_dir = str(tmp_path / "run")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=2**20))
+    with pytest.raises(UserError, match=r"^2 file\(s\) of 0.6 MiB do not fit the 1.0 MiB free in "):
+        run(cfg)
 
 
 @pytest.mark.slow

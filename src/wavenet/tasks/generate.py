@@ -6,6 +6,7 @@ import datetime
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,11 +50,11 @@ def run(cfg: DictConfig) -> list[Path]:
     _check_settings(cfg)
     ckpt_path = _file_path("ckpt_path", cfg.ckpt_path, "the path of a checkpoint")
     prime_path = None if cfg.prime is None else _file_path("prime", cfg.prime, "the path of an audio file, or null")
-    output_dir = Path(cfg.paths.output_dir)
-    _check_output_dir(output_dir)
     device = _device(cfg.device)
     num_samples, batch_size = cfg.num_samples, cfg.batch_size
     _check_memory(num_samples, batch_size, device)
+    output_dir = Path(cfg.paths.output_dir)
+    _check_output_dir(output_dir, _WAV_HEADER_BYTES + 2 * num_samples, batch_size)
     dtype = PRECISIONS[str(cfg.precision)]
     try:  # before the checkpoint is read, so that a method that cannot run here costs no loading
         resolve_method(str(cfg.method), device, dtype, batch_size)
@@ -124,12 +125,15 @@ def run(cfg: DictConfig) -> list[Path]:
 
 def _write_wavs(output_dir: Path, classes: torch.Tensor, levels: int, sample_rate: int) -> list[Path]:
     """Writes each stream of (B, T) classes as `sample_<index>.wav`; returns their paths."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     digits = max(3, len(str(len(classes) - 1)))  # sample_0999.wav sorts before sample_1000.wav
-    for index, stream in enumerate(classes.cpu()):  # decoded one at a time: float audio of one stream in memory
-        paths.append(output_dir / f"sample_{index:0{digits}d}.wav")
-        write_wav(paths[-1], mu_law_decode(stream, levels), sample_rate)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for index, stream in enumerate(classes.cpu()):  # decoded one at a time: one stream's float audio in memory
+            paths.append(output_dir / f"sample_{index:0{digits}d}.wav")
+            write_wav(paths[-1], mu_law_decode(stream, levels), sample_rate)
+    except (OSError, RuntimeError) as error:  # soundfile reports a failed write (a full disk) as RuntimeError
+        raise UserError(f"cannot write {paths[-1] if paths else output_dir}: {error}") from None
     return paths
 
 
@@ -139,6 +143,8 @@ PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16}
 
 # RIFF's sizes are 32-bit: a WAV file holds 4 GiB, less room for its header, at 2 bytes a 16-bit sample.
 _MAX_WAV_SAMPLES = (2**32 - 2**10) // 2
+# What soundfile writes before a 16-bit PCM WAV file's samples (RIFF, fmt and data headers).
+_WAV_HEADER_BYTES = 44
 # torch.Generator.manual_seed's range: negative seeds are taken modulo 2**64.
 _SEEDS = range(-(2**63), 2**64)
 
@@ -179,13 +185,28 @@ def _file_path(key: str, value: object, expected: str) -> Path:
     return Path(value).expanduser()
 
 
-def _check_output_dir(output_dir: Path) -> None:
-    """Refuses a folder holding samples of an earlier run: writing over some of them would mix two runs."""
+def _check_output_dir(output_dir: Path, file_bytes: int, files: int) -> None:
+    """Refuses a folder that cannot take the files (not writable, under a file, not enough free space) or
+    holds samples of an earlier run (writing over some of them would mix two runs): found after generating,
+    either would lose the samples. Makes nothing: a run refused later leaves no folder behind."""
+    existing = output_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write to paths.output_dir={output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only file system
+        raise UserError(f"cannot write to paths.output_dir={output_dir}: {existing} is not writable")
+    free = shutil.disk_usage(existing).free
     earlier = sorted(output_dir.glob("sample_*.wav"))
     if earlier:
         raise UserError(
             f"{output_dir} already holds {len(earlier)} sample_*.wav of an earlier run; "
             "choose another hydra.run.dir or remove them"
+        )
+    if file_bytes * files > free:
+        raise UserError(
+            f"{files} file(s) of {file_bytes / 2**20:,.1f} MiB do not fit the {free / 2**20:,.1f} MiB free in "
+            f"{output_dir}; lower num_samples or batch_size, or set paths.output_dir elsewhere"
         )
 
 
