@@ -51,6 +51,10 @@ def refused_before_loading(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "past float32 temperature": (["temperature=1e308"], "temperature must be a number from 0 (greedy) to 2e+37"),
         "mps device": (["device=mps"], "device must be auto, cpu, cuda or cuda:<index>, got 'mps'"),
+        "misspelt added key": (
+            ["+temprature=0"],
+            "temprature is not a setting of generate.py (added with +temprature); did you mean temperature?",
+        ),
     }
 
 
@@ -58,7 +62,7 @@ def refused_before_loading(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     "case",
     ["null checkpoint", "numeric checkpoint", "empty checkpoint", "numeric prime", "list prime", "empty prime",
      "missing prime", "unreadable prime", "huge seed", "past a WAV file", "past memory", "past float32 temperature",
-     "mps device"],
+     "mps device", "misspelt added key"],
 )  # fmt: skip
 def test_bad_input_is_one_line_naming_it_before_the_checkpoint_is_read(tmp_path, checkpoint, monkeypatch, case):
     def read_checkpoint(*args: object, **kwargs: object) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import rich.syntax
 import rich.tree
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
@@ -244,3 +245,21 @@ class SweepSummary(Callback):
             log.error("%d of %d jobs failed: %s", len(failed), len(trials), failed)
             # After the summary is written: a sweep with failed jobs is a failed command, for scripts and CI.
             raise SystemExit(1)
+
+
+def check_added_keys(cfg: DictConfig, script: str) -> None:
+    """Raises `UserError` for a top-level key added on the command line (`+ckpt_pth=...`) that nothing reads.
+
+    Hydra takes any key with `+`: a misspelt setting would be ignored, and the run go on without it. Keys of
+    the groups (`+trainer.limit_train_batches`) are checked by what they configure.
+    """
+    hydra_cfg = HydraConfig.get()
+    for override in hydra_cfg.overrides.task:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        if "." in key or "/" in key or key in hydra_cfg.runtime.choices:  # a group's key, or a group: `+experiment=`
+            continue
+        close = difflib.get_close_matches(key, [name for name in cfg if name != key], n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"{key} is not a setting of {script} (added with {override.split('=', 1)[0]}){hint}")

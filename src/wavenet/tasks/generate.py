@@ -18,7 +18,7 @@ from rich import get_console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from wavenet.config import check_required
+from wavenet.config import check_added_keys, check_required
 from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.errors import UserError, is_integer, is_number
@@ -47,6 +47,7 @@ def run(cfg: DictConfig) -> list[Path]:
         UserError: For a missing or unreadable checkpoint or prime file, or a setting out of range.
     """
     check_required(cfg, keys=_SETTINGS)
+    check_added_keys(cfg, "generate.py")
     _check_settings(cfg)
     ckpt_path = _file_path("ckpt_path", cfg.ckpt_path, "the path of a checkpoint")
     prime_path = None if cfg.prime is None else _file_path("prime", cfg.prime, "the path of an audio file, or null")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import netrc
 import os
@@ -23,7 +22,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.multiprocessing import ProcessRaisedException
 
-from wavenet.config import check_required, instantiate_checked, instantiate_group, print_config_tree
+from wavenet.config import (
+    check_added_keys,
+    check_required,
+    instantiate_checked,
+    instantiate_group,
+    print_config_tree,
+)
 from wavenet.errors import UserError, is_integer, is_number, user_error_message
 from wavenet.launch import ddp_job, quiet_lightning
 from wavenet.module import check_resumable
@@ -161,7 +166,7 @@ _TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batch
 
 def _check_settings(cfg: DictConfig) -> None:
     """Raises `UserError` for top-level and trainer settings that would fail only later, naming the key."""
-    _check_added_keys(cfg)
+    check_added_keys(cfg, "train.py")
     if not is_integer(cfg.seed) or not 0 <= cfg.seed < 2**32:
         raise UserError(f"seed must be an integer from 0 to 2**32 - 1 (numpy's range), got {cfg.seed!r}")
     if not isinstance(cfg.train, bool):
@@ -203,24 +208,6 @@ def _check_settings(cfg: DictConfig) -> None:
             f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use trainer=cpu, or trainer=default "
             "(the GPU when there is one)"
         )
-
-
-def _check_added_keys(cfg: DictConfig) -> None:
-    """Raises `UserError` for a top-level key added on the command line (`+ckpt_pth=...`) that nothing reads.
-
-    Hydra takes any key with `+`: a misspelt setting would be ignored, and the run go on without it. Keys of
-    the groups (`+trainer.limit_train_batches`) are checked by what they configure.
-    """
-    hydra_cfg = HydraConfig.get()
-    for override in hydra_cfg.overrides.task:
-        if not override.startswith("+"):
-            continue
-        key = override.lstrip("+").split("=", 1)[0]
-        if "." in key or "/" in key or key in hydra_cfg.runtime.choices:  # a group's key, or a group: `+experiment=`
-            continue
-        close = difflib.get_close_matches(key, [name for name in cfg if name != key], n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise UserError(f"{key} is not a setting of train.py (added with {override.split('=', 1)[0]}){hint}")
 
 
 @rank_zero_only  # under trainer=ddp every rank runs this script
