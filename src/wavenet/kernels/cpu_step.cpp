@@ -13,7 +13,10 @@
 //   whole blocks (so at most dilation / kBlock threads: 4 for conf/model/small.yaml, 8 for medium). A group
 //   reads every weight once a step, and once the weights outgrow one core's L2 (conf/model/small.yaml: 2.5 MB
 //   of float32 against 2 MB here) it waits on the shared L3; split across cores, each core's share stays in
-//   its own L2. The price is one barrier per layer, to exchange the gated channels that the residual needs.
+//   its own L2. The price is one barrier per layer, to exchange the gated channels that the residual and the
+//   skip sums need (each thread then sums its share of the skip channels over all gated channels).
+// Every plan computes the same bits (each sum in the same order), so the plan, picked by timing, never changes
+// the samples a seed draws.
 
 #include <algorithm>
 #include <atomic>
@@ -44,6 +47,8 @@ constexpr int kLanes = 8;
 constexpr int64_t kTile = 16;
 constexpr int kLanes = 4;
 #endif
+// Chains per stream in calls of two streams (see accumulate_tile): as many as leave AVX2's 16 registers room.
+constexpr int kPairChains = kLanes == 16 ? 4 : 2;
 static_assert(kTile % kBlock == 0, "a tile is whole blocks");
 static_assert(kBlock % kLanes == 0, "a block is whole vectors");
 
@@ -108,18 +113,18 @@ inline Vec load(const BFloat16* p) {
 // y[g, :columns] += x[g, :n_in] @ w[:n_in, :columns] for the Blocks blocks of one tile, columns <= Blocks * kBlock
 // (fewer only where Partial: the last block of a matrix or of a thread's share). Block b starts block_stride
 // elements after block b - 1; consecutive rows of x and y are x_stride and y_stride elements apart. Each vector
-// of weights is loaded (and widened) once for all G streams. Chained (one stream only) sums the rows in 4 chains.
-template <int G, bool Chained, int Blocks, bool Partial, typename W>
+// of weights is loaded (and widened) once for all G streams. Rows go to Chains sums in turn.
+template <int G, int Chains, int Blocks, bool Partial, typename W>
 void accumulate_tile(const float* x, int64_t x_stride, const W* w, int64_t block_stride, int64_t n_in,
                      int64_t columns, float* y, int64_t y_stride) {
     constexpr int per_block = kBlock / kLanes, vectors = Blocks * per_block;
     // With one stream, rows go round-robin to 4 independent sums: one sum per accumulator would wait out the FMA
     // latency at every row (measured on `small` at batch 1: 1.27x faster with bfloat16 weights, 1.07x float32;
-    // no gain at 2 streams, none from 8 sums). Only for a call of one stream: the order of the sums must not
-    // depend on how a call's streams are grouped (a single stream of 9, or of 2 on 2 threads, is a group of
-    // one), or the threads' plan would change the samples.
-    static_assert(!Chained || G == 1, "chains are for one stream");
-    constexpr int chains = Chained ? 4 : 1;
+    // no gain from 8 sums); in calls of two streams, to 2 each. Chains depend on the call, not the group: the order
+    // of the sums must not depend on how a call's streams are grouped (one of 2 streams on each of 2 threads, or
+    // a stream of 9 on one thread, is a group of one), or the threads' plan would change the samples.
+    static_assert(Chains == 1 || Chains * G <= 4 * kPairChains / 2, "chains are for calls of one or two streams");
+    constexpr int chains = Chains;
     Vec acc[chains][G][vectors] = {};
     for (int g = 0; g < G; ++g) {
         float start[vectors * kLanes] = {};  // zeros past `columns`: padded columns, never stored
@@ -147,16 +152,16 @@ void accumulate_tile(const float* x, int64_t x_stride, const W* w, int64_t block
 
 // y[g, :n_out] += x[g, :n_in] @ w[:n_in, :n_out] for the G streams of a group, w a blocked matrix from a
 // block's first column (see accumulate_tile). Padded columns are read but never written to y.
-template <int G, bool Chained, typename W>
+template <int G, int Chains, typename W>
 void accumulate(const float* x, int64_t x_stride, const W* w, int64_t block_stride, int64_t n_in, int64_t n_out,
                 float* y, int64_t y_stride) {
     int64_t start = 0;
     for (; start + kTile <= n_out; start += kTile) {
-        accumulate_tile<G, Chained, kTile / kBlock, false>(x, x_stride, w + start / kBlock * block_stride, block_stride, n_in,
+        accumulate_tile<G, Chains, kTile / kBlock, false>(x, x_stride, w + start / kBlock * block_stride, block_stride, n_in,
                                                   kTile, y + start, y_stride);
     }
     for (; start < n_out; start += kBlock) {
-        accumulate_tile<G, Chained, 1, true>(x, x_stride, w + start / kBlock * block_stride, block_stride, n_in,
+        accumulate_tile<G, Chains, 1, true>(x, x_stride, w + start / kBlock * block_stride, block_stride, n_in,
                                     std::min(kBlock, n_out - start), y + start, y_stride);
     }
 }
@@ -232,22 +237,20 @@ struct Streams {
     float* logits_out;       // (steps, batch, classes) or null
 };
 
-// What the threads of a split group share: every layer's gated channels, the skip sums of each block of them.
+// What the threads of a split group share: every layer's gated channels, and the skip sums.
 struct Shared {
     explicit Shared(const Net& net, int ranks, int group)
-        : barrier(ranks),
-          gated(net.layers * group * net.dilation),
-          skip(blocks(net.dilation) * group * net.skip) {}
+        : barrier(ranks), gated(net.layers * group * net.dilation), skip(group * net.skip) {}
     Barrier barrier;
     std::vector<float> gated;  // (layers, group, dilation)
-    std::vector<float> skip;   // (dilation blocks, group, skip)
+    std::vector<float> skip;   // (group, skip)
 };
 
 // Streams s.first ... s.first + G - 1 for `steps` steps. With `shared`, this thread (`rank` of `ranks`)
-// computes gated channels [lo, hi) of every layer and the other threads the rest; without, all of them.
-// The skip connections are summed per block of gated channels over all layers, then the blocks in order: the
-// same sums in the same order however many threads share the channels, so every plan draws the same samples.
-template <int G, bool Chained, typename W>
+// computes gated channels [lo, hi) of every layer and skip channels [skip_lo, skip_hi) from all gated channels,
+// and the other threads the rest; without, all of them. Each skip channel is then summed over every layer's
+// gated channels in the same order on however many threads, so every plan draws the same samples.
+template <int G, int Chains, typename W>
 void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, Shared* shared, int rank,
                int ranks) {
     const int64_t L = net.layers, R = net.residual, D = net.dilation, S = net.skip, H = net.hidden;
@@ -255,10 +258,11 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
     // Whole blocks of the gated channels each: a share that starts inside a block would read two part-blocks.
     const int64_t lo = std::min(D, kBlock * (blocks(D) * rank / ranks));
     const int64_t hi = std::min(D, kBlock * (blocks(D) * (rank + 1) / ranks)), part = hi - lo;
-    const int64_t own_blocks = blocks(part);
+    const int64_t skip_lo = std::min(S, kBlock * (blocks(S) * rank / ranks));  // none where S has fewer blocks
+    const int64_t skip_hi = std::min(S, kBlock * (blocks(S) * (rank + 1) / ranks));
     const bool writer = rank == 0;  // of what every thread computes alike: ring inputs, samples, logits
     std::vector<float> input(G * R), pre(G * 2 * part), own_gated(G * part), skip(G * S), hidden(G * H);
-    std::vector<float> logits(G * Q), block_skip(own_blocks * G * S);  // (own blocks, G, skip)
+    std::vector<float> logits(G * Q);
     int64_t previous[G];
     for (int64_t step = 0; step < steps; ++step) {
         const int64_t row = (phase + step) % net.period;
@@ -268,8 +272,8 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
             const int64_t b = s.first + g;
             const int64_t c = s.forced ? s.forced[step * s.batch + b] : step == 0 ? s.classes[b] : previous[g];
             std::memcpy(&input[g * R], net.embedding + c * R, R * sizeof(float));
+            std::memcpy(&skip[g * S + skip_lo], net.skip_bias + skip_lo, (skip_hi - skip_lo) * sizeof(float));
         }
-        std::fill(block_skip.begin(), block_skip.end(), 0.0f);
         for (int64_t l = 0; l < L; ++l) {
             // This thread's filter columns [lo, hi) into pre[:, :part], its gate columns into pre[:, part:].
             const W* weight = static_cast<const W*>(net.filter_gate) + 2 * l * blocked_size(rows, D);
@@ -285,9 +289,9 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
                 // A tap's ring column is the same for every stream: rows of x are one ring apart.
                 for (int64_t k = 0; k < taps; ++k) {
                     const float* tap = s.rings + tap_columns[l * taps + k] * R;
-                    accumulate<G, Chained>(tap, s.ring_stride, columns + k * R * kBlock, block_stride, R, part, y, 2 * part);
+                    accumulate<G, Chains>(tap, s.ring_stride, columns + k * R * kBlock, block_stride, R, part, y, 2 * part);
                 }
-                accumulate<G, Chained>(input.data(), R, columns + taps * R * kBlock, block_stride, R, part, y, 2 * part);
+                accumulate<G, Chains>(input.data(), R, columns + taps * R * kBlock, block_stride, R, part, y, 2 * part);
             }
             // The gate was halved: tanh(f) sigmoid(g) = tanh(f) (1 + tanh(g / 2)) / 2, the / 2 in the weights after.
             float* gated = shared ? &shared->gated[l * G * D] : nullptr;
@@ -300,11 +304,6 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
                 }
                 if (gated) std::memcpy(gated + g * D + lo, z, part * sizeof(float));
             }
-            const W* skip_weight = static_cast<const W*>(net.skip_weight) + (l * D + lo) * kBlock;
-            for (int64_t b = 0; b < own_blocks; ++b) {
-                accumulate<G, Chained>(&own_gated[b * kBlock], part, skip_weight + b * kBlock * kBlock, kBlock * L * D,
-                                       std::min(kBlock, part - b * kBlock), S, &block_skip[b * G * S], S);
-            }
             // Every thread has read this layer's taps before it arrives: the input may now go to the column
             // of its oldest tap.
             if (shared) shared->barrier.wait();
@@ -312,26 +311,27 @@ void run_group(const Net& net, const Streams& s, int64_t steps, int64_t phase, S
                 for (int g = 0; g < G; ++g)
                     std::memcpy(s.rings + g * s.ring_stride + write_columns[l] * R, &input[g * R], R * sizeof(float));
             }
+            const float* all_gated = shared ? gated : own_gated.data();
             if (l + 1 < L) {
                 const W* residual = static_cast<const W*>(net.residual_weight) + l * blocked_size(D, R);
-                accumulate<G, Chained>(shared ? gated : own_gated.data(), D, residual, kBlock * D, D, R, input.data(), R);
+                accumulate<G, Chains>(all_gated, D, residual, kBlock * D, D, R, input.data(), R);
             }
+            const W* skip_weight = static_cast<const W*>(net.skip_weight) + skip_lo / kBlock * kBlock * L * D;
+            accumulate<G, Chains>(all_gated, D, skip_weight + l * D * kBlock, kBlock * L * D, D, skip_hi - skip_lo,
+                                   &skip[skip_lo], S);
         }
-        const float* block_sums = block_skip.data();
         if (shared) {
-            std::memcpy(&shared->skip[lo / kBlock * G * S], block_sums, block_skip.size() * sizeof(float));
+            for (int g = 0; g < G; ++g)
+                std::memcpy(&shared->skip[g * S + skip_lo], &skip[g * S + skip_lo], (skip_hi - skip_lo) * sizeof(float));
             shared->barrier.wait();
-            block_sums = shared->skip.data();
+            std::memcpy(skip.data(), shared->skip.data(), G * S * sizeof(float));
         }
-        for (int g = 0; g < G; ++g) std::memcpy(&skip[g * S], net.skip_bias, S * sizeof(float));
-        for (int64_t b = 0; b < blocks(D); ++b)
-            for (int64_t i = 0; i < G * S; ++i) skip[i] += block_sums[b * G * S + i];
         for (float& v : skip) v = std::max(v, 0.0f);
         for (int g = 0; g < G; ++g) std::memcpy(&hidden[g * H], net.head_bias, H * sizeof(float));
-        accumulate<G, Chained>(skip.data(), S, static_cast<const W*>(net.head_weight), kBlock * S, S, H, hidden.data(), H);
+        accumulate<G, Chains>(skip.data(), S, static_cast<const W*>(net.head_weight), kBlock * S, S, H, hidden.data(), H);
         for (float& v : hidden) v = std::max(v, 0.0f);
         for (int g = 0; g < G; ++g) std::memcpy(&logits[g * Q], net.output_bias, Q * sizeof(float));
-        accumulate<G, Chained>(hidden.data(), H, static_cast<const W*>(net.output_weight), kBlock * H, H, Q, logits.data(),
+        accumulate<G, Chains>(hidden.data(), H, static_cast<const W*>(net.output_weight), kBlock * H, H, Q, logits.data(),
                       Q);
         for (int g = 0; g < G; ++g) {
             const int64_t b = s.first + g;
@@ -359,19 +359,25 @@ void run_groups(const Net& net, const Streams& s, int64_t count, int64_t steps, 
         Streams group = s;
         group.rings += done * s.ring_stride;
         group.first += done;
-        if (s.batch == 1) {
-            run_group<1, true, W>(net, group, steps, phase, shared, rank, ranks);
+        if (s.batch <= 2) {  // calls of 1 and 2 streams sum in chains (see accumulate_tile), in groups of 1 or 2
+            if (s.batch == 1) {
+                run_group<1, 4, W>(net, group, steps, phase, shared, rank, ranks);
+            } else if (count - done == 1) {
+                run_group<1, kPairChains, W>(net, group, steps, phase, shared, rank, ranks);
+            } else {
+                run_group<2, kPairChains, W>(net, group, steps, phase, shared, rank, ranks);
+            }
             continue;
         }
         switch (std::min<int64_t>(kMaxGroup, count - done)) {
-            case 1: run_group<1, false, W>(net, group, steps, phase, shared, rank, ranks); break;
-            case 2: run_group<2, false, W>(net, group, steps, phase, shared, rank, ranks); break;
-            case 3: run_group<3, false, W>(net, group, steps, phase, shared, rank, ranks); break;
-            case 4: run_group<4, false, W>(net, group, steps, phase, shared, rank, ranks); break;
-            case 5: run_group<5, false, W>(net, group, steps, phase, shared, rank, ranks); break;
-            case 6: run_group<6, false, W>(net, group, steps, phase, shared, rank, ranks); break;
-            case 7: run_group<7, false, W>(net, group, steps, phase, shared, rank, ranks); break;
-            default: run_group<8, false, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 1: run_group<1, 1, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 2: run_group<2, 1, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 3: run_group<3, 1, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 4: run_group<4, 1, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 5: run_group<5, 1, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 6: run_group<6, 1, W>(net, group, steps, phase, shared, rank, ranks); break;
+            case 7: run_group<7, 1, W>(net, group, steps, phase, shared, rank, ranks); break;
+            default: run_group<8, 1, W>(net, group, steps, phase, shared, rank, ranks); break;
         }
     }
 }
