@@ -25,4 +25,8 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     report_config_errors_in_one_line()
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before main's own handler: Hydra composing, torch loading
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -46,4 +46,8 @@ if __name__ == "__main__":
         # Optuna's log lines are coloured whatever the stream: no escape codes in a batch job's log file.
         os.environ.setdefault("NO_COLOR", "1")
     report_config_errors_in_one_line()
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before main's own handler: Hydra composing, torch loading
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
