@@ -76,6 +76,11 @@ def test_bad_input_is_one_line_naming_it_before_the_checkpoint_is_read(tmp_path,
     assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
 
 
+def test_a_missing_checkpoint_setting_is_named_as_missing(tmp_path):
+    with pytest.raises(UserError, match=r"^missing required value\(s\): ckpt_path \(set them on the command line"):
+        run(compose_config("generate", ["device=cpu"], tmp_path / "run"))
+
+
 def test_an_output_folder_that_cannot_take_the_files_is_refused_before_the_checkpoint_is_read(
     tmp_path, checkpoint, monkeypatch
 ):

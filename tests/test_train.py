@@ -89,6 +89,10 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir
     assert resumed["global_step"] == 9
     steps = [int(row["step"]) for row in read_metrics(second) if row.get("train/loss")]
     assert steps and min(steps) >= 6, steps
+    # A finished checkpoint still serves a check that trains nothing.
+    check = run_script("train.py", *TINY, *BUILTIN_SMALL, f"paths.data_dir={data_dir}",
+                       f"hydra.run.dir={tmp_path / 'check'}", f"ckpt_path={last}", "train=false")  # fmt: skip
+    assert check.returncode == 0, check.stderr[-2000:]
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
@@ -262,6 +266,7 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
         ),
         (["ckpt_path={tmp}/missing.ckpt"], "checkpoint not found: {tmp}/missing.ckpt"),
         (["ckpt_path={tmp}"], "checkpoint {tmp} is a folder"),
+        (["ckpt_path="], "ckpt_path must be the path of a checkpoint to resume from, or null, got empty"),
         (["ckpt_path={tiny}", "model=small"], "trained with other settings: model.layers=20 (the checkpoint's: 6)"),
     ],
 )
@@ -278,6 +283,8 @@ def test_bad_input_is_one_clear_error(tmp_path, data_dir, overrides, expected):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    if any(override.startswith("ckpt_path=") for override in overrides):
+        assert "CONFIG" not in result.stdout  # a refused checkpoint is all the run prints, found in a second
 
 
 CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]

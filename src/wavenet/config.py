@@ -35,7 +35,7 @@ _SWEPT = object()  # a key it sweeps (`a,b`, `choice(...)`): whatever value a jo
 def check_required(cfg: DictConfig, keys: Iterable[str] = ()) -> None:
     """Raises `UserError` naming every required value (`???`) the user has not set, any of the top-level `keys`
     an override removed (`~model`), or the first value whose interpolation (`${oc.env:HOME}`) fails."""
-    removed = [key for key in keys if key not in cfg]
+    removed = [key for key in keys if key not in cfg.keys()]  # `in cfg` is false for a `???` value too
     if removed:
         raise UserError(f"{', '.join(removed)} must be set, and the command line removed it (~{removed[0]})")
     try:

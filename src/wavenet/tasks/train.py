@@ -172,6 +172,9 @@ def _check_settings(cfg: DictConfig) -> None:
     if not isinstance(cfg.train, bool):
         raise UserError(f"train must be true or false, got {cfg.train!r}")
     ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and (not isinstance(ckpt_path, str) or not ckpt_path.strip()):
+        got = "empty" if isinstance(ckpt_path, str) else repr(ckpt_path)
+        raise UserError(f"ckpt_path must be the path of a checkpoint to resume from, or null, got {got}")
     if ckpt_path in _LIGHTNING_CHECKPOINT_NAMES:
         raise UserError(
             f"ckpt_path={ckpt_path} would look in this run's folder, which is new: give the checkpoint's path, "
@@ -185,6 +188,13 @@ def _check_settings(cfg: DictConfig) -> None:
         value = trainer.get(key)
         if value is not None and not is_integer(value):
             raise UserError(f"trainer.{key} must be an integer, got {value!r}")
+    decay = cfg.model.get("decay", "constant")
+    if max_steps == -1 and trainer.get("max_epochs") == -1 and decay != "constant":
+        # The module finds it too (an endless data set with max_epochs), but only once the data is prepared.
+        raise UserError(
+            f"model.decay={decay} decays over the whole run, and this one has no end (trainer.max_steps=-1, "
+            "trainer.max_epochs=-1): set trainer.max_steps, or model.decay=constant"
+        )
     for key in _TRAINER_LIMITS:
         value = trainer.get(key)
         if value is not None and not is_number(value):
@@ -280,16 +290,18 @@ def run(cfg: DictConfig) -> float | None:
     # Before anything is written to the run folder: a refused setting leaves nothing to clean up.
     _check_settings(cfg)
     resolve_auto_settings(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    print_config_tree(cfg, save_to=output_dir / "config_tree.log")
-    _warn_of_settings_that_waste_the_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = instantiate_checked(cfg.model)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         ckpt_path = str(Path(str(ckpt_path)).expanduser())
-        # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
-        check_resumable(Path(ckpt_path), module.hparams, max_steps=cfg.trainer.get("max_steps", -1))
+        # Before the data is prepared: a wrong path or another network is found in a second, not after hours;
+        # and before the config is shown, so that the error is all a refused run prints.
+        max_steps = cfg.trainer.get("max_steps", -1) if cfg.train else -1  # train=false trains nothing
+        check_resumable(Path(ckpt_path), module.hparams, max_steps=max_steps)
+    output_dir = Path(cfg.paths.output_dir)
+    print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+    _warn_of_settings_that_waste_the_run(cfg)
     datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
     loggers = instantiate_group(cfg.get("logger"))
     finished = False
