@@ -128,6 +128,19 @@ def test_a_stop_during_validation_saves_and_keeps_the_training_weights(tmp_path)
     assert not torch.equal(saved[EMA_STATE_KEY]["model.head.3.weight"], training_weights["model.head.3.weight"])
 
 
+def test_resuming_a_checkpoint_without_an_average_says_it_starts_anew(tmp_path):
+    L.seed_everything(0)
+    module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=1, decay="constant")
+    batch = sine_batch(module.receptive_field)
+    trainer = fit(module, batch, max_steps=4, val_check_interval=4)
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    ema = EMA(decay=0.9)
+    with pytest.warns(UserWarning, match="has no EMA weights"):
+        fit(WaveNetModule(**TINY), batch, ckpt_path=str(tmp_path / "plain.ckpt"), callbacks=[ema], max_steps=6,
+            val_check_interval=6)  # fmt: skip
+    assert ema.updates == 2  # counted from the resumed step
+
+
 def test_bad_decay():
     with pytest.raises(ValueError, match="decay"):
         EMA(decay=1.0)

@@ -89,10 +89,12 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir
     assert resumed["global_step"] == 9
     steps = [int(row["step"]) for row in read_metrics(second) if row.get("train/loss")]
     assert steps and min(steps) >= 6, steps
-    # A finished checkpoint still serves a check that trains nothing.
+    # A finished checkpoint still serves a check that trains nothing; without the EMA, its average is said dropped.
     check = run_script("train.py", *TINY, *BUILTIN_SMALL, f"paths.data_dir={data_dir}",
-                       f"hydra.run.dir={tmp_path / 'check'}", f"ckpt_path={last}", "train=false")  # fmt: skip
+                       f"hydra.run.dir={tmp_path / 'check'}", f"ckpt_path={last}", "train=false",
+                       "callbacks.ema=null")  # fmt: skip
     assert check.returncode == 0, check.stderr[-2000:]
+    assert "holds EMA weights, and this run has no callbacks.ema" in check.stdout + check.stderr
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])

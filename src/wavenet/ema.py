@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 # Where the averaged weights sit in a checkpoint, beside the training weights in "state_dict".
@@ -88,6 +89,12 @@ class EMA(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self.averaged = {k: v.float() for k, v in checkpoint.get(EMA_STATE_KEY, {}).items()}
+        if not self.averaged:
+            rank_zero_warn(
+                "The checkpoint resumed from has no EMA weights (trained without callbacks.ema): the average starts "
+                "from its weights, at this step",
+                category=UserWarning,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "decay": self.decay}

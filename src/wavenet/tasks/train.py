@@ -29,9 +29,10 @@ from wavenet.config import (
     instantiate_group,
     print_config_tree,
 )
+from wavenet.ema import EMA, EMA_STATE_KEY
 from wavenet.errors import UserError, is_integer, is_number, user_error_message
 from wavenet.launch import ddp_job, quiet_lightning
-from wavenet.module import check_resumable
+from wavenet.module import check_resumable, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,13 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.train:  # train=false opens no W&B run and writes no logs
             _log_config(loggers, cfg)
         callbacks = instantiate_group(cfg.get("callbacks"))
+        if ckpt_path is not None and not any(isinstance(callback, EMA) for callback in callbacks):
+            if EMA_STATE_KEY in read_checkpoint(Path(ckpt_path), map_location="cpu", mmap=True):
+                log.warning(
+                    "ckpt_path=%s holds EMA weights, and this run has no callbacks.ema: they are dropped, and its "
+                    "checkpoints have none",
+                    ckpt_path,
+                )
         settings = {}
         if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             # Without ours (callbacks=none), Lightning would checkpoint into the first logger's folder.
