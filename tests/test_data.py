@@ -160,6 +160,66 @@ def test_unreadable_audio_is_a_user_error_naming_the_file(folder: Path) -> None:
         read_audio(folder / "corrupt.wav", RATE)
 
 
+def test_names_that_are_not_utf8_are_read_and_hidden_files_passed_over(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="wavenet.data")
+    root = tmp_path / "corpus"
+    latin1 = root / os.fsdecode(b"caf\xe9.wav")  # a Latin-1 name, as older corpora have
+    write(root / "cafe.wav", chirp(0.5, RATE, seed=1), RATE).rename(latin1)
+    write(root / "b.wav", chirp(0.5, RATE, seed=2), RATE)
+    write(root / "._b.wav", chirp(0.5, RATE, seed=3), RATE)  # what macOS leaves beside a copied file
+    write(root / ".trash" / "c.wav", chirp(0.5, RATE, seed=4), RATE)
+    assert find_audio_files(root, ["wav"]) == [root / "b.wav", latin1]
+    assert audio_info(latin1) == (RATE // 2, RATE)
+    module = ready(root, val_fraction=0.5)
+    assert {file.relative for file in module.train_files + module.val_files} == {"b.wav", latin1.name}
+    assert any("Preparing 2 files" in record.getMessage() for record in caplog.records)
+
+
+def test_a_long_list_of_left_out_files_says_where_the_rest_are_listed(tmp_path: Path, caplog, monkeypatch) -> None:
+    monkeypatch.setattr("wavenet.data.datamodule._LISTED", 2)
+    caplog.set_level(logging.WARNING, logger="wavenet.data")
+    root = tmp_path / "corpus"
+    for index in range(2):
+        write(root / f"long{index}.wav", chirp(0.5, RATE, seed=index), RATE)
+    for index in range(3):
+        (root / f"bad{index}.wav").write_bytes(b"not audio")
+        write(root / f"short{index}.wav", chirp(0.01, RATE, seed=index), RATE)
+    ready(root, val_fraction=0.5)
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    # The manifest lists those left out at preparation; the short ones depend on the window.
+    assert warning.splitlines()[-1].strip().startswith(
+        "... and 4 more (3 shorter than one window, 1 left out at preparation, listed under skipped in "
+    )
+
+
+def test_float_audio_far_outside_one_is_left_out_not_clipped(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="wavenet.data")
+    root = tmp_path / "corpus"
+    for index in range(2):
+        write(root / f"ok{index}.wav", chirp(0.5, RATE, seed=index), RATE, subtype="FLOAT")
+    write(root / "int16_as_float.wav", 20000 * chirp(0.5, RATE), RATE, subtype="FLOAT")
+    write(root / "hot_master.wav", 1.3 * chirp(0.5, RATE), RATE, subtype="FLOAT")  # a little over: kept
+    module = ready(root, val_fraction=0.3)
+    assert len(module.train_files + module.val_files) == 3
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert "int16_as_float.wav: samples reach 1" in warning and "far outside audio's [-1, 1]" in warning
+
+
+def test_rates_without_a_large_common_factor_resample_by_a_near_ratio(tmp_path: Path, caplog) -> None:
+    # 48,001 Hz to 16 kHz exactly would take a 3 GB filter: read as 48 kHz is, a ratio 0.002 % off.
+    samples = chirp(1.0, 48001, seed=1)
+    odd = write(tmp_path / "odd.wav", samples, 48001, subtype="FLOAT")
+    usual = write(tmp_path / "usual.wav", samples, 48000, subtype="FLOAT")  # the same samples, labelled 48 kHz
+    with caplog.at_level(logging.WARNING, logger="wavenet.data"):
+        audio = read_audio(odd, RATE)
+    assert "Resampling 48001 Hz to 16000 Hz as 3 to 1" in caplog.text
+    assert len(audio) == resampled_length(48001, 48001, RATE) == 16000
+    expected = read_audio(usual, RATE)  # 48,000 samples of it: one fewer source sample
+    assert (audio[:-1] - expected[: len(audio) - 1]).abs().max() < 1e-5
+    # A window still equals the same part of the whole file.
+    torch.testing.assert_close(read_audio(odd, RATE, start=5000, frames=300), audio[5000:5300])
+
+
 def test_write_wav_round_trips_at_16_bits_and_clips(tmp_path: Path) -> None:
     audio = torch.linspace(-1.5, 1.5, 1000)
     write_wav(tmp_path / "out.wav", audio, RATE)

@@ -7,10 +7,13 @@ recording block by block, and sample logging reads a few seconds of a file, with
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from stat import S_ISREG
 from typing import NamedTuple
@@ -22,6 +25,8 @@ from torch import Tensor
 from torchaudio.transforms import Resample
 
 from wavenet.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # torchaudio's defaults, passed explicitly because `_resample_margin` must agree with them.
 _LOWPASS_FILTER_WIDTH = 6
@@ -48,10 +53,25 @@ def audio_info(path: str | Path) -> tuple[int, int]:
         UnreadableAudioError: If the file cannot be opened as audio; the message names the file and why.
     """
     try:
-        info = sf.info(str(path))
+        with _sound_file(path) as file:
+            return file.frames, file.samplerate
     except (sf.SoundFileError, OSError) as error:
         raise UnreadableAudioError(path, _reason(path, error)) from error
-    return info.frames, info.samplerate
+
+
+@contextlib.contextmanager
+def _sound_file(path: str | Path) -> Iterator[sf.SoundFile]:
+    """The file opened for reading. libsndfile takes names as UTF-8: one that is not (a Latin-1 name from an
+    older corpus, which Python holds with surrogate escapes) is opened by Python and read through it."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with open(path, "rb") as raw, sf.SoundFile(raw) as file:
+            yield file
+        return
+    with sf.SoundFile(name) as file:
+        yield file
 
 
 def resampled_length(frames: int, file_rate: int, sample_rate: int) -> int:
@@ -86,7 +106,7 @@ def read_audio(
     if start < 0 or (frames is not None and frames < 0):
         raise ValueError(f"start ({start}) and frames ({frames}) must not be negative")
     try:
-        with sf.SoundFile(str(path)) as file:
+        with _sound_file(path) as file:
             file_rate = file.samplerate
             total = resampled_length(file.frames, file_rate, sample_rate)
             frames = max(total - start, 0) if frames is None else frames
@@ -115,8 +135,7 @@ def _read_source(file: sf.SoundFile, start: int, frames: int) -> np.ndarray:
 
 def _read_resampled(file: sf.SoundFile, sample_rate: int, start: int, frames: int) -> np.ndarray:
     """Samples [start, start + frames) at `sample_rate` of a file at another rate."""
-    gcd = math.gcd(sample_rate, file.samplerate)
-    target_step, source_step = sample_rate // gcd, file.samplerate // gcd
+    source_step, target_step = _steps(file.samplerate, sample_rate)
     # The resampler's output phase is set by where its input begins: beginning on a multiple of
     # `source_step` source samples (= `target_step` target samples) puts its outputs on the same grid as
     # whole-file resampling. The region read is widened down to that grid and cropped afterwards.
@@ -140,7 +159,33 @@ def _resampler(file_rate: int, sample_rate: int) -> Resample:
 
     Building the kernel costs three times as much as applying it to a window.
     """
-    return Resample(file_rate, sample_rate, lowpass_filter_width=_LOWPASS_FILTER_WIDTH, rolloff=_ROLLOFF)
+    source_step, target_step = _steps(file_rate, sample_rate)
+    return Resample(source_step, target_step, lowpass_filter_width=_LOWPASS_FILTER_WIDTH, rolloff=_ROLLOFF)
+
+
+# Most (source step x target step) of a resampling ratio: torchaudio's sinc kernel holds about that many floats
+# (48,001 Hz to 16 kHz, steps 48,001 and 16,000, would take 3 GB and more per call).
+_MAX_RATIO_TERMS = 1_000_000
+
+
+@functools.lru_cache(maxsize=64)
+def _steps(file_rate: int, sample_rate: int) -> tuple[int, int]:
+    """(source step, target step): `target step` output samples for every `source step` input ones; the rates'
+    ratio reduced, or, where its terms are too large, its nearest fraction of small enough terms (a rate pair
+    with no large common factor, as 48,001 Hz or 16,001 Hz has with the usual rates)."""
+    gcd = math.gcd(file_rate, sample_rate)
+    source_step, target_step = file_rate // gcd, sample_rate // gcd
+    if source_step * target_step <= _MAX_RATIO_TERMS:
+        return source_step, target_step
+    # A fraction n / d near sample_rate / file_rate has n * d ~ d ** 2 * sample_rate / file_rate.
+    ratio = Fraction(sample_rate, file_rate).limit_denominator(math.isqrt(_MAX_RATIO_TERMS * file_rate // sample_rate))
+    log.warning(
+        "Resampling %d Hz to %d Hz as %d to %d (a ratio off by %.2g %%): the exact ratio's terms would take too "
+        "large a filter",
+        file_rate, sample_rate, ratio.denominator, ratio.numerator,
+        abs(float(ratio) * file_rate / sample_rate - 1.0) * 100,
+    )  # fmt: skip
+    return ratio.denominator, ratio.numerator
 
 
 def _resample_margin(file_rate: int, sample_rate: int) -> int:
@@ -167,7 +212,8 @@ class AudioFiles(NamedTuple):
 def scan_audio_files(root: str | Path, extensions: Iterable[str]) -> AudioFiles:
     """The files under `root` whose extension is one of `extensions`, recursively, through folder links.
 
-    Extensions are matched case-insensitively, with or without their leading dot. A file reached by two
+    Extensions are matched case-insensitively, with or without their leading dot. Hidden files and folders
+    (names starting with a dot) under `root` are passed over. A file reached by two
     paths (a link to another file of the corpus) is listed once, under the first path in sorted order, as
     training on it twice would weigh it double, or score validation on training audio. A folder reached
     twice (a link to a parent) is walked once.
@@ -190,8 +236,13 @@ def scan_audio_files(root: str | Path, extensions: Iterable[str]) -> AudioFiles:
             folders.clear()
             continue
         visited.add((identity.st_dev, identity.st_ino))
-        folders.sort()
-        found += [Path(folder, name) for name in names if Path(name).suffix.lower().lstrip(".") in wanted]
+        # Hidden names are not the corpus: macOS's ._x.wav beside every copied file, .git, editors' backups.
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [
+            Path(folder, name)
+            for name in names
+            if not name.startswith(".") and Path(name).suffix.lower().lstrip(".") in wanted
+        ]
     if unreadable and unreadable[0][0] == root:
         raise UserError(f"cannot list data root {root}: {unreadable[0][1]}")
     paths, duplicates, first_path = [], [], {}

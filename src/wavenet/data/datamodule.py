@@ -59,7 +59,8 @@ def _collate(examples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 def _validation_score(relative_path: str) -> float:
     """A number in [0, 1) fixed by the path alone, so adding files never moves the others."""
-    return zlib.crc32(relative_path.encode("utf-8")) / 2**32
+    # A name that is not UTF-8 keeps its bytes (surrogate escapes): UTF-8 names hash as they always did.
+    return zlib.crc32(relative_path.encode("utf-8", "surrogateescape")) / 2**32
 
 
 def split_files(
@@ -343,9 +344,17 @@ class AudioFolderDataModule(ChunkDataModule):
             return
         lines = [f"{path}: {reason}" for path, reason in left_out[:_LISTED]]
         if len(left_out) > _LISTED:
-            lines.append(
-                f"... and {len(left_out) - _LISTED} more (all listed in {manifest.directory / MANIFEST})"
-            )
+            # The manifest lists what preparation left out; which files are too short depends on the window.
+            unlisted_skipped = max(len(manifest.skipped) - _LISTED, 0)
+            where = f"listed under skipped in {manifest.directory / MANIFEST}"
+            if unlisted_skipped == len(left_out) - _LISTED:
+                more = f"all {where}"
+            else:
+                unlisted_short = len(left_out) - _LISTED - unlisted_skipped
+                more = f"{unlisted_short} shorter than one window" + (
+                    f", {unlisted_skipped} left out at preparation, {where}" if unlisted_skipped else ""
+                )
+            lines.append(f"... and {len(left_out) - _LISTED} more ({more})")
         total = len(manifest.files) + len(manifest.skipped)
         _log(
             logging.WARNING,

@@ -265,6 +265,11 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# Largest magnitude taken as audio. Integer formats decode within [-1, 1]; a float file may overshoot a little
+# (clipped masters, resampling ringing) but not by this much.
+_MAX_PEAK = 2.0
+
+
 class _Encoded(NamedTuple):
     """What preparing one file gave: its classes, or why it was left out."""
 
@@ -299,6 +304,11 @@ def encode_file(path: str | Path, settings: PrepareSettings) -> _Encoded:
             return _Encoded(None, f"unreadable ({error.reason})", source_rate, (0, 0))
         if not np.isfinite(audio).all():
             return _Encoded(None, "contains NaN or infinite samples", source_rate, (0, 0))
+        peak = float(np.abs(audio).max(initial=0.0))
+        if peak > _MAX_PEAK:
+            # Float audio in integer units (int16 values saved as float): mu-law would clip it to a square wave.
+            problem = f"samples reach {peak:.6g}, far outside audio's [-1, 1] (float samples in integer units?)"
+            return _Encoded(None, problem, source_rate, (0, 0))
         padded = np.pad(audio, (0, -len(audio) % frame))
         energies.append(np.square(padded, dtype=np.float64).reshape(-1, frame).mean(axis=1))
         encoded = mu_law_encode(torch.from_numpy(audio), settings.quantization_channels)
@@ -422,8 +432,8 @@ def _prepare_into(
         workers = 1
     processes = min(workers, max(len(present), 1))
     log.info(
-        "Preparing %d files of %s (%s layout) at %d Hz in %s",
-        len(present), root, layout, settings.sample_rate, "1 process" if processes == 1 else f"{processes} processes",
+        "Preparing %d file%s of %s (%s layout) at %d Hz in %s",
+        len(present), "s" * (len(present) != 1), root, layout, settings.sample_rate, "1 process" if processes == 1 else f"{processes} processes",
     )  # fmt: skip
     skipped = [{"path": source.relative, "reason": source.problem} for source in sources if source.problem]
     files: list[dict[str, Any]] = []
