@@ -192,6 +192,16 @@ def test_a_long_list_of_left_out_files_says_where_the_rest_are_listed(tmp_path: 
     )
 
 
+def test_preparation_progress_is_a_line_a_minute_where_stderr_is_no_terminal(capsys) -> None:
+    from wavenet.data.prepare import file_progress
+
+    with file_progress(3, "Preparing") as progress:  # pytest's stderr is no terminal
+        assert progress.mininterval == 60.0
+        progress.fp.write("\rPreparing: 1/3")  # what tqdm writes to redraw its bar
+        progress.fp.write("\rPreparing: 2/3")
+    assert capsys.readouterr().err == "Preparing: 1/3\nPreparing: 2/3"
+
+
 def test_float_audio_far_outside_one_is_left_out_not_clipped(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="wavenet.data")
     root = tmp_path / "corpus"

@@ -176,6 +176,9 @@ def test_ctrl_c_saves_a_checkpoint_only_outside_ddp(tmp_path, world_size):
     )  # fmt: skip
     callback = InterruptCheckpoint(str(tmp_path))
     callback.on_exception(trainer, None, KeyboardInterrupt())
+    assert saved == [] and callback.stopped_by_ctrl_c  # before training started (preparing data): nothing to save
+    callback.on_train_start(trainer, None)
+    callback.on_exception(trainer, None, KeyboardInterrupt())
     # Under DDP a rank may have stopped inside an all-reduce the others left: saving waits for all of them.
     assert saved == [tmp_path / "interrupted.ckpt"] * (world_size == 1)
     assert callback.stopped_by_ctrl_c  # train.py then exits 130, not Lightning's 1

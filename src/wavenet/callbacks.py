@@ -221,9 +221,11 @@ class InterruptCheckpoint(L.Callback):
         self.path = Path(dirpath) / filename
         self.stopped_by_ctrl_c = False
         self._ctrl_c_handler: Any = None  # SIGINT's handler before training started, while ours is installed
+        self._training = False  # whether training has started: before, there is nothing to save
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stopped_by_ctrl_c = False
+        self._training = True
         lightning_sigterm = signal.getsignal(signal.SIGTERM)  # SIG_DFL, not callable, where Lightning set none
         if trainer.world_size > 1 or not callable(lightning_sigterm):
             return
@@ -260,6 +262,11 @@ class InterruptCheckpoint(L.Callback):
             return
         if isinstance(exception, KeyboardInterrupt):
             self.stopped_by_ctrl_c = True  # Lightning then exits with status 1, which train.py makes 130
+        if not self._training:
+            # Stopped while the data was prepared or the sanity check ran: no optimiser yet, so a checkpoint could
+            # not resume (and the preparation starts over anyway).
+            rank_zero_info("Stopped before training started: nothing to save; run the same command again")
+            return
         launcher = trainer.strategy.launcher
         spawner = isinstance(launcher, _MultiProcessingLauncher) and not multiprocessing.parent_process()
         if isinstance(exception, KeyboardInterrupt) and (trainer.world_size > 1 or spawner):
@@ -273,6 +280,7 @@ class InterruptCheckpoint(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_ctrl_c()
+        self._training = False
 
 
 class TrainingMonitor(L.Callback):

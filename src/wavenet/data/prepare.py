@@ -29,6 +29,7 @@ import secrets
 import select
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, TextIO
 
 import numpy as np
 import torch
@@ -270,6 +271,33 @@ def available_cpus() -> int:
 _MAX_PEAK = 2.0
 
 
+class _Lines:
+    """A stream for tqdm that starts each redraw on a line of its own: a log file shows a list of progress
+    lines, not one line of bars joined by carriage returns."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.started = False
+
+    def write(self, text: str) -> None:
+        lines = text.replace("\r", "\n")
+        if not self.started:  # no empty line before the first
+            lines = lines.lstrip("\n")
+            self.started = bool(lines)
+        self.stream.write(lines)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def file_progress(total: int, description: str) -> tqdm:
+    """A progress bar over `total` files on stderr; where that is no terminal (a batch job's log), a line a
+    minute instead of a bar redrawn ten times a second."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=description, unit="file", delay=1.0)
+    return tqdm(total=total, desc=description, unit="file", delay=1.0, mininterval=60.0, file=_Lines(sys.stderr))
+
+
 class _Encoded(NamedTuple):
     """What preparing one file gave: its classes, or why it was left out."""
 
@@ -433,13 +461,14 @@ def _prepare_into(
     processes = min(workers, max(len(present), 1))
     log.info(
         "Preparing %d file%s of %s (%s layout) at %d Hz in %s",
-        len(present), "s" * (len(present) != 1), root, layout, settings.sample_rate, "1 process" if processes == 1 else f"{processes} processes",
+        len(present), "s" * (len(present) != 1), root, layout, settings.sample_rate,
+        "1 process" if processes == 1 else f"{processes} processes",
     )  # fmt: skip
     skipped = [{"path": source.relative, "reason": source.problem} for source in sources if source.problem]
     files: list[dict[str, Any]] = []
     writer = _ShardWriter(partial)
     total = 0
-    progress = tqdm(total=len(present), desc="Preparing", unit="file", delay=1.0)
+    progress = file_progress(len(present), "Preparing")
     # `closing`: an error here stops the worker pool now, not whenever the generator is collected.
     results = contextlib.closing(
         _encode_all([root / source.relative for source, _ in present], settings, workers)
