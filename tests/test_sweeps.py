@@ -97,6 +97,8 @@ def test_optuna_search_of_three_trials_reports_the_best(tmp_path, data_dir):
     values = [trial["value"] for trial in summary["trials"]]
     assert [trial["job"] for trial in summary["trials"]] == [0, 1, 2] and all(map(math.isfinite, values))
     assert optuna["best_value"] == summary["best"]["value"] == min(values)
+    for trial in summary["trials"]:  # numbers, as drawn, not their text
+        assert isinstance(trial["params"]["model.lr"], float) and isinstance(trial["params"]["model.layers"], int)
     assert "Best: job" in result.stdout + result.stderr
     assert "\x1b[" not in result.stderr  # Optuna colours its lines, also into a file
     for job in ("0", "1", "2"):  # each trial logged on its own
@@ -114,7 +116,7 @@ def test_optuna_search_goes_on_past_a_refused_trial(tmp_path, data_dir):
     )  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
-    refused = [trial["job"] for trial in summary["trials"] if trial["params"]["model.layers"] == "7"]
+    refused = [trial["job"] for trial in summary["trials"] if trial["params"]["model.layers"] == 7]
     assert [trial["job"] for trial in summary["trials"] if trial["failed"]] == refused
     assert 0 < len(refused) < 3, refused
     optuna = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())

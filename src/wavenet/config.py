@@ -200,8 +200,8 @@ class SweepSummary(Callback):
                 "failed": reason is not None,
                 "reason": reason,
                 "value": None if reason is not None or value is None else float(value),
-                "params": {
-                    override.key_or_group: override.get_value_element_as_str()
+                "params": {  # as typed on the command line: numbers stay numbers in the summary's YAML
+                    override.key_or_group: override.value()
                     for override in overrides
                     if self.command_line.get(override.key_or_group, _NOT_SET) != override.value()
                 },
@@ -234,7 +234,7 @@ class SweepSummary(Callback):
         lines = [f"Multirun summary ({self.metric}, {self.direction}), saved to {path}:"]
         for trial in trials:
             value = "failed" if trial["failed"] else "-" if trial["value"] is None else f"{trial['value']:.4f}"
-            params = " ".join(f"{key}={setting}" for key, setting in trial["params"].items())
+            params = " ".join(f"{key}={_override_text(setting)}" for key, setting in trial["params"].items())
             reason = f"  ({trial['reason']})" if trial["failed"] else ""
             lines.append(f"  job {trial['job']:>3}  {value:>9}  {params}{reason}".rstrip())
         if best is not None:
@@ -263,3 +263,14 @@ def check_added_keys(cfg: DictConfig, script: str) -> None:
         close = difflib.get_close_matches(key, [name for name in cfg if name != key], n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise UserError(f"{key} is not a setting of {script} (added with {override.split('=', 1)[0]}){hint}")
+
+
+def _override_text(value: Any) -> str:
+    """`value` as a command-line override would give it (`null`, `true`, `[1, 2]`), for the summary's table."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, list):
+        return f"[{', '.join(map(_override_text, value))}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_override_text(item)}" for key, item in value.items()) + "}"
+    return str(value)
