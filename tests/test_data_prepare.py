@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,8 +21,15 @@ import pytest
 import torch
 
 import wavenet.data.prepare as prepare_module
-from tests.test_data import RATE, chirp, write
-from wavenet.data import AudioFolderDataModule, Manifest, PrepareSettings, list_sources, prepare_corpus
+from tests.test_data import RATE, RECEPTIVE_FIELD, chirp, write
+from wavenet.data import (
+    AudioFolderDataModule,
+    Manifest,
+    PrepareSettings,
+    SyntheticMusicDataModule,
+    list_sources,
+    prepare_corpus,
+)
 from wavenet.data.audio import read_audio, resampled_length
 from wavenet.data.mulaw import mu_law_encode
 from wavenet.data.prepare import MANIFEST, prepared_folder
@@ -406,3 +415,73 @@ def test_a_damaged_prepared_folder_is_one_error_naming_it(tmp_path: Path) -> Non
     (manifest.directory / MANIFEST).write_text('{"files": [')
     with pytest.raises(UserError, match=f"prepared folder {manifest.directory} is damaged .*manifest.json"):
         Manifest.load(manifest.directory)
+
+
+def test_an_unreadable_ljspeech_metadata_is_one_error_naming_it(tmp_path: Path) -> None:
+    root = ljspeech(tmp_path / "LJSpeech-1.1")
+
+    def refused(self: Path, *args, **kwargs) -> str:  # chmod 000 does not stop root: the refusal is simulated
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(UserError) as error:
+        patch.setattr(Path, "read_text", refused)
+        list_sources(root, "ljspeech", ["wav"])
+    assert str(error.value) == f"cannot read {root / 'metadata.csv'}: Permission denied"
+
+
+def test_a_clip_listed_twice_in_ljspeech_metadata_is_prepared_once_and_named(tmp_path: Path) -> None:
+    root = ljspeech(tmp_path / "LJSpeech-1.1")
+    with (root / "metadata.csv").open("ab") as metadata:
+        metadata.write(b"LJ001-0002|Printing again|Printing again\n")
+    manifest = prepare(root, "ljspeech")
+    assert [f.relative for f in manifest.files] == [f"wavs/LJ001-{n:04d}.wav" for n in (1, 2, 3)]
+    assert manifest.skipped == [
+        ("wavs/LJ001-0002.wav", "listed again on line 5 of metadata.csv (taken once, from line 2)"),
+        ("wavs/LJ001-0004.wav", "listed by the corpus but missing"),
+    ]
+
+
+def test_vctk_names_speaker_folders_that_cannot_be_listed_and_second_paths_as_the_folder_layout_does(
+    tmp_path: Path, monkeypatch
+) -> None:
+    root = vctk_092(tmp_path / "VCTK-Corpus-0.92")
+    recordings = root / "wav48_silence_trimmed"
+    locked = recordings / "p226"
+    (recordings / "p227" / "p227_003_mic1.flac").symlink_to(recordings / "p225" / "p225_001_mic1.flac")
+    scandir = os.scandir
+
+    def refusing_scandir(path: str | os.PathLike[str] = ".") -> object:  # chmod 000 does not stop root
+        if Path(path) == locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    manifest = prepare(root, "vctk")
+    assert [f.relative for f in manifest.files] == [
+        f"wav48_silence_trimmed/{speaker}/{speaker}_{n:03d}_mic1.flac" for speaker in ("p225", "p227") for n in (1, 2)
+    ]
+    assert manifest.skipped == [
+        ("wav48_silence_trimmed/p226/", "folder cannot be listed (Permission denied)"),
+        ("wav48_silence_trimmed/p227/p227_003_mic1.flac", "same file as wav48_silence_trimmed/p225/p225_001_mic1.flac"),
+    ]
+
+
+def test_bad_settings_of_the_built_in_dataset_are_user_errors_naming_them(tmp_path: Path) -> None:
+    for setting, value in [
+        ("num_files", 2.5),
+        ("num_files", "abc"),
+        ("synthesis_seed", -1),
+        ("synthesis_seed", "abc"),
+        ("seconds_per_file", math.nan),
+        ("seconds_per_file", "abc"),
+        ("seconds_per_file", 1e-6),  # no sample at all
+    ]:
+        with pytest.raises(UserError, match=rf"^data\.{setting} must be .*, got {re.escape(repr(value))}$"):
+            SyntheticMusicDataModule(
+                tmp_path / "synthetic",
+                receptive_field=RECEPTIVE_FIELD,
+                cache_dir=tmp_path / "prepared",
+                prepare_workers=1,
+                **{setting: value},
+            )
+    assert not (tmp_path / "synthetic").exists()  # refused when the config is built, before anything is made

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from tests.conftest import REPO, TINY, compose_config
 from tests.test_data import CHUNK, RATE, RECEPTIVE_FIELD, WINDOW, chirp, ready, write
 from wavenet.data import StreamingDataModule, publish
+from wavenet.data.datamodule import split_files
+from wavenet.data.prepare import PreparedFile
 from wavenet.data.streaming import SEGMENT_OVERLAP, StreamedChunks, segments
 from wavenet.data.streaming import main as streaming_main
 from wavenet.errors import UserError
@@ -410,3 +412,55 @@ def test_a_truncated_chunk_is_a_user_error_naming_it(
         else:
             assert module.val_set is not None
             module.val_set[0]
+
+
+@pytest.mark.parametrize("damage", ["a truncated shard", "a broken manifest"])
+def test_a_damaged_prepared_folder_is_refused_before_anything_is_published(
+    prepared: Path, tmp_path: Path, damage: str
+) -> None:
+    if damage == "a truncated shard":
+        shard = prepared / "shard-00000.bin"
+        os.truncate(shard, shard.stat().st_size // 2)
+    else:
+        (prepared / "manifest.json").write_text('{"files": [')
+    remote = tmp_path / "bucket" / "corpus"
+    with pytest.raises(UserError, match=f"^the prepared folder {re.escape(str(prepared))} is damaged"):
+        publish(prepared, str(remote), VAL_FRACTION, SEGMENT_SECONDS, workers=1, cache_dir=tmp_path / "lc")
+    assert not (tmp_path / "bucket").exists()
+
+
+def test_training_files_shorter_than_one_window_are_named_with_the_fix(tmp_path: Path) -> None:
+    names = [f"clip{index}.wav" for index in range(4)]
+    _, val = split_files([PreparedFile(Path(name), name, None, 0, 0, 0) for name in names], VAL_FRACTION)
+    for index, name in enumerate(names):  # training files of 2 s, validation files of 3 s
+        seconds = 3.0 if name in {file.relative for file in val} else 2.0
+        write(tmp_path / "corpus" / name, chirp(seconds, RATE, seed=index), RATE)
+    module = ready(tmp_path / "corpus", val_fraction=VAL_FRACTION)
+    assert module.manifest is not None
+    remote = tmp_path / "bucket"
+    publish(module.manifest.directory, str(remote), VAL_FRACTION, workers=1, cache_dir=tmp_path / "lc")
+    short = f"no training file .* as long as one window \\({RECEPTIVE_FIELD + 32000} samples.*lower data.chunk_length$"
+    with pytest.raises(UserError, match=short):
+        streaming(str(remote), tmp_path, chunk_length=32000)
+
+
+class _Records(list):
+    """Segment items as litdata hands them to one worker, without litdata."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def test_a_worker_draws_on_past_epochs_that_miss_its_few_window_starts() -> None:
+    # One window start: each epoch draws it with probability 1 / chunk_length, most epochs draw nothing.
+    audio = (np.arange(WINDOW) % 256).astype(np.uint8)
+    record = {"file": 0, "start": 0, "owned": 1, "audio": audio}
+    chunks = StreamedChunks(_Records([record]), RECEPTIVE_FIELD, CHUNK, shuffle_buffer=1, seed=0, epoch_windows=1)
+    inputs, targets = next(iter(chunks))
+    assert np.array_equal(inputs.numpy(), audio[:-1]) and np.array_equal(targets.numpy(), audio[1:])
+    # Segments too short for any window: the worker has too small a share of the corpus.
+    short = _Records([{**record, "audio": audio[:-1]}])
+    chunks = StreamedChunks(short, RECEPTIVE_FIELD, CHUNK, shuffle_buffer=1, seed=0, epoch_windows=1)
+    too_few = rf"no training segment as long as one window \({WINDOW} samples\).*lower data.num_workers$"
+    with pytest.raises(UserError, match=too_few):
+        next(iter(chunks))

@@ -36,7 +36,7 @@ from wavenet.data.prepare import (
     prepare_corpus,
     prepared_folder,
 )
-from wavenet.data.synthetic import SYNTHESIS_VERSION, synthesize_dataset
+from wavenet.data.synthetic import SYNTHESIS_VERSION, check_settings, synthesize_dataset
 from wavenet.errors import UserError, is_integer, is_number
 
 log = logging.getLogger(__name__)
@@ -401,10 +401,9 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
                 f"the built-in dataset makes its own audio and takes no data.root (got {root}); "
                 "to train on your files use data=folder data.root=..."
             )
+        check_settings(num_files, seconds_per_file, sample_rate, synthesis_seed)
         if num_files < 2:
             raise UserError(f"data.num_files must be at least 2 (one for validation), got {num_files}")
-        if seconds_per_file <= 0:
-            raise UserError(f"data.seconds_per_file must be positive, got {seconds_per_file}")
         self.synthesis_dir = Path(synthesis_dir).expanduser()
         self.num_files = num_files
         self.seconds_per_file = float(seconds_per_file)

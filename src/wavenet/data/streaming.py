@@ -295,8 +295,9 @@ def publish(
     prepared = Path(prepared)
     if not (prepared / MANIFEST).is_file():
         raise UserError(f"{prepared} is not a prepared corpus (it has no {MANIFEST})")
+    # Checked as training checks it, so a damaged folder is refused before anything is written to the remote.
+    manifest = Manifest.load(prepared)
     data = json.loads((prepared / MANIFEST).read_text(encoding="utf-8"))
-    manifest = Manifest.from_dict(data, prepared)
     segment = round(segment_seconds * manifest.sample_rate)
     if segment < 1 or not 0.0 < val_fraction < 1.0 or len(manifest.files) < 2:
         raise UserError(
@@ -393,11 +394,11 @@ class StreamedChunks(IterableDataset[tuple[Tensor, Tensor]]):
         buffer: list[np.ndarray] = []
         for epoch in itertools.count(self.first_epoch):
             self.records.set_epoch(epoch)
-            drawn = 0
+            fits = False
             try:
                 for record in self.records:
+                    fits = fits or len(record["audio"]) >= self.window
                     for window in self._windows(record, epoch):
-                        drawn += 1
                         if len(buffer) < self.shuffle_buffer:
                             buffer.append(window)
                             continue
@@ -406,10 +407,13 @@ class StreamedChunks(IterableDataset[tuple[Tensor, Tensor]]):
                         yield self._example(window)
             except ChunkWaitTimeoutError as error:
                 raise _stalled(self.records, error) from error
-            if not drawn:
+            # A worker whose segments hold a window but drew none this epoch (short files and a large
+            # data.chunk_length leave few starts, and each is drawn with probability 1 / chunk_length) goes on.
+            if not fits:
                 raise UserError(
-                    f"a data loader worker got no training window in epoch {epoch}: the published corpus has "
-                    "too few training segments for every rank and worker; lower data.num_workers"
+                    f"a data loader worker got no training segment as long as one window ({self.window} samples) "
+                    f"in epoch {epoch}: the published corpus has too few for every rank and worker; lower "
+                    "data.num_workers"
                 )
 
     def starts(self, record: dict[str, Any], epoch: int) -> range:
@@ -563,8 +567,14 @@ class StreamingDataModule(ChunkDataModule):
         self.manifest = manifest = Manifest.from_dict(data, Path(self.remote))
         # Four chunks ahead: litdata raises it to four for its concurrent downloads, saying so every epoch.
         records = dict(cache_dir=str(self.cache_dir), max_cache_size=self.max_cache_size, max_pre_download=4)
-        train_records = self._records("train", shuffle=True, seed=self.seed % 2**31, **records)
         train_starts = sum(max(manifest.files[i].frames - self.window + 1, 0) for i in published["train_files"])
+        if not train_starts:
+            raise UserError(
+                f"no training file of the corpus at data.remote={self.remote} is as long as one window "
+                f"({self.window} samples: the receptive field, {self.receptive_field}, plus data.chunk_length, "
+                f"{self.chunk_length}): lower data.chunk_length"
+            )
+        train_records = self._records("train", shuffle=True, seed=self.seed % 2**31, **records)
         self.train_set = StreamedChunks(
             train_records,
             self.receptive_field,

@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from wavenet.data.audio import write_wav
+from wavenet.data.prepare import file_progress
+from wavenet.errors import UserError, is_integer, is_number
 
 # Part of the cache key of the built-in dataset: bump it whenever the audio generated here changes.
 SYNTHESIS_VERSION = 1
@@ -67,17 +68,43 @@ def synthesize_dataset(
 
     Returns:
         The paths written, in order.
+
+    Raises:
+        UserError: If a setting is not one the pieces can be made from (see `check_settings`).
     """
+    check_settings(num_files, seconds_per_file, sample_rate, seed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     # `delay`: no bar at all when synthesis is quick, as it is for the tests' small sets.
-    for index in tqdm(range(num_files), desc="Synthesising", unit="file", delay=1.0):
-        piece = synthesize_piece(seconds_per_file, sample_rate, np.random.default_rng([seed, index]))
-        path = directory / f"{index:04d}.wav"
-        write_wav(path, torch.from_numpy(piece), sample_rate)
-        paths.append(path)
+    with file_progress(num_files, "Synthesising") as progress:
+        for index in range(num_files):
+            piece = synthesize_piece(seconds_per_file, sample_rate, np.random.default_rng([seed, index]))
+            path = directory / f"{index:04d}.wav"
+            write_wav(path, torch.from_numpy(piece), sample_rate)
+            paths.append(path)
+            progress.update()
     return paths
+
+
+def check_settings(num_files: object, seconds_per_file: object, sample_rate: object, seed: object) -> None:
+    """Raises a UserError naming the setting (`data.num_files`, ...) unless the dataset can be made from these.
+
+    Values arrive as typed on the command line (`data.num_files=2.5`, `data.synthesis_seed=abc`): a wrong one
+    is named here rather than met as a traceback from numpy.
+    """
+    if not is_integer(num_files) or num_files < 1:
+        raise UserError(f"data.num_files must be a positive integer, got {num_files!r}")
+    if not is_integer(sample_rate) or sample_rate < 1:
+        raise UserError(f"data.sample_rate must be a positive integer, got {sample_rate!r}")
+    # A piece has round(seconds * rate) samples; one of none has no peak to normalise.
+    if not is_number(seconds_per_file) or not math.isfinite(seconds_per_file) or seconds_per_file * sample_rate <= 0.5:
+        raise UserError(
+            f"data.seconds_per_file must be a number of seconds, at least one sample at {sample_rate} Hz, "
+            f"got {seconds_per_file!r}"
+        )
+    if not is_integer(seed) or seed < 0:
+        raise UserError(f"data.synthesis_seed must be an integer of 0 or more, got {seed!r}")
 
 
 def synthesize_piece(seconds: float, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
