@@ -368,6 +368,12 @@ def _exit_with(pid: int) -> None:
     A pool worker waits for jobs forever, and the forkserver it was forked from waits for its workers: if the
     preparing process is killed (the OOM killer, kill -9), nothing else would end them and their memory.
     """
+    wait_for_exit(pid)
+    os._exit(1)
+
+
+def wait_for_exit(pid: int) -> None:
+    """Returns once process `pid` has ended."""
     try:
         process = os.pidfd_open(pid)  # Linux: readable when the process ends, and immune to pid reuse
     except (AttributeError, OSError):
@@ -375,7 +381,6 @@ def _exit_with(pid: int) -> None:
             time.sleep(1.0)
     else:
         select.select([process], [], [])
-    os._exit(1)
 
 
 def _encode_all(paths: list[Path], settings: PrepareSettings, workers: int) -> Iterator[_Encoded]:

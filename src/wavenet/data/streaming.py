@@ -35,6 +35,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wavenet.data.datamodule import ChunkDataModule, split_files
 from wavenet.data.datasets import FixedChunks
-from wavenet.data.prepare import MANIFEST, Manifest, PreparedFile, available_cpus, default_data_dir
+from wavenet.data.prepare import MANIFEST, Manifest, PreparedFile, available_cpus, default_data_dir, wait_for_exit
 from wavenet.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,9 @@ def _optimize_alone(
 ) -> None:
     """`_optimize`'s child: sends None once litdata.optimize is done, or what stopped it."""
     os.setpgid(0, 0)
+    # Its own group is out of reach of a kill of the parent's (kill -9 -<group>): without this, killing the
+    # command would leave litdata writing on, unwatched.
+    threading.Thread(target=_end_group_with, args=(os.getppid(),), name="end-with-parent", daemon=True).start()
     os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(scratch / "chunks")
     os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(scratch / "data")
     # Drops a Ctrl-C that came while this process was still in the parent's group (it was blocked).
@@ -194,6 +198,12 @@ def _optimize_alone(
         result.send((isinstance(error, OSError), traceback.format_exc()))
     else:
         result.send(None)
+
+
+def _end_group_with(pid: int) -> None:
+    """Kills this process's group (litdata's writers with it) once process `pid` has ended."""
+    wait_for_exit(pid)
+    os.killpg(0, signal.SIGKILL)
 
 
 def _kill_group(child: BaseProcess) -> None:
