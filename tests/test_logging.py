@@ -21,14 +21,20 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import AUDIO, IMAGES, EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from wandb.proto import wandb_internal_pb2
 
 from tests.conftest import BUILTIN_SMALL, TINY, compose_config, run_script
 from tests.test_module import TINY as TINY_MODULE
 from tests.test_module import fit, sine_batch
 from wavenet import WaveNetModule
-from wavenet.callbacks import ModelSummaryWithoutFlops, StepProgressBar, TrainingMonitor, _contiguous
+from wavenet.callbacks import (
+    LearningRateMonitor,
+    ModelSummaryWithoutFlops,
+    StepProgressBar,
+    TrainingMonitor,
+    _contiguous,
+)
 from wavenet.config import instantiate_checked, instantiate_group
 from wavenet.errors import UserError
 from wavenet.tasks.train import resolve_auto_settings, run, wandb_offline
@@ -250,6 +256,22 @@ def test_grad_norm_is_taken_on_logged_steps_only_with_the_same_values(tmp_path, 
     assert len(taken) == 2 and len(every_step.norms) == 7
     for step, norm in logged.items():
         assert norm == pytest.approx(every_step.norms[step], rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches", "ignore:You defined a `validation_step`")
+def test_learning_rates_are_logged_once_per_step_under_gradient_accumulation(tmp_path):
+    module = WaveNetModule(**TINY_MODULE)
+    batch = sine_batch(module.receptive_field)
+    loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]) // 4)  # 2 steps of 2 batches an epoch
+    trainer = L.Trainer(
+        accelerator="cpu", logger=CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, max_steps=4,
+        accumulate_grad_batches=2, log_every_n_steps=1, callbacks=[LearningRateMonitor(logging_interval="step")],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    with (tmp_path / "metrics.csv").open() as file:
+        steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("lr-AdamW/decayed")]
+    assert steps == [0, 1, 2, 3]  # Lightning's monitor logged each twice
 
 
 class SlowFirstBatch(L.Callback):

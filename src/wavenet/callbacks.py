@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor as LightningLearningRateMonitor
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
@@ -281,6 +282,22 @@ class InterruptCheckpoint(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_ctrl_c()
         self._training = False
+
+
+class LearningRateMonitor(LightningLearningRateMonitor):
+    """Lightning's, logging each optimiser step's learning rates once: with `accumulate_grad_batches` it logged
+    them at every batch of the step, the same rows again at the same step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._logged_step: int | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs them at
+        if step == self._logged_step:
+            return
+        self._logged_step = step
+        super().on_train_batch_start(trainer, *args, **kwargs)
 
 
 class TrainingMonitor(L.Callback):
