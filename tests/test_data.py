@@ -202,17 +202,19 @@ def test_preparation_progress_is_a_line_a_minute_where_stderr_is_no_terminal(cap
     assert capsys.readouterr().err == "Preparing: 1/3\nPreparing: 2/3"
 
 
-def test_float_audio_far_outside_one_is_left_out_not_clipped(tmp_path: Path, caplog) -> None:
+def test_float_audio_far_outside_one_and_constant_audio_are_left_out(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="wavenet.data")
     root = tmp_path / "corpus"
     for index in range(2):
         write(root / f"ok{index}.wav", chirp(0.5, RATE, seed=index), RATE, subtype="FLOAT")
     write(root / "int16_as_float.wav", 20000 * chirp(0.5, RATE), RATE, subtype="FLOAT")
     write(root / "hot_master.wav", 1.3 * chirp(0.5, RATE), RATE, subtype="FLOAT")  # a little over: kept
+    write(root / "dc.wav", np.full((RATE, 1), 0.3, np.float32), RATE)  # one mu-law class throughout
     module = ready(root, val_fraction=0.3)
     assert len(module.train_files + module.val_files) == 3
     (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert "int16_as_float.wav: samples reach 1" in warning and "far outside audio's [-1, 1]" in warning
+    assert "dc.wav: constant (every sample is 0.3)" in warning
 
 
 def test_rates_without_a_large_common_factor_resample_by_a_near_ratio(tmp_path: Path, caplog) -> None:
@@ -316,13 +318,12 @@ def test_dataset_lengths_count_starts_and_validation_tiles(folder: Path) -> None
 
 
 def level_corpus(root: Path, seconds: list[float]) -> Path:
-    """Files that each hold one constant level, so a window tells which file it came from."""
+    """Files that each hold one level, so a window tells which file it came from by its first sample; the last
+    sample, which starts no window, is 0 (a file of one value throughout is left out as constant)."""
     for index, length in enumerate(seconds):
-        write(
-            root / f"level{index}.wav",
-            np.full((round(length * RATE), 1), 0.1 * (index + 1), np.float32),
-            RATE,
-        )
+        audio = np.full((round(length * RATE), 1), 0.1 * (index + 1), np.float32)
+        audio[-1] = 0.0
+        write(root / f"level{index}.wav", audio, RATE)
     return root
 
 

@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import secrets
@@ -325,6 +326,7 @@ def encode_file(path: str | Path, settings: PrepareSettings) -> _Encoded:
     frame = max(1, round(rate * _TRIM_FRAME_SECONDS))
     block = frame * round(_BLOCK_SECONDS / _TRIM_FRAME_SECONDS)  # whole frames, so blocks split no frame
     classes, energies = [], []
+    low, high = math.inf, -math.inf
     for start in range(0, total, block):
         try:
             audio = read_audio(path, rate, start, min(block, total - start)).numpy()
@@ -337,6 +339,7 @@ def encode_file(path: str | Path, settings: PrepareSettings) -> _Encoded:
             # Float audio in integer units (int16 values saved as float): mu-law would clip it to a square wave.
             problem = f"samples reach {peak:.6g}, far outside audio's [-1, 1] (float samples in integer units?)"
             return _Encoded(None, problem, source_rate, (0, 0))
+        low, high = min(low, float(audio.min(initial=math.inf))), max(high, float(audio.max(initial=-math.inf)))
         padded = np.pad(audio, (0, -len(audio) % frame))
         energies.append(np.square(padded, dtype=np.float64).reshape(-1, frame).mean(axis=1))
         encoded = mu_law_encode(torch.from_numpy(audio), settings.quantization_channels)
@@ -344,6 +347,8 @@ def encode_file(path: str | Path, settings: PrepareSettings) -> _Encoded:
     energy = np.concatenate(energies)
     if not energy.max() > 0.0:
         return _Encoded(None, "silent (every sample is zero)", source_rate, (0, 0))
+    if low == high:  # a DC offset and nothing else: one mu-law class throughout
+        return _Encoded(None, f"constant (every sample is {low:.4g})", source_rate, (0, 0))
     samples = np.concatenate(classes)
     begin, end = 0, total
     if settings.trim_db is not None:
