@@ -15,11 +15,14 @@ from wavenet.errors import FailedJob, UserError, first_line, report_config_error
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | FailedJob | None:
     # Imported here so `--help` and `--cfg job` answer without loading torch.
-    from wavenet.tasks.train import run
+    from wavenet.tasks.train_settings import check_settings
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     job = f"job {HydraConfig.get().job.num}: " if multirun else ""
     try:
+        check_settings(cfg)  # before torch and Lightning load: a mistake is answered in a second
+        from wavenet.tasks.train import run
+
         return run(cfg)
     except UserError as error:
         print(f"error: {job}{error}", file=sys.stderr)

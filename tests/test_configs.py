@@ -1,5 +1,7 @@
 """Every option of every config group composes, and the parts it names can be built."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,20 @@ def test_a_removed_setting_or_a_broken_interpolation_is_one_line(tmp_path, monke
 def test_trainer_settings_the_readme_names_take_no_plus(tmp_path):
     cfg = compose_config("train", ["trainer=ddp", "trainer.num_nodes=4", "trainer.accumulate_grad_batches=2"], tmp_path)
     assert (cfg.trainer.num_nodes, cfg.trainer.accumulate_grad_batches) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("modules", "absent"),
+    [
+        # Hydra loads the callbacks' module at every start, and train.py checks its settings before anything else.
+        (["wavenet.config", "wavenet.tasks.train_settings", "hydra_plugins.wavenet_sweeper"], "torch"),
+        # generate.py: importing Lightning (with torchmetrics, torchvision, scipy) took longer than generating.
+        (["wavenet.tasks.generate"], "lightning"),
+    ],
+)
+def test_what_runs_before_training_or_generating_leaves_the_slow_imports_out(modules, absent):
+    loaded = f"sorted(name for name in sys.modules if name.split('.')[0] == {absent!r})"
+    code = f"import sys; import {', '.join(modules)}; print({loaded})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", f"{absent} imported: {result.stdout[:300]}"

@@ -68,7 +68,7 @@ def test_bad_input_is_one_line_naming_it_before_the_checkpoint_is_read(tmp_path,
     def read_checkpoint(*args: object, **kwargs: object) -> None:
         raise AssertionError("the checkpoint was read before the input was checked")
 
-    monkeypatch.setattr("wavenet.module.read_checkpoint", read_checkpoint)
+    monkeypatch.setattr("wavenet.checkpoint.read_checkpoint", read_checkpoint)
     overrides, message = refused_before_loading(tmp_path)[case]
     cfg = compose_config("generate", [f"ckpt_path={checkpoint}", "device=cpu", *overrides], tmp_path / "run")
     with pytest.raises(UserError) as error:
@@ -87,7 +87,7 @@ def test_an_output_folder_that_cannot_take_the_files_is_refused_before_the_check
     def read_checkpoint(*args: object, **kwargs: object) -> None:
         raise AssertionError("the checkpoint was read before the output folder was checked")
 
-    monkeypatch.setattr("wavenet.module.read_checkpoint", read_checkpoint)
+    monkeypatch.setattr("wavenet.checkpoint.read_checkpoint", read_checkpoint)
     overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=300000", "batch_size=2"]
     cfg = compose_config("generate", overrides, tmp_path / "run")
     (tmp_path / "notes.txt").write_text("a file, not a folder")

@@ -380,6 +380,7 @@ def test_generate_task_uses_the_ema_weights_when_the_checkpoint_has_them(tmp_pat
 
 
 def test_load_for_generation_takes_the_ema_weights_as_asked(tmp_path, checkpoint):
+    from wavenet.checkpoint import load_wavenet
     from wavenet.ema import EMA_STATE_KEY
     from wavenet.errors import UserError
 
@@ -397,10 +398,15 @@ def test_load_for_generation_takes_the_ema_weights_as_asked(tmp_path, checkpoint
         loaded = WaveNetModule.load_for_generation(path, use_ema=use_ema)
         assert not loaded.training
         torch.testing.assert_close(loaded.state_dict(), expected, rtol=0, atol=0)
+        network, hparams = load_wavenet(path, use_ema=use_ema)  # generate.py's, without Lightning
+        assert not network.training and hparams == saved["hyper_parameters"]
+        torch.testing.assert_close(network.state_dict(), loaded.model.state_dict(), rtol=0, atol=0)
     with pytest.raises(UserError, match=f"use_ema=true but checkpoint {checkpoint} has no EMA weights"):
         WaveNetModule.load_for_generation(checkpoint, use_ema=True)
     with pytest.raises(ValueError, match="use_ema must be 'auto', True or False, got 1"):
         WaveNetModule.load_for_generation(checkpoint, use_ema=1)
+    with pytest.raises(UserError, match=f"use_ema=true but checkpoint {checkpoint} has no EMA weights"):
+        load_wavenet(checkpoint, use_ema=True)
 
 
 def test_generate_task_names_the_method_that_cannot_run_here(tmp_path, checkpoint):

@@ -1,4 +1,8 @@
-"""Helpers for the Hydra entry points: checking, printing and instantiating composed configs; sweep summaries."""
+"""Helpers for the Hydra entry points: checking, printing and instantiating composed configs; sweep summaries.
+
+Hydra loads this module at every start, for its callbacks: Lightning is imported only where it is used, so that
+a setting refused before training costs no Lightning import (seconds, with torchmetrics and what it loads).
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,6 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
@@ -50,9 +52,13 @@ def check_required(cfg: DictConfig, keys: Iterable[str] = ()) -> None:
         raise UserError(f"missing required value(s): {keys} (set them on the command line, e.g. {missing[0]}=...)")
 
 
-@rank_zero_only
 def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
-    """Prints the composed config as a tree, one branch per top-level key, and saves it to `save_to`."""
+    """Prints the composed config as a tree, one branch per top-level key, and saves it to `save_to`; on rank
+    zero only."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
     tree = rich.tree.Tree("CONFIG", style="bold", guide_style="dim")
     for key, value in cfg.items():
         branch = tree.add(str(key), style="bold")
@@ -80,6 +86,8 @@ def instantiate_checked(config: DictConfig, **kwargs: Any) -> Any:
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as error:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         cause = error.__cause__
         if isinstance(cause, UserError):
             raise cause from None

@@ -9,8 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-# Where the averaged weights sit in a checkpoint, beside the training weights in "state_dict".
-EMA_STATE_KEY = "ema_state_dict"
+from wavenet.checkpoint import EMA_STATE_KEY
 
 
 class EMA(L.Callback):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wavenet.ema import EMA_STATE_KEY
+from wavenet.checkpoint import generation_weights, read_checkpoint
 from wavenet.errors import UserError, first_line
 from wavenet.models.wavenet import WaveNet
 
@@ -127,25 +125,16 @@ class WaveNetModule(L.LightningModule):
                 version's module, or has no EMA weights and `use_ema` is True.
             ValueError: If `use_ema` is not "auto", True or False.
         """
-        if not (isinstance(use_ema, bool) or use_ema == "auto"):
-            raise ValueError(f"use_ema must be 'auto', True or False, got {use_ema!r}")
         path = Path(path).expanduser()
         checkpoint = read_checkpoint(path, map_location=device)
-        averaged = checkpoint.get(EMA_STATE_KEY) if use_ema else None
-        if use_ema is True and not averaged:
-            raise UserError(
-                f"use_ema=true but checkpoint {path} has no EMA weights (trained without the EMA callback); "
-                "use_ema=false (or auto) takes its training weights"
-            )
+        weights = generation_weights(checkpoint, path, use_ema)
         try:
             # Rebuilt from the primitive hyperparameters, as load_from_checkpoint would, without a second read.
             module = cls(**checkpoint["hyper_parameters"])
-            module.load_state_dict(averaged or checkpoint["state_dict"])
+            module.load_state_dict(weights)
         except (TypeError, ValueError, RuntimeError) as error:
             # Hyperparameters or weights that do not fit this version's WaveNetModule.
             raise UserError(f"cannot load the model of checkpoint {path}: {first_line(error)}") from error
-        if averaged:
-            log.info("Using the EMA weights of %s", path)
         return module.to(device).eval()
 
     @property
@@ -248,37 +237,6 @@ class WaveNetModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def read_checkpoint(path: Path, map_location: str | torch.device | None = None, mmap: bool = False) -> dict[str, Any]:
-    """The contents of a checkpoint of a `WaveNetModule` (as train.py writes them), read with `torch.load`.
-
-    Args:
-        path: The checkpoint file.
-        map_location: Where tensors go, as for `torch.load`.
-        mmap: Map the file instead of reading it (CPU tensors only): to look at a checkpoint cheaply.
-
-    Raises:
-        UserError: Saying why `path` is not such a checkpoint: missing, a folder, not (or no longer) a
-            `torch.save` archive, unreadable, or without the module's hyperparameters and weights.
-    """
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder, not a file (a run's are in checkpoints/, e.g. last.ckpt)")
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not a PyTorch checkpoint (torch.save's zip archive), or it was cut short")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        # torch.load's own message here is a paragraph about weights_only, misleading for a non-checkpoint.
-        reason = "it holds objects torch.load will not unpickle (weights_only)"
-        raise UserError(f"cannot read checkpoint {path}: {reason}") from error
-    except Exception as error:  # noqa: BLE001 (zip and pickle errors of many types; all mean a bad file)
-        raise UserError(f"cannot read checkpoint {path}: {first_line(error)}") from error
-    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a checkpoint of a WaveNet model (no hyper_parameters and state_dict)")
-    return checkpoint
 
 
 # What the config a run resumes under must share with its checkpoint, by config key: the network's shape and

@@ -18,12 +18,12 @@ from rich import get_console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from wavenet.checkpoint import load_wavenet
 from wavenet.config import check_added_keys, check_required
 from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.errors import UserError, is_integer, is_number
 from wavenet.generation import MAX_TEMPERATURE, check_temperature, generate, resolve_method
-from wavenet.module import WaveNetModule
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,11 @@ def run(cfg: DictConfig) -> list[Path]:
         raise UserError(f"method={cfg.method}: {error}") from error
     if prime_path is not None:
         _check_prime_file(prime_path)
-    module = WaveNetModule.load_for_generation(ckpt_path, use_ema=cfg.use_ema, device=device)
-    model = module.model.eval().to(dtype)
+    model, hparams = load_wavenet(ckpt_path, use_ema=cfg.use_ema, device=device)
+    model = model.to(dtype)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     method = resolve_method(str(cfg.method), device, dtype, batch_size, parameters)
-    sample_rate = int(module.hparams.sample_rate)
+    sample_rate = hparams["sample_rate"]
     levels = model.quantization_channels
     prime = None
     if prime_path is not None:

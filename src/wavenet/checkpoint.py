@@ -1,0 +1,109 @@
+"""The checkpoints train.py writes, read without Lightning: generation needs only torch and the network.
+
+`generate.py` loads its model here, not through `WaveNetModule`: importing Lightning (and the torchmetrics,
+torchvision and scipy it brings) would take longer than generating a second of audio.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wavenet.errors import UserError, first_line
+from wavenet.models.wavenet import WaveNet
+
+log = logging.getLogger(__name__)
+
+# Where the EMA callback's averaged weights sit in a checkpoint, beside the training weights in "state_dict".
+EMA_STATE_KEY = "ema_state_dict"
+# The hyperparameters of a checkpoint's `WaveNetModule` that shape its network; the rest are training's.
+_NETWORK = ("layers", "stacks", "residual_channels", "dilation_channels", "skip_channels", "kernel_size",
+            "quantization_channels", "bias")  # fmt: skip
+# `WaveNetModule` keeps its network as `self.model`, so that its weights are saved under this prefix.
+_PREFIX = "model."
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device | None = None, mmap: bool = False) -> dict[str, Any]:
+    """The contents of a checkpoint of a `WaveNetModule` (as train.py writes them), read with `torch.load`.
+
+    Args:
+        path: The checkpoint file.
+        map_location: Where tensors go, as for `torch.load`.
+        mmap: Map the file instead of reading it (CPU tensors only): to look at a checkpoint cheaply.
+
+    Raises:
+        UserError: Saying why `path` is not such a checkpoint: missing, a folder, not (or no longer) a
+            `torch.save` archive, unreadable, or without the module's hyperparameters and weights.
+    """
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a file (a run's are in checkpoints/, e.g. last.ckpt)")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a PyTorch checkpoint (torch.save's zip archive), or it was cut short")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        # torch.load's own message here is a paragraph about weights_only, misleading for a non-checkpoint.
+        reason = "it holds objects torch.load will not unpickle (weights_only)"
+        raise UserError(f"cannot read checkpoint {path}: {reason}") from error
+    except Exception as error:  # noqa: BLE001 (zip and pickle errors of many types; all mean a bad file)
+        raise UserError(f"cannot read checkpoint {path}: {first_line(error)}") from error
+    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
+        raise UserError(f"{path} is not a checkpoint of a WaveNet model (no hyper_parameters and state_dict)")
+    return checkpoint
+
+
+def generation_weights(checkpoint: dict[str, Any], path: Path, use_ema: bool | str) -> dict[str, Tensor]:
+    """The `WaveNetModule` weights of `checkpoint` (read from `path`) to generate with: its EMA average where
+    `use_ema` asks for it and the checkpoint has one (`"auto"`), or insists on it (`True`); else its training
+    weights.
+
+    Raises:
+        UserError: If `use_ema` is True and the checkpoint has no EMA weights.
+        ValueError: If `use_ema` is not "auto", True or False.
+    """
+    if not (isinstance(use_ema, bool) or use_ema == "auto"):
+        raise ValueError(f"use_ema must be 'auto', True or False, got {use_ema!r}")
+    averaged = checkpoint.get(EMA_STATE_KEY) if use_ema else None
+    if use_ema is True and not averaged:
+        raise UserError(
+            f"use_ema=true but checkpoint {path} has no EMA weights (trained without the EMA callback); "
+            "use_ema=false (or auto) takes its training weights"
+        )
+    if averaged:
+        log.info("Using the EMA weights of %s", path)
+    return averaged or checkpoint["state_dict"]
+
+
+def load_wavenet(
+    path: str | Path, use_ema: bool | str = "auto", device: str | torch.device = "cpu"
+) -> tuple[WaveNet, dict[str, Any]]:
+    """The network of checkpoint `path`, in eval mode on `device`, with the weights `generation_weights` picks;
+    and the checkpoint's hyperparameters (`sample_rate` among them). What `WaveNetModule.load_for_generation`
+    gives as `module.model` and `module.hparams`, without Lightning.
+
+    Raises:
+        UserError: Naming the checkpoint, if it cannot be read (see `read_checkpoint`), its network does not
+            fit this version's `WaveNet`, or it has no EMA weights and `use_ema` is True.
+        ValueError: If `use_ema` is not "auto", True or False.
+    """
+    path = Path(path).expanduser()
+    checkpoint = read_checkpoint(path, map_location=device)
+    weights = generation_weights(checkpoint, path, use_ema)
+    hparams = dict(checkpoint["hyper_parameters"])
+    try:
+        model = WaveNet(**{name: hparams[name] for name in _NETWORK if name in hparams})
+        model.load_state_dict({key.removeprefix(_PREFIX): value for key, value in weights.items()})
+    except (TypeError, ValueError, RuntimeError) as error:
+        # Hyperparameters or weights that do not fit this version's WaveNet.
+        raise UserError(f"cannot load the model of checkpoint {path}: {first_line(error)}") from error
+    if not isinstance(hparams.get("sample_rate"), int):
+        raise UserError(f"cannot load the model of checkpoint {path}: it has no sample_rate")
+    return model.to(device).eval(), hparams

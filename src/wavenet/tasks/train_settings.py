@@ -1,0 +1,84 @@
+"""The settings of `train.py` that can be checked on the composed config alone, before torch and Lightning
+load: `train.py` checks them first, so that a mistake is answered in about a second, not after the seconds
+those imports take (and `wavenet.tasks.train.run` checks them again, for callers from Python)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from wavenet.config import check_added_keys, check_required
+from wavenet.errors import UserError, is_integer, is_number
+
+# What Lightning's fit(ckpt_path=...) takes besides a path. It looks for them in the run's own folder, and every
+# run has a new one: they would find nothing, and train from scratch.
+_LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+# Trainer settings Lightning compares with numbers: text there fails deep inside it, with a TypeError.
+_TRAINER_INTEGERS = (
+    "max_epochs", "min_epochs", "min_steps", "log_every_n_steps", "num_sanity_val_steps", "accumulate_grad_batches",
+    "check_val_every_n_epoch", "num_nodes",
+)  # fmt: skip
+_TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Raises `UserError` for a required value not set, a top-level key removed or added by mistake, and
+    top-level and trainer settings that would fail only later, naming the key."""
+    check_required(cfg, keys=("model", "data", "trainer", "paths", "seed", "train"))
+    check_added_keys(cfg, "train.py")
+    if not is_integer(cfg.seed) or not 0 <= cfg.seed < 2**32:
+        raise UserError(f"seed must be an integer from 0 to 2**32 - 1 (numpy's range), got {cfg.seed!r}")
+    if not isinstance(cfg.train, bool):
+        raise UserError(f"train must be true or false, got {cfg.train!r}")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and (not isinstance(ckpt_path, str) or not ckpt_path.strip()):
+        got = "empty" if isinstance(ckpt_path, str) else repr(ckpt_path)
+        raise UserError(f"ckpt_path must be the path of a checkpoint to resume from, or null, got {got}")
+    if ckpt_path in _LIGHTNING_CHECKPOINT_NAMES:
+        raise UserError(
+            f"ckpt_path={ckpt_path} would look in this run's folder, which is new: give the checkpoint's path, "
+            "e.g. ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt"
+        )
+    trainer = cfg.trainer
+    max_steps = trainer.get("max_steps")
+    if not is_integer(max_steps) or not (max_steps > 0 or max_steps == -1):
+        raise UserError(f"trainer.max_steps must be a positive integer (or -1: no limit), got {max_steps!r}")
+    for key in _TRAINER_INTEGERS:
+        value = trainer.get(key)
+        if value is not None and not is_integer(value):
+            raise UserError(f"trainer.{key} must be an integer, got {value!r}")
+    decay = cfg.model.get("decay", "constant")
+    if max_steps == -1 and trainer.get("max_epochs") == -1 and decay != "constant":
+        # The module finds it too (an endless data set with max_epochs), but only once the data is prepared.
+        raise UserError(
+            f"model.decay={decay} decays over the whole run, and this one has no end (trainer.max_steps=-1, "
+            "trainer.max_epochs=-1): set trainer.max_steps, or model.decay=constant"
+        )
+    for key in _TRAINER_LIMITS:
+        value = trainer.get(key)
+        if value is not None and not is_number(value):
+            raise UserError(f"trainer.{key} must be a number of batches or a fraction of them, got {value!r}")
+    interval = trainer.get("val_check_interval")
+    if is_number(interval) and interval <= 0:
+        raise UserError(f"trainer.val_check_interval must be a positive number of steps, got {interval}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (not is_number(clip) or clip < 0):
+        # Lightning takes 0 and below as "no clipping": a negative value would quietly turn it off.
+        raise UserError(f"trainer.gradient_clip_val must be a positive number, 0 or null (no clipping), got {clip!r}")
+    for key in ("max_epochs", "limit_train_batches"):
+        if trainer.get(key) == 0:
+            raise UserError(f"trainer.{key}=0 trains nothing; to check the data only, use train=false")
+    deterministic = trainer.get("deterministic")
+    if deterministic is not None and deterministic not in (True, False, "warn"):
+        raise UserError(f"trainer.deterministic must be true, false, warn or null, got {deterministic!r}")
+    accelerator = str(cfg.trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not _cuda_available():
+        raise UserError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use trainer=cpu, or trainer=default "
+            "(the GPU when there is one)"
+        )
+
+
+def _cuda_available() -> bool:
+    import torch  # only for trainer.accelerator=gpu: the one check here that needs it
+
+    return torch.cuda.is_available()
