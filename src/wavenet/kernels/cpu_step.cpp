@@ -26,7 +26,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -96,11 +96,16 @@ inline Vec load(const float* p) {
 }
 inline Vec load(const BFloat16* p) {
     using Words = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+    // One widening load (vpmovzxwd) on AVX-512 and AVX2, where the generic form below compiles to several
+    // instructions: with it, bfloat16 weights ran slower than float32 on an AVX2 CPU (AMD EPYC, `small` at batch
+    // 1: 13,900 samples/s against 15,100), with this 1.4x faster (19,800). (maskz: the plain AVX-512 intrinsic's
+    // undefined source trips -Wmaybe-uninitialized.)
 #if defined(__AVX512F__)
-    // One widening load, where the generic form below compiles to five instructions there. (maskz: the plain
-    // intrinsic's undefined source trips -Wmaybe-uninitialized.)
     const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const Words words = (Words)_mm512_maskz_cvtepu16_epi32(0xFFFF, halves);
+#elif defined(__AVX2__)
+    const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const Words words = (Words)_mm256_cvtepu16_epi32(halves);
 #else
     using Halves = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
     Halves halves;
