@@ -178,16 +178,22 @@ def test_bfloat16_weights_give_the_float32_steps_of_bfloat16_rounded_weights(wid
 
 
 @needs_compiler
-def test_a_bfloat16_model_generates_with_the_kernel_on_the_cpu():
+def test_a_bfloat16_model_generates_with_the_kernel_on_the_cpu(monkeypatch):
     model = random_wavenet(3, WIDE).bfloat16()
     cpu = torch.device("cpu")
+    small, large = 641_600, 47_509_760
     assert resolve_method("auto", cpu, torch.bfloat16, batch_size=2) == "fused"
-    # Eager's bfloat16 matmuls catch up later than float32's: `small` 1,028 streams, not 405.
-    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=1028, parameters=641_600) == "fused"
-    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=1029, parameters=641_600) == "eager"
-    # `large` in bfloat16 streams 91 MiB a step, as eager does, but eager's bfloat16 products are slower.
-    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=13, parameters=47_509_760) == "fused"
-    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=14, parameters=47_509_760) == "eager"
+    # Where oneDNN multiplies bfloat16, eager's matmuls catch up later than float32's: `small` 1,028 streams, not
+    # 405; `large` (91 MiB a step, streamed by eager too) at 13.
+    monkeypatch.setattr("wavenet.generation._cpu_multiplies_bfloat16", lambda: True)
+    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=1028, parameters=small) == "fused"
+    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=1029, parameters=small) == "eager"
+    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=13, parameters=large) == "fused"
+    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=14, parameters=large) == "eager"
+    # Where it emulates them (AVX2), they never catch up; float32 keeps its limit.
+    monkeypatch.setattr("wavenet.generation._cpu_multiplies_bfloat16", lambda: False)
+    assert resolve_method("auto", cpu, torch.bfloat16, batch_size=100_000, parameters=large) == "fused"
+    assert resolve_method("auto", cpu, torch.float32, batch_size=406, parameters=small) == "eager"
     with pytest.raises(ValueError, match="its kernel runs float32 or bfloat16 weights, these are torch.float16"):
         resolve_method("fused", cpu, torch.float16)
     with pytest.raises(ValueError, match="float32"):  # the stepper itself stays float32

@@ -264,7 +264,10 @@ METHODS = ("auto", "eager", "cuda_graph", "fused")
 # `small` 1.06x at 256 streams, 1.13x at 512, 0.98x at 1,024; `medium` 1.74x at 16, 0.99x at 64, 0.82x at 128.
 # With bfloat16 weights, where eager's matmuls are slower: `small` 1.50x, 1.34x, 1.02x; `medium` 3.4x at 16,
 # 1.04x at 128, 0.87x at 256. So float32 `small` runs fused below 406 streams and `medium` below 65; bfloat16
-# ones below 1,029 and 165.
+# ones below 1,029 and 165. Those bfloat16 figures are of a CPU whose oneDNN multiplies bfloat16 (AVX-512 and
+# up); on one without (AVX2: AMD EPYC here) eager's bfloat16 matmuls are emulated, 20-25x slower than the kernel
+# at any batch (`small` 1,167 against 21,307 samples/s at 1,024 streams, `medium` 155 against 3,520 at 256), so
+# bfloat16 runs fused there whatever the batch (`_cpu_work_limit`).
 _CPU_FUSED_WORK = {torch.float32: 2.6e8, torch.bfloat16: 6.6e8}
 # Models whose float32 weights take more than this stay eager on the CPU: a step then streams every weight from
 # DRAM, as eager's one matmul per weight matrix does too, and the kernel's split across cores adds traffic (each
@@ -289,7 +292,8 @@ def resolve_method(
 
     `auto` is `cuda_graph` on CUDA. On the CPU it is `fused` (the native kernel) for float32 or bfloat16
     weights where a C++ compiler has built it, for steps of fewer than `_CPU_FUSED_WORK` multiply-adds over
-    all streams and, in float32, models up to `_CPU_FUSED_MAX_FLOAT32_BYTES` of weights; otherwise `eager`.
+    all streams (bfloat16 without that limit where the CPU's matmuls only emulate it) and, in float32, models
+    up to `_CPU_FUSED_MAX_FLOAT32_BYTES` of weights; otherwise `eager`.
 
     Raises:
         ValueError: For an unknown method, or one that cannot run here (the message says why).
@@ -299,9 +303,8 @@ def resolve_method(
     if method == "auto":
         if device.type == "cuda":
             return "cuda_graph"
-        work_limit = _CPU_FUSED_WORK.get(dtype, _CPU_FUSED_WORK[torch.float32])  # other dtypes: said below
         fits = dtype != torch.float32 or parameters * dtype.itemsize <= _CPU_FUSED_MAX_FLOAT32_BYTES
-        fused_wins = batch_size * parameters < work_limit and fits
+        fused_wins = batch_size * parameters < _cpu_work_limit(dtype) and fits
         if device.type == "cpu" and fused_wins:
             problem = _cpu_fused_problem(dtype)
             if problem is None:
@@ -323,6 +326,22 @@ def resolve_method(
         elif not fused_available(device):
             raise ValueError(f"method 'fused' needs Triton and a CUDA device (or the CPU), the model is on {device}")
     return method
+
+
+def _cpu_work_limit(dtype: torch.dtype) -> float:
+    """Multiply-adds per step over all streams from which eager beats the native kernel on this CPU."""
+    if dtype == torch.bfloat16 and not _cpu_multiplies_bfloat16():
+        return math.inf
+    return _CPU_FUSED_WORK.get(dtype, _CPU_FUSED_WORK[torch.float32])  # other dtypes: the kernel refuses them
+
+
+@functools.cache
+def _cpu_multiplies_bfloat16() -> bool:
+    """Whether torch's CPU matmuls (oneDNN) have bfloat16 kernels here; where they do not, they emulate them."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: a torch without it keeps the measured limits
+        return True
 
 
 @functools.cache
