@@ -60,17 +60,21 @@ def read_checkpoint(path: Path, map_location: str | torch.device | None = None, 
     return checkpoint
 
 
-def generation_weights(checkpoint: dict[str, Any], path: Path, use_ema: bool | str) -> dict[str, Tensor]:
-    """The `WaveNetModule` weights of `checkpoint` (read from `path`) to generate with: its EMA average where
-    `use_ema` asks for it and the checkpoint has one (`"auto"`), or insists on it (`True`); else its training
-    weights.
+def read_for_generation(
+    path: Path, use_ema: bool | str = "auto", device: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The hyperparameters of checkpoint `path` and the `WaveNetModule` weights to generate with, on `device`:
+    its EMA average where `use_ema` asks for it and the checkpoint has one (`"auto"`), or insists on it
+    (`True`); else its training weights.
 
     Raises:
-        UserError: If `use_ema` is True and the checkpoint has no EMA weights.
+        UserError: Naming the checkpoint, if it cannot be read (see `read_checkpoint`), or has no EMA weights and
+            `use_ema` is True.
         ValueError: If `use_ema` is not "auto", True or False.
     """
     if not (isinstance(use_ema, bool) or use_ema == "auto"):
         raise ValueError(f"use_ema must be 'auto', True or False, got {use_ema!r}")
+    checkpoint = read_checkpoint(path, map_location=device)
     averaged = checkpoint.get(EMA_STATE_KEY) if use_ema else None
     if use_ema is True and not averaged:
         raise UserError(
@@ -79,13 +83,13 @@ def generation_weights(checkpoint: dict[str, Any], path: Path, use_ema: bool | s
         )
     if averaged:
         log.info("Using the EMA weights of %s", path)
-    return averaged or checkpoint["state_dict"]
+    return dict(checkpoint["hyper_parameters"]), averaged or checkpoint["state_dict"]
 
 
 def load_wavenet(
     path: str | Path, use_ema: bool | str = "auto", device: str | torch.device = "cpu"
 ) -> tuple[WaveNet, dict[str, Any]]:
-    """The network of checkpoint `path`, in eval mode on `device`, with the weights `generation_weights` picks;
+    """The network of checkpoint `path`, in eval mode on `device`, with the weights `read_for_generation` picks;
     and the checkpoint's hyperparameters (`sample_rate` among them). What `WaveNetModule.load_for_generation`
     gives as `module.model` and `module.hparams`, without Lightning.
 
@@ -95,9 +99,7 @@ def load_wavenet(
         ValueError: If `use_ema` is not "auto", True or False.
     """
     path = Path(path).expanduser()
-    checkpoint = read_checkpoint(path, map_location=device)
-    weights = generation_weights(checkpoint, path, use_ema)
-    hparams = dict(checkpoint["hyper_parameters"])
+    hparams, weights = read_for_generation(path, use_ema, device)
     try:
         model = WaveNet(**{name: hparams[name] for name in _NETWORK if name in hparams})
         model.load_state_dict({key.removeprefix(_PREFIX): value for key, value in weights.items()})

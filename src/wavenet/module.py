@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wavenet.checkpoint import generation_weights, read_checkpoint
+from wavenet.checkpoint import read_checkpoint, read_for_generation
 from wavenet.errors import UserError, first_line
 from wavenet.models.wavenet import WaveNet
 
@@ -126,11 +126,10 @@ class WaveNetModule(L.LightningModule):
             ValueError: If `use_ema` is not "auto", True or False.
         """
         path = Path(path).expanduser()
-        checkpoint = read_checkpoint(path, map_location=device)
-        weights = generation_weights(checkpoint, path, use_ema)
+        hparams, weights = read_for_generation(path, use_ema, device)
         try:
             # Rebuilt from the primitive hyperparameters, as load_from_checkpoint would, without a second read.
-            module = cls(**checkpoint["hyper_parameters"])
+            module = cls(**hparams)
             module.load_state_dict(weights)
         except (TypeError, ValueError, RuntimeError) as error:
             # Hyperparameters or weights that do not fit this version's WaveNetModule.
