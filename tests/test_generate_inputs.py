@@ -100,6 +100,48 @@ def test_an_output_folder_that_cannot_take_the_files_is_refused_before_the_check
         run(cfg)
 
 
+def cgroup_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "limit"),
+    [
+        # cgroup v2 (Docker, Kubernetes, systemd): the lowest memory.max of the job's cgroup and those above it.
+        ("0::/job/step\n", {"memory.max": "max\n", "job/memory.max": "4096\n", "job/step/memory.max": "max\n"}, 4096),
+        # v1, as on older SLURM nodes; 2**63 rounded down to pages means no limit, the machine's memory then.
+        ("4:memory:/slurm/uid_0/job_7\n0::/\n", {"memory/slurm/uid_0/job_7/memory.limit_in_bytes": "8192\n"}, 8192),
+        ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n"}, 9223372036854771712),
+        # In a container the path is the host's, which its own mount does not have: the mount's root then.
+        ("0::/docker/0123abcd\n", {"memory.max": "2048\n"}, 2048),
+        # Hybrid: v2 mounted without the memory controller, no v1 memory hierarchy.
+        ("1:cpu:/\n0::/\n", {"cgroup.controllers": "cpu\n"}, None),
+    ],
+    ids=["v2-nested", "v1-slurm", "v1-unlimited", "container", "none"],
+)
+def test_the_memory_limit_of_a_container_or_a_job_is_read_from_its_cgroups(tmp_path, membership, files, limit):
+    from wavenet.tasks.generate import cgroup_memory_limit
+
+    root = cgroup_tree(tmp_path / "cgroup", files)
+    (tmp_path / "self").write_text(membership)
+    assert cgroup_memory_limit(root, tmp_path / "self") == limit
+    assert cgroup_memory_limit(root, tmp_path / "missing") is None
+
+
+def test_samples_past_a_cgroup_memory_limit_are_refused_before_the_checkpoint_is_read(
+    tmp_path, checkpoint, monkeypatch
+):
+    # A SLURM job of 1 GB on a machine of hundreds: generating would be killed partway, the samples lost.
+    monkeypatch.setattr("wavenet.tasks.generate.cgroup_memory_limit", lambda: 2**30)
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=16000000", "batch_size=16"]
+    limit = r"takes 2.2 GB \(8 bytes a sample\), more than the cgroup memory limit of this job or container \(1.1 GB\)"
+    with pytest.raises(UserError, match=limit):
+        run(compose_config("generate", overrides, tmp_path / "run"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override", ["ckpt_path=null", "prime=[1,2]"])
 def test_generate_script_answers_a_wrong_type_in_one_line(tmp_path, checkpoint, override):

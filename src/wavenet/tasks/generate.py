@@ -234,14 +234,19 @@ def _device(name: object) -> torch.device:
 
 
 def _check_memory(num_samples: int, batch_size: int, device: torch.device) -> None:
-    """Refuses samples that cannot fit in memory, which would fail only once the checkpoint is loaded.
+    """Refuses samples that cannot fit in memory, which would fail only once the checkpoint is loaded (or, past
+    a container's or a job's limit, be killed partway, the samples lost).
 
     The bound is the memory there is, not what is free: a run it lets through may still not fit beside
     other processes, but none it refuses could run.
     """
     classes = 8 * batch_size * num_samples  # (B, N) int64 classes: on the device, and copied to the host to write
     host = classes + 8 * num_samples  # and one stream's float32 audio at a time, decoded then clipped to write
-    sizes = [(host, _physical_memory(), "this machine's memory")]
+    memory, limit = _physical_memory(), cgroup_memory_limit()
+    if limit is not None and (memory is None or limit < memory):
+        sizes = [(host, limit, "the cgroup memory limit of this job or container")]
+    else:
+        sizes = [(host, memory, "this machine's memory")]
     if device.type == "cuda":
         sizes.append((classes, torch.cuda.get_device_properties(device).total_memory, f"the memory of {device}"))
     for needed, memory, where in sizes:
@@ -250,6 +255,46 @@ def _check_memory(num_samples: int, batch_size: int, device: torch.device) -> No
                 f"num_samples={num_samples:,} x batch_size={batch_size:,} takes {needed / 1e9:,.1f} GB (8 bytes a "
                 f"sample), more than {where} ({memory / 1e9:,.1f} GB): generate fewer or shorter files"
             )
+
+
+def cgroup_memory_limit(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """The lowest memory limit of this process's cgroup and those above it (cgroup v2's memory.max, v1's
+    memory.limit_in_bytes), in bytes; None where none is set or the OS has no cgroups. Docker, Kubernetes and
+    SLURM set one, and the machine's memory (sysconf) does not show it.
+
+    Args:
+        root: Where the cgroup file systems are mounted.
+        membership: The process's cgroups, one `hierarchy:controllers:path` line each.
+    """
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            mount, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            mount, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        # The process's own cgroup and every one above it; in a container the path may be the host's, which
+        # its mount does not have: then its root's limit alone.
+        folder = mount / path.strip("/")
+        for parent in (folder, *folder.parents):
+            try:
+                value = (parent / name).read_text().strip()
+            except OSError:
+                value = ""
+            if value.isdigit():
+                limits.append(int(value))
+            if parent == mount:
+                break
+    return min(limits, default=None)
 
 
 def _physical_memory() -> int | None:
