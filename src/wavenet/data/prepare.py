@@ -52,7 +52,8 @@ from wavenet.errors import UserError, first_line
 log = logging.getLogger(__name__)
 
 # Part of every cache key: bump it whenever the bytes preparation writes for the same input change.
-PREPARE_VERSION = 1
+# 2: float files in integer units and files of one value throughout are left out (version 1 kept them).
+PREPARE_VERSION = 2
 MANIFEST = "manifest.json"
 # A shard is closed once the next file would take it past this size (a longer file gets a shard of its
 # own): small enough to copy and checksum piecemeal, large enough that a corpus has few of them.
