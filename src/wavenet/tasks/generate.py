@@ -242,11 +242,7 @@ def _check_memory(num_samples: int, batch_size: int, device: torch.device) -> No
     """
     classes = 8 * batch_size * num_samples  # (B, N) int64 classes: on the device, and copied to the host to write
     host = classes + 8 * num_samples  # and one stream's float32 audio at a time, decoded then clipped to write
-    memory, limit = _physical_memory(), cgroup_memory_limit()
-    if limit is not None and (memory is None or limit < memory):
-        sizes = [(host, limit, "the cgroup memory limit of this job or container")]
-    else:
-        sizes = [(host, memory, "this machine's memory")]
+    sizes = [(host, *_host_memory())]
     if device.type == "cuda":
         sizes.append((classes, torch.cuda.get_device_properties(device).total_memory, f"the memory of {device}"))
     for needed, memory, where in sizes:
@@ -255,6 +251,15 @@ def _check_memory(num_samples: int, batch_size: int, device: torch.device) -> No
                 f"num_samples={num_samples:,} x batch_size={batch_size:,} takes {needed / 1e9:,.1f} GB (8 bytes a "
                 f"sample), more than {where} ({memory / 1e9:,.1f} GB): generate fewer or shorter files"
             )
+
+
+def _host_memory() -> tuple[int | None, str]:
+    """What this process may use of the host's memory, in bytes (None where unknown), and what bounds it: the
+    machine's memory, or its cgroup's limit where that is lower."""
+    memory, limit = _physical_memory(), cgroup_memory_limit()
+    if limit is not None and (memory is None or limit < memory):
+        return limit, "the cgroup memory limit of this job or container"
+    return memory, "this machine's memory"
 
 
 def cgroup_memory_limit(
