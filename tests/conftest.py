@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +72,85 @@ def save_checkpoint(module: Any, path: Path, **extra: Any) -> Path:
 
 
 def run_script(
-    script: str, *overrides: str, timeout: float = 300, env: dict[str, str] | None = None
+    script: str, *overrides: str, timeout: float = 300, env: dict[str, str] | None = None, fresh: bool = False
 ) -> subprocess.CompletedProcess:
-    """Runs `python <script> overrides...` from the repository root, as a user would, with `env` added."""
-    return subprocess.run(
-        [sys.executable, script, *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
+    """Runs `python <script> overrides...` from the repository root, as a user would, with `env` added.
+
+    The scripts run in a child forked from `tests/warm_python.py` (their imports done once per pytest process),
+    unless `fresh` (what happens before or during those imports is under test), WAVENET_TESTS_FRESH=1 is set, or a
+    CUDA device is here (the GPU tests check a real start-up, and few of them run a script).
+    """
+    args = [sys.executable, script, *overrides]
+    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not fresh and _warm_runs_allowed():
+        return warm_python_server().run(args, cwd=REPO, env=run_env, timeout=timeout)
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env)
+
+
+def _warm_runs_allowed() -> bool:
+    import torch
+
+    return hasattr(os, "fork") and os.environ.get("WAVENET_TESTS_FRESH") != "1" and not torch.cuda.is_available()
+
+
+class WarmPython:
+    """The client of `tests/warm_python.py`: one server, started on first use, answering one run at a time."""
+
+    def __init__(self) -> None:
+        self.server = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "warm_python.py")],
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        self._unread = b""  # answers read from the pipe and not yet taken: they may come two at a time
+        self._answer(deadline=time.monotonic() + 300)  # {"ready": true}: torch and Lightning are imported
+
+    def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory(prefix="warm-run-") as folder:
+            stdout, stderr = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"argv": args[1:], "cwd": str(cwd), "env": env, "stdout": str(stdout), "stderr": str(stderr)}
+            self.server.stdin.write(json.dumps(request).encode() + b"\n")
+            self.server.stdin.flush()
+            deadline = time.monotonic() + timeout
+            pid = self._answer(deadline)["pid"]
+            try:
+                status = self._answer(deadline)["status"]
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                self._answer(deadline=time.monotonic() + 60)
+                raise subprocess.TimeoutExpired(args, timeout, stdout.read_text(), stderr.read_text()) from None
+            return subprocess.CompletedProcess(args, status, stdout.read_text(), stderr.read_text())
+
+    def _answer(self, deadline: float) -> dict:
+        pipe = self.server.stdout.fileno()
+        while b"\n" not in self._unread:
+            ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise subprocess.TimeoutExpired(self.server.args, timeout=0)  # the caller knows its own
+            read = os.read(pipe, 65536)
+            if not read:
+                raise RuntimeError(f"tests/warm_python.py ended with status {self.server.wait()}")
+            self._unread += read
+        line, self._unread = self._unread.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+
+
+_warm: WarmPython | None = None
+
+
+def warm_python_server() -> WarmPython:
+    global _warm
+    if _warm is None:
+        _warm = WarmPython()
+    return _warm
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _warm is not None:
+        _warm.close()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

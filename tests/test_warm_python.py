@@ -1,0 +1,116 @@
+"""The tests' runner of the scripts (tests/warm_python.py) must be indistinguishable from `python <script>`."""
+
+import difflib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import (
+    BUILTIN_SMALL,
+    TINY,
+    run_script,
+    save_checkpoint,
+    warm_python_server,
+)
+from wavenet import WaveNetModule
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the runner forks")
+
+
+@pytest.mark.parametrize(
+    "body,status,stdout,stderr",
+    [
+        ("print('out'); print('err', file=sys.stderr)", 0, "out\n", "err\n"),
+        ("sys.exit(3)", 3, "", ""),
+        ("sys.exit('refused')", 1, "", "refused\n"),
+        ("raise ValueError('bad')", 1, "", "ValueError: bad\n"),
+        ("raise KeyboardInterrupt", -signal.SIGINT, "", "KeyboardInterrupt\n"),
+        ("import atexit; atexit.register(print, 'at exit')", 0, "at exit\n", ""),
+    ],
+)
+def test_a_script_ends_with_the_status_and_output_python_gives_it(tmp_path, body, status, stdout, stderr):
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os, sys\n"
+        "assert sys.argv[1:] == ['a=1'] and os.getcwd() == os.environ['EXPECTED_CWD'] and __name__ == '__main__'\n"
+        f"{body}\n"
+    )
+    args = [sys.executable, str(script), "a=1"]
+    result = warm_python_server().run(args, cwd=tmp_path, env={"EXPECTED_CWD": str(tmp_path)}, timeout=60)
+    fresh = subprocess.run(
+        args,
+        cwd=tmp_path,
+        env={"EXPECTED_CWD": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode, fresh.returncode) == (status, status), result.stderr
+    assert result.stdout == fresh.stdout == stdout
+    assert result.stderr.endswith(stderr) and fresh.stderr.endswith(stderr)
+
+
+def test_a_run_past_its_timeout_is_killed_and_the_next_run_goes_ahead(tmp_path):
+    sleeps, quick = tmp_path / "sleeps.py", tmp_path / "quick.py"
+    sleeps.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    quick.write_text("print('done')\n")
+    with pytest.raises(subprocess.TimeoutExpired) as raised:
+        warm_python_server().run([sys.executable, str(sleeps)], cwd=tmp_path, env={}, timeout=2)
+    assert raised.value.output == "started\n"
+    assert warm_python_server().run([sys.executable, str(quick)], cwd=tmp_path, env={}, timeout=60).stdout == "done\n"
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_a_script_prints_and_writes_the_same_warm_and_fresh(tmp_path, script):
+    def normalised(text: str) -> list[str]:
+        # Times of day, durations, speeds, and the prepared cache's name (its key holds the files' times) differ.
+        pattern = r"\d\d:\d\d:\d\d,\d+|\d+\.\d+|[\d,]+ samples/s|\d+(ms|s)\b|-[0-9a-f]{16}\b"
+        return [re.sub(pattern, "#", line) for line in text.splitlines()]
+
+    run_dir, data_dir = tmp_path / "run", tmp_path / "data"
+    if script == "train.py":
+        overrides = [
+            *TINY,
+            *BUILTIN_SMALL,
+            "trainer.max_steps=3",
+            f"paths.data_dir={data_dir}",
+        ]
+    else:
+        module = WaveNetModule(
+            layers=4,
+            stacks=2,
+            residual_channels=8,
+            dilation_channels=8,
+            skip_channels=16,
+        )
+        overrides = [
+            f"ckpt_path={save_checkpoint(module, tmp_path / 'tiny.ckpt')}",
+            "num_samples=500",
+            "batch_size=2",
+            "seed=1",
+        ]
+    runs = {}
+    for fresh in (True, False):
+        result = run_script(script, *overrides, f"hydra.run.dir={run_dir}", fresh=fresh)
+        assert result.returncode == 0, result.stderr[-2000:]
+        files = {str(path.relative_to(run_dir)): path for path in sorted(run_dir.rglob("*"))}
+        log = (run_dir / script.replace(".py", ".log")).read_text()
+        samples = [path.read_bytes() for name, path in files.items() if name.endswith(".wav")]  # seeded
+        runs[fresh] = (
+            normalised(result.stdout),
+            normalised(result.stderr),
+            normalised(log),
+            list(files),
+            samples,
+        )
+        # The next run writes to the same folders, and synthesises and prepares its data as this one did.
+        shutil.rmtree(run_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    parts = ("stdout", "stderr", "log", "files", "samples")
+    for part, fresh, warm in zip(parts, runs[True], runs[False], strict=True):
+        difference = [] if part == "samples" else difflib.unified_diff(fresh, warm, lineterm="")
+        assert warm == fresh, f"{part}:\n" + "\n".join(difference)
