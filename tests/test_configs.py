@@ -174,3 +174,16 @@ def test_what_runs_before_training_or_generating_leaves_the_slow_imports_out(mod
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", f"{absent} imported: {result.stdout[:300]}"
+
+
+@pytest.mark.parametrize("ckpt", ["missing.ckpt", "folder", "notes.txt"])
+def test_a_checkpoint_to_resume_that_is_no_checkpoint_file_is_refused_before_torch_loads(tmp_path, ckpt):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    command = [sys.executable, "-X", "importtime", "train.py", f"ckpt_path={tmp_path / ckpt}"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(tmp_path / ckpt) in errors[0], result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")]
+    assert "torch" not in imported

@@ -1,7 +1,8 @@
 """The checkpoints train.py writes, read without Lightning: generation needs only torch and the network.
 
 `generate.py` loads its model here, not through `WaveNetModule`: importing Lightning (and the torchmetrics,
-torchvision and scipy it brings) would take longer than generating a second of audio.
+torchvision and scipy it brings) would take longer than generating a second of audio. torch itself loads only
+when a checkpoint is read, so that train.py can refuse a `ckpt_path` that is no file before importing it.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import logging
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from wavenet.errors import UserError, first_line
-from wavenet.models.wavenet import WaveNet
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from wavenet.models.wavenet import WaveNet
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,16 @@ _NETWORK = ("layers", "stacks", "residual_channels", "dilation_channels", "skip_
             "quantization_channels", "bias")  # fmt: skip
 # `WaveNetModule` keeps its network as `self.model`, so that its weights are saved under this prefix.
 _PREFIX = "model."
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Raises `UserError` if `path` is a folder, missing, or not a `torch.save` archive (or one cut short)."""
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a file (a run's are in checkpoints/, e.g. last.ckpt)")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a PyTorch checkpoint (torch.save's zip archive), or it was cut short")
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device | None = None, mmap: bool = False) -> dict[str, Any]:
@@ -41,12 +54,9 @@ def read_checkpoint(path: Path, map_location: str | torch.device | None = None, 
         UserError: Saying why `path` is not such a checkpoint: missing, a folder, not (or no longer) a
             `torch.save` archive, unreadable, or without the module's hyperparameters and weights.
     """
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder, not a file (a run's are in checkpoints/, e.g. last.ckpt)")
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not a PyTorch checkpoint (torch.save's zip archive), or it was cut short")
+    import torch
+
+    check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
@@ -98,6 +108,8 @@ def load_wavenet(
             fit this version's `WaveNet`, or it has no EMA weights and `use_ema` is True.
         ValueError: If `use_ema` is not "auto", True or False.
     """
+    from wavenet.models.wavenet import WaveNet
+
     path = Path(path).expanduser()
     hparams, weights = read_for_generation(path, use_ema, device)
     try:

@@ -4,8 +4,11 @@ those imports take (and `wavenet.tasks.train.run` checks them again, for callers
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
+from wavenet.checkpoint import check_checkpoint_file
 from wavenet.config import check_added_keys, check_required
 from wavenet.errors import UserError, is_integer, is_number
 
@@ -38,6 +41,8 @@ def check_settings(cfg: DictConfig) -> None:
             f"ckpt_path={ckpt_path} would look in this run's folder, which is new: give the checkpoint's path, "
             "e.g. ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt"
         )
+    if ckpt_path is not None:
+        check_checkpoint_file(Path(ckpt_path).expanduser())  # its contents are checked once torch is loaded
     trainer = cfg.trainer
     max_steps = trainer.get("max_steps")
     if not is_integer(max_steps) or not (max_steps > 0 or max_steps == -1):
