@@ -77,8 +77,9 @@ def run_script(
     """Runs `python <script> overrides...` from the repository root, as a user would, with `env` added.
 
     The scripts run in a child forked from `tests/warm_python.py` (their imports done once per pytest process),
-    unless `fresh` (what happens before or during those imports is under test), WAVENET_TESTS_FRESH=1 is set, or a
-    CUDA device is here (the GPU tests check a real start-up, and few of them run a script).
+    unless `fresh` (what happens before or during those imports is under test, or `env` sets a variable they read,
+    such as OMP_NUM_THREADS), WAVENET_TESTS_FRESH=1 is set, or a CUDA device is here (the GPU tests check a real
+    start-up, and few of them run a script).
     """
     args = [sys.executable, script, *overrides]
     run_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
