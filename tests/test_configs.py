@@ -176,11 +176,12 @@ def test_what_runs_before_training_or_generating_leaves_the_slow_imports_out(mod
     assert result.stdout.strip() == "[]", f"{absent} imported: {result.stdout[:300]}"
 
 
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
 @pytest.mark.parametrize("ckpt", ["missing.ckpt", "folder", "notes.txt"])
-def test_a_checkpoint_to_resume_that_is_no_checkpoint_file_is_refused_before_torch_loads(tmp_path, ckpt):
+def test_a_ckpt_path_that_is_no_checkpoint_file_is_refused_before_torch_loads(tmp_path, script, ckpt):
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    command = [sys.executable, "-X", "importtime", "train.py", f"ckpt_path={tmp_path / ckpt}"]
+    command = [sys.executable, "-X", "importtime", script, f"ckpt_path={tmp_path / ckpt}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
