@@ -135,8 +135,9 @@ class WarmPython:
         return json.loads(line)
 
     def close(self) -> None:
-        self.server.stdin.close()
+        self.server.stdin.close()  # the server ends at the end of its requests
         self.server.wait(timeout=60)
+        self.server.stdout.close()
 
 
 _warm: WarmPython | None = None
