@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of the checks and benchmarks, as one command per part, for a machine without internet:
 #
+#     bash bench/gpu.sh essentials         # the figures the issues' targets name, in one call of < 9 min
 #     bash bench/gpu.sh tests generate     # pytest -m gpu, then bench/generate.py (about 5 min on an H100)
 #     bash bench/gpu.sh train compile      # bench/train.py with the loader beside it, then compiled against eager
 #     bash bench/gpu.sh layout data        # bench/layout.py (channels layout), bench/data.py
@@ -32,6 +33,20 @@ parts=("$@")
 status=0
 for part in "${parts[@]}"; do
   case $part in
+    essentials)
+      # A session is lent 15 min of device time, machine start included: one call must bring back the correctness
+      # of the GPU paths and each target's figure. Each step has its own time limit, so that one that runs long
+      # costs only its own line; what ran is in $out/essentials.txt whatever happens after.
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py)
+      # Targets: medium b1 >= 16,000 samples/s, b256 >= 1,000,000 in all; large b1 >= 4,000.
+      timeout 120 python3 bench/generate.py --sizes medium --batches 1 256 --precision 32 bf16 --repeats 1 \
+        --paths eager cuda_graph fused
+      timeout 60 python3 bench/generate.py --sizes large --batches 1 --precision 32 bf16 --repeats 1 \
+        --paths eager cuda_graph
+      # Targets, bf16 at 8 x 10,240: large >= 1.35 M samples/s, medium >= 4 M, the loader well above training;
+      # then compiled, which becomes the GPU default only if it wins and compiles in < 2 min for large.
+      timeout 90 python3 bench/train.py --sizes medium large --precision bf16 --steps 10 --loader
+      timeout 120 python3 bench/train.py --sizes large medium --precision bf16 --compile 1 --steps 10 ;;
     tests)  # only the files with GPU tests: the others import packages the GPU image may lack
       python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) ;;
     generate)
@@ -53,7 +68,7 @@ for part in "${parts[@]}"; do
           --samples 4096 --repeats 2 || break
       done ;;
     *)
-      echo "unknown part: $part (tests, generate, train, compile, layout, data, cpu)" >&2; exit 2 ;;
+      echo "unknown part: $part (essentials, tests, generate, train, compile, layout, data, cpu)" >&2; exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
   status=$((status | ${PIPESTATUS[0]}))
 done
