@@ -176,15 +176,30 @@ def test_what_runs_before_training_or_generating_leaves_the_slow_imports_out(mod
     assert result.stdout.strip() == "[]", f"{absent} imported: {result.stdout[:300]}"
 
 
-@pytest.mark.parametrize("script", ["train.py", "generate.py"])
-@pytest.mark.parametrize("ckpt", ["missing.ckpt", "folder", "notes.txt"])
-def test_a_ckpt_path_that_is_no_checkpoint_file_is_refused_before_torch_loads(tmp_path, script, ckpt):
+PATHS_THAT_ARE_NOT_THERE = [
+    (script, [f"ckpt_path={{tmp}}/{name}"], expected)
+    for script in ("train.py", "generate.py")
+    for name, expected in [
+        ("missing.ckpt", "checkpoint not found: {tmp}/missing.ckpt"),
+        ("folder", "checkpoint {tmp}/folder is a folder"),
+        ("notes.txt", "{tmp}/notes.txt is not a PyTorch checkpoint"),
+    ]
+] + [
+    ("train.py", ["data=folder", "data.root={tmp}/missing"], "data root {tmp}/missing does not exist"),
+    ("train.py", ["data=vctk", "data.root={tmp}/notes.txt"], "data root {tmp}/notes.txt is not a directory"),
+]
+
+
+@pytest.mark.parametrize("script,overrides,expected", PATHS_THAT_ARE_NOT_THERE)
+def test_a_checkpoint_or_corpus_that_is_not_there_is_refused_before_torch_loads(tmp_path, script, overrides, expected):
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    command = [sys.executable, "-X", "importtime", script, f"ckpt_path={tmp_path / ckpt}"]
+    overrides = [override.format(tmp=tmp_path) for override in overrides]
+    command = [sys.executable, "-X", "importtime", script, *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and str(tmp_path / ckpt) in errors[0], result.stderr[-2000:]
-    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")]
-    assert "torch" not in imported
+    assert len(errors) == 1 and expected.format(tmp=tmp_path) in errors[0], result.stderr[-2000:]
+    imports = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")]
+    assert "torch" not in imports
+    assert not (tmp_path / "run" / "config_tree.log").exists()  # no config shown, no logger made

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from wavenet.data.audio import scan_audio_files
 from wavenet.errors import UserError
 
 # LJSpeech has one reader; the corpus names her only in its README.
@@ -36,6 +35,8 @@ def folder_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
     A second path to the same file, and a folder that cannot be listed, are sources with a problem, so
     that the warning of left-out files names them.
     """
+    from wavenet.data.audio import scan_audio_files  # with torch: train.py checks a root before loading it
+
     found = scan_audio_files(root, extensions)
     if not found.paths:
         unlisted = found.unreadable_folders
@@ -73,6 +74,8 @@ def vctk_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
         )
     # Scanned as the folder layout scans a tree, so hidden files, second paths to a file and speaker folders
     # that cannot be listed are treated alike (a glob passes over the last silently).
+    from wavenet.data.audio import scan_audio_files
+
     found = scan_audio_files(folder, [pattern.rsplit(".", 1)[1]])
     unlisted = [(speaker, reason) for speaker, reason in found.unreadable_folders if speaker.parent == folder]
 
@@ -149,8 +152,13 @@ def list_sources(root: str | Path, layout: str, extensions: Sequence[str]) -> li
     if layout not in LAYOUTS:
         raise UserError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     root = Path(root)
+    check_root(root)
+    return LAYOUTS[layout](root, extensions)
+
+
+def check_root(root: Path) -> None:
+    """Raises `UserError` unless the corpus folder `root` exists and is a folder."""
     if not root.exists():
         raise UserError(f"data root {root} does not exist")
     if not root.is_dir():
         raise UserError(f"data root {root} is not a directory")
-    return LAYOUTS[layout](root, extensions)

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from wavenet.checkpoint import check_checkpoint_file
 from wavenet.config import check_added_keys, check_required
+from wavenet.data.layouts import check_root
 from wavenet.errors import UserError, is_integer, is_number
 
 # What Lightning's fit(ckpt_path=...) takes besides a path. It looks for them in the run's own folder, and every
@@ -21,6 +22,8 @@ _TRAINER_INTEGERS = (
     "check_val_every_n_epoch", "num_nodes",
 )  # fmt: skip
 _TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")
+# The data modules whose `root` is a corpus on this machine (data=folder, vctk, ljspeech).
+_FOLDER_DATA_MODULES = ("wavenet.data.AudioFolderDataModule", "wavenet.data.datamodule.AudioFolderDataModule")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -43,6 +46,10 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if ckpt_path is not None:
         check_checkpoint_file(Path(ckpt_path).expanduser())  # its contents are checked once torch is loaded
+    root = cfg.data.get("root")
+    if cfg.data.get("_target_") in _FOLDER_DATA_MODULES and isinstance(root, str) and root:
+        # Found otherwise only when the data is prepared: after the config is shown and the loggers are made.
+        check_root(Path(root).expanduser())
     trainer = cfg.trainer
     max_steps = trainer.get("max_steps")
     if not is_integer(max_steps) or not (max_steps > 0 or max_steps == -1):
