@@ -72,10 +72,10 @@ def vctk_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
             f"data root {root} is not a VCTK corpus: it has neither wav48_silence_trimmed/ (VCTK 0.92) "
             "nor wav48/ (VCTK 0.80); point data.root at the folder holding one of them"
         )
-    # Scanned as the folder layout scans a tree, so hidden files, second paths to a file and speaker folders
-    # that cannot be listed are treated alike (a glob passes over the last silently).
     from wavenet.data.audio import scan_audio_files
 
+    # Scanned as the folder layout scans a tree, so hidden files, second paths to a file and speaker folders
+    # that cannot be listed are treated alike (a glob passes over the last silently).
     found = scan_audio_files(folder, [pattern.rsplit(".", 1)[1]])
     unlisted = [(speaker, reason) for speaker, reason in found.unreadable_folders if speaker.parent == folder]
 

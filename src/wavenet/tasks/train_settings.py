@@ -1,6 +1,7 @@
-"""The settings of `train.py` that can be checked on the composed config alone, before torch and Lightning
-load: `train.py` checks them first, so that a mistake is answered in about a second, not after the seconds
-those imports take (and `wavenet.tasks.train.run` checks them again, for callers from Python)."""
+"""The settings of `train.py` that can be checked on the composed config (and the paths it names: the checkpoint
+to resume, a corpus folder) before torch and Lightning load: `train.py` checks them first, so that a mistake is
+answered in about a second, not after the seconds those imports take (and `wavenet.tasks.train.run` checks them
+again, for callers from Python)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ _FOLDER_DATA_MODULES = ("wavenet.data.AudioFolderDataModule", "wavenet.data.data
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Raises `UserError` for a required value not set, a top-level key removed or added by mistake, and
-    top-level and trainer settings that would fail only later, naming the key."""
+    """Raises `UserError` for a required value not set, a top-level key removed or added by mistake, a
+    `ckpt_path` or corpus `data.root` that is not there, and top-level and trainer settings that would fail only
+    later, naming the key."""
     check_required(cfg, keys=("model", "data", "trainer", "paths", "seed", "train"))
     check_added_keys(cfg, "train.py")
     if not is_integer(cfg.seed) or not 0 <= cfg.seed < 2**32:
