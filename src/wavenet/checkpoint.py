@@ -54,9 +54,9 @@ def read_checkpoint(path: Path, map_location: str | torch.device | None = None, 
         UserError: Saying why `path` is not such a checkpoint: missing, a folder, not (or no longer) a
             `torch.save` archive, unreadable, or without the module's hyperparameters and weights.
     """
-    import torch
-
     check_checkpoint_file(path)
+    import torch  # after the file checks: a path that is no checkpoint is refused without loading torch
+
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
