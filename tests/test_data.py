@@ -435,6 +435,36 @@ def test_sampler_skip_passes_over_the_head_of_the_epoch_on_every_world_size(fold
     assert len(ranks[0]) == len(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(order[4 : 4 + 2 * len(ranks[0])])
 
 
+def test_a_mid_epoch_resume_in_another_order_warns_what_changed(folder: Path, caplog) -> None:
+    def interrupted_state(**overrides) -> dict[str, int]:
+        loader = ready(folder, **{"batch_size": 2, "seed": 3, **overrides}).train_dataloader()
+        loader.sampler.set_epoch(1)
+        next(iter(loader))
+        return loader.state_dict()
+
+    def resume(state: dict[str, int], **overrides) -> list[str]:
+        loader = ready(folder, **{"batch_size": 2, "seed": 3, **overrides}).train_dataloader()
+        loader.sampler.set_epoch(1)
+        loader.load_state_dict(state)
+        caplog.clear()
+        next(iter(loader))
+        return [record.getMessage() for record in caplog.records if record.name == "wavenet.data.datasets"]
+
+    state = interrupted_state()
+    assert state["epoch"] == 1 and state["windows"] == 2
+    assert resume(state) == []
+    [reseeded] = resume(interrupted_state(seed=4))
+    assert "Resuming epoch 1 after 2 windows in another order" in reseeded
+    assert "data.seed=3 (the checkpoint's: 4)" in reseeded
+    [rechunked] = resume(interrupted_state(chunk_length=CHUNK // 2))
+    assert f"data.chunk_length={CHUNK} (the checkpoint's: {CHUNK // 2})" in rechunked
+    [recut] = resume(interrupted_state(val_fraction=0.01))  # 3 training files, not 1
+    assert "the corpus, with" in recut and "data.seed" not in recut
+    # A checkpoint from before the order was saved, or one saved at an epoch's end: nothing to compare or skip.
+    assert resume({"epoch": 1, "windows": 2}) == []
+    assert resume({**interrupted_state(seed=4), "epoch": 0}) == []
+
+
 class BatchRecorder(L.Callback):
     """The training batches a run trains on, by their bytes."""
 
@@ -445,19 +475,22 @@ class BatchRecorder(L.Callback):
         self.batches.append(batch[0].numpy().tobytes())
 
 
-def test_a_run_resumed_mid_epoch_trains_on_the_batches_of_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_a_run_resumed_mid_epoch_trains_on_the_batches_of_an_uninterrupted_run(tmp_path: Path, caplog) -> None:
     """Resuming from last.ckpt (saved at a validation mid-epoch, as train.py's default callbacks do) must
-    neither repeat the start of the interrupted epoch nor replay epoch 0's order in a later epoch."""
+    neither repeat the start of the interrupted epoch nor replay epoch 0's order in a later epoch; resuming
+    with another seed says that the rest of the epoch is in another order."""
     from wavenet import WaveNetModule
 
     root = tmp_path / "noise"
     for index in range(5):
         write(root / f"noise{index}.wav", noise(0.1, RATE, seed=index), RATE)
 
-    def run(max_steps: int, ckpt_path: Path | None = None, checkpoints: Path | None = None) -> list[bytes]:
+    def run(
+        max_steps: int, ckpt_path: Path | None = None, checkpoints: Path | None = None, seed: int = 0
+    ) -> list[bytes]:
         L.seed_everything(0)
         model = WaveNetModule(layers=4, stacks=1, residual_channels=8, dilation_channels=8, skip_channels=8)
-        data = make_module(root, receptive_field=model.receptive_field, num_workers=2, val_fraction=0.2)
+        data = make_module(root, receptive_field=model.receptive_field, num_workers=2, val_fraction=0.2, seed=seed)
         recorder = BatchRecorder()
         callbacks: list[L.Callback] = [recorder]
         if checkpoints is not None:
@@ -486,6 +519,10 @@ def test_a_run_resumed_mid_epoch_trains_on_the_batches_of_an_uninterrupted_run(t
     second = run(max_steps=24, ckpt_path=tmp_path / "checkpoints" / "last.ckpt", checkpoints=tmp_path / "again")
     assert first == uninterrupted[:13]
     assert second == uninterrupted[13:]
+    assert "another order" not in caplog.text
+    reseeded = run(max_steps=24, ckpt_path=tmp_path / "checkpoints" / "last.ckpt", seed=1)
+    assert reseeded != second and len(reseeded) == len(second)
+    assert "Resuming epoch 1 after 6 windows in another order than the checkpoint's: data.seed=1" in caplog.text
 
 
 def test_dataloader_round_trip_gives_batches_of_windows(folder: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -27,6 +28,8 @@ from wavenet.data.prepare import PreparedFile
 Track = TypeVar("Track")
 # (track, first sample, number of samples) -> (length,) uint8 mu-law classes
 Reader = Callable[[Track, int, int], np.ndarray]
+
+log = logging.getLogger(__name__)
 
 
 class ShardReader:
@@ -202,9 +205,11 @@ class ChunkLoader(DataLoader):
     ranks have trained on in it: an interrupted epoch continues with the next window of its order
     instead of starting over (which would train twice on its first part), also after a change of batch
     size or world size. Lightning does not prefetch from a loader with a length, so the batches this
-    loader has handed out are exactly those trained on.
+    loader has handed out are exactly those trained on. The state also holds what the order is drawn
+    from (seed, chunk length, number of window starts): a run resumed mid-epoch in another order warns.
     """
 
+    dataset: RandomChunks
     sampler: ChunkSampler | Sampler[int]  # Lightning puts a SequentialSampler in for trainer.overfit_batches
 
     def __init__(self, dataset: RandomChunks, *args: Any, sampler: Sampler[int], **kwargs: Any) -> None:
@@ -216,7 +221,35 @@ class ChunkLoader(DataLoader):
         if not isinstance(self.sampler, ChunkSampler):  # Lightning's own (trainer.overfit_batches): no epochs
             return {}
         windows = self._epoch_batches * self.batch_size * self.sampler.num_replicas
-        return {"epoch": self.sampler.epoch, "windows": windows}
+        return {"epoch": self.sampler.epoch, "windows": windows, **self._order()}
+
+    def _order(self) -> dict[str, int]:
+        """What an epoch's order is drawn from, besides the epoch: a resume compares the checkpoint's."""
+        assert isinstance(self.sampler, ChunkSampler)
+        return {"seed": self.sampler.seed, "chunk_length": self.dataset.chunk_length, "starts": self.sampler.starts}
+
+    def _warn_if_reordered(self, resume: dict[str, int], done: int) -> None:
+        """Warns where the interrupted epoch's order is not the checkpoint's, so that skipping the windows it
+        trained on passes over others (older checkpoints did not save the order: nothing to compare)."""
+        order = self._order()
+        if self.sampler.rank != 0 or not done or not set(order) <= set(resume):
+            return
+        differ = [
+            f"{key}={order[name]} (the checkpoint's: {resume[name]})"
+            for name, key in (("seed", "data.seed"), ("chunk_length", "data.chunk_length"))
+            if order[name] != resume[name]
+        ]
+        if not differ and order["starts"] != resume["starts"]:
+            differ = [f"the corpus, with {order['starts']:,} window starts (the checkpoint's: {resume['starts']:,})"]
+        if differ:
+            log.warning(
+                "Resuming epoch %d after %d windows in another order than the checkpoint's: %s. The rest of the "
+                "epoch follows this run's order, so it may train again on windows trained on before the resume, "
+                "and leave others out; the next epochs are whole",
+                resume["epoch"],
+                done,
+                ", ".join(differ),
+            )
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume_state = dict(state_dict)
@@ -230,6 +263,8 @@ class ChunkLoader(DataLoader):
             return
         # A state without this epoch (another epoch's, or a streamed run's) leaves nothing to pass over.
         done = resume.get("windows", 0) if resume is not None and resume.get("epoch") == self.sampler.epoch else 0
+        if resume is not None:
+            self._warn_if_reordered(resume, done)
         self.sampler.skip = done
         per_batch = self.batch_size * self.sampler.num_replicas
         self._epoch_batches = -(-done // per_batch)
