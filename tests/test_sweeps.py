@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +221,30 @@ def test_optuna_study_continued_from_storage_gets_new_trials_in_a_new_folder(tmp
         "error: hydra.sweeper.storage=sqlite:////nonexistent/folder/optuna.db: OperationalError: "
         "(sqlite3.OperationalError) unable to open database file"
     ]  # fmt: skip
+
+
+def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage(tmp_path, data_dir):
+    import optuna
+
+    storage, sweep_dir = f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path / "sweep"
+    command = [sys.executable, "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY,
+               *BUILTIN_SMALL, *FAST_TRIAL[:2], "trainer.max_steps=100000", f"paths.data_dir={data_dir}",
+               f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    training = sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not training.exists():
+        assert process.poll() is None, process.communicate()[0][-2000:]
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {training} after 120 s")
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-2000:]
+    assert "Optuna trial 0 failed: the search stopped before it ended" in output
+    study = optuna.load_study(study_name="wavenet", storage=storage)
+    assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.FAIL]
 
 
 @pytest.mark.parametrize("setting", ["n_trials=0", "n_trials=-3", "n_jobs=0"])

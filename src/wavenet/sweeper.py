@@ -13,6 +13,8 @@ Hydra takes sweepers from). It differs from the plugin's own in these ways:
 - a search in which no trial completed ends like any other sweep: Hydra's end-of-multirun callbacks still
   run, so `wavenet.config.SweepSummary` writes the summary, lists the failed trials and exits non-zero (the
   plugin raised Optuna's "No trials are completed yet" when asking for the best trial, before them);
+- a search stopped before its end (Ctrl-C, preemption, an error) tells the study that its trials still running
+  failed, as Optuna's own `optimize` does (the plugin left them running in a `storage` study forever);
 - a trial that failed (refused with a `UserError`, or raised: `train.py` returns a `FailedJob`), returned
   NaN (the plugin then crashed in Optuna 2.10) or no value is logged as `Trial <job> failed: <reason>`, in
   place of the plugin's lines about a return value that is not a number, and the search goes on.
@@ -24,7 +26,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
@@ -34,6 +36,9 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as P
 from omegaconf import DictConfig, OmegaConf
 
 from wavenet.errors import FailedJob, exit_with_error, first_line
+
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +70,13 @@ class OptunaSweeper(PluginOptunaSweeper):
         OmegaConf.save(impl.config, sweep_dir / "multirun.yaml")
         plugin_log = logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl")
         plugin_log.addFilter(self.failures)
+        asked = _remember_asked_trials(impl)
         try:
-            super().sweep(arguments)
+            try:
+                super().sweep(arguments)
+            except BaseException:
+                _fail_unfinished(asked)
+                raise
         except ValueError as error:
             if str(error) not in _NO_COMPLETED_TRIAL:
                 raise
@@ -95,6 +105,36 @@ class OptunaSweeper(PluginOptunaSweeper):
             seed = (int(sampler.seed) + trials) % 2**32
             impl.sampler = instantiate(sampler, seed=seed)
             log.info("Continuing study %s after its %d trials, with sampler seed %d", study.study_name, trials, seed)
+
+
+def _remember_asked_trials(impl: Any) -> list[optuna.trial.Trial]:
+    """The list that the trials `impl` asks its study for are added to, as it asks for them."""
+    asked: list[optuna.trial.Trial] = []
+    configure = impl._configure_trials  # every trial asked for goes through it before its job is launched
+
+    def configure_and_remember(trials: list[optuna.trial.Trial], *args: Any) -> Any:
+        asked.extend(trials)
+        return configure(trials, *args)
+
+    impl._configure_trials = configure_and_remember
+    return asked
+
+
+def _fail_unfinished(asked: Sequence[optuna.trial.Trial]) -> None:
+    """Tells the study that the trials of a stopped search (Ctrl-C, preemption, a crash) that were still running
+    failed, as Optuna's own `optimize` does: else a study kept in `storage` would hold them as running forever."""
+    import optuna
+
+    for trial in asked:
+        running = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if trial.number not in {other.number for other in running}:
+            continue
+        try:
+            trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except Exception as error:  # noqa: BLE001 (a database error must not hide why the search stopped)
+            log.warning("Optuna trial %d stays running in the study: %s", trial.number, first_line(error))
+        else:
+            log.warning("Optuna trial %d failed: the search stopped before it ended", trial.number)
 
 
 class _FailedTrials(logging.Filter):
