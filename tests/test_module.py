@@ -47,7 +47,7 @@ def test_tiny_model_overfits_one_batch():
     batch = sine_batch(module.receptive_field)
     with torch.no_grad():
         before = module._nll(batch).item()
-    fit(module, batch, max_steps=150, limit_val_batches=1, val_check_interval=150)
+    fit(module, batch, max_steps=60, limit_val_batches=1, val_check_interval=60)
     after = module._nll(batch).item()
     assert before > 5.0  # about log(256) = 5.5 nats for an untrained model
     assert after < 0.25 * before, f"loss fell only from {before:.3f} to {after:.3f}"

@@ -102,7 +102,7 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
     # Ctrl-C, or a scheduler's SIGTERM (preemption): the steps since the last validation are not lost.
     run_dir = tmp_path / "stopped"
     command = [sys.executable, "train.py", *TINY, *BUILTIN_SMALL, "trainer.max_steps=100000",
-               "trainer.val_check_interval=50", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]  # fmt: skip
+               "trainer.val_check_interval=10", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
@@ -112,7 +112,7 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
             process.kill()
             pytest.fail(f"no {last} after 120 s")
         time.sleep(0.1)
-    time.sleep(0.5)  # training goes on past step 50's checkpoint
+    time.sleep(0.5)  # training goes on past step 10's checkpoint
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + stop, stderr[-2000:]  # never 0: a preempted job is not a finished one
@@ -123,7 +123,7 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
     assert "Received SIGTERM" not in stdout + stderr or stop == signal.SIGTERM
     checkpoint = torch.load(interrupted, weights_only=False)
     stopped_at = checkpoint["global_step"]
-    assert stopped_at > 50 and stopped_at >= torch.load(last, weights_only=False)["global_step"]
+    assert stopped_at > 10 and stopped_at >= torch.load(last, weights_only=False)["global_step"]
     # Stopped between steps: every batch handed out was trained on, so a resumed run skips none.
     batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
     assert batches["ready"] == batches["completed"]
