@@ -1,21 +1,18 @@
 """Sample audio from a trained WaveNet: python generate.py ckpt_path=<checkpoint> [key=value ...]."""
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from wavenet.checkpoint import check_checkpoint_file
 from wavenet.errors import UserError, report_config_errors_in_one_line
+from wavenet.tasks.generate_settings import check_settings
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     try:
-        ckpt_path = cfg.get("ckpt_path")
-        if isinstance(ckpt_path, str) and ckpt_path.strip():  # the task names a null or empty one
-            check_checkpoint_file(Path(ckpt_path).expanduser())  # before torch loads: a wrong path costs a second
+        check_settings(cfg)  # before torch loads: a mistake costs a second
         # Imported here so `--help` and `--cfg job` answer without loading torch.
         from wavenet.tasks.generate import run
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,7 @@ def test_trainer_settings_the_readme_names_take_no_plus(tmp_path):
     [
         # Hydra loads the callbacks' module at every start, and train.py checks its settings before anything else.
         (["wavenet.config", "wavenet.tasks.train_settings", "hydra_plugins.wavenet_sweeper"], "torch"),
+        (["wavenet.tasks.generate_settings"], "torch"),  # generate.py checks its settings before it loads torch
         # generate.py: importing Lightning (with torchmetrics, torchvision, scipy) took longer than generating.
         (["wavenet.tasks.generate"], "lightning"),
     ],
@@ -176,7 +178,7 @@ def test_what_runs_before_training_or_generating_leaves_the_slow_imports_out(mod
     assert result.stdout.strip() == "[]", f"{absent} imported: {result.stdout[:300]}"
 
 
-PATHS_THAT_ARE_NOT_THERE = [
+REFUSED_BEFORE_TORCH = [
     (script, [f"ckpt_path={{tmp}}/{name}"], expected)
     for script in ("train.py", "generate.py")
     for name, expected in [
@@ -187,13 +189,23 @@ PATHS_THAT_ARE_NOT_THERE = [
 ] + [
     ("train.py", ["data=folder", "data.root={tmp}/missing"], "data root {tmp}/missing does not exist"),
     ("train.py", ["data=vctk", "data.root={tmp}/notes.txt"], "data root {tmp}/notes.txt is not a directory"),
+] + [
+    ("generate.py", ["ckpt_path={tmp}/archive.ckpt", *settings], expected)
+    for settings, expected in [
+        (["prime={tmp}/missing.wav"], "prime file not found: {tmp}/missing.wav"),
+        (["num_samples=0"], "num_samples must be a positive integer, got 0"),
+        (["temperature=hot"], "temperature must be a number from 0 (greedy) to"),
+        (["precision=16"], "precision must be 32 or bf16, got 16"),
+    ]
 ]
 
 
-@pytest.mark.parametrize("script,overrides,expected", PATHS_THAT_ARE_NOT_THERE)
-def test_a_checkpoint_or_corpus_that_is_not_there_is_refused_before_torch_loads(tmp_path, script, overrides, expected):
+@pytest.mark.parametrize("script,overrides,expected", REFUSED_BEFORE_TORCH)
+def test_a_path_that_is_not_there_or_a_bad_setting_is_refused_before_torch_loads(tmp_path, script, overrides, expected):
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with zipfile.ZipFile(tmp_path / "archive.ckpt", "w") as archive:  # what a checkpoint looks like before it is read
+        archive.writestr("archive/data.pkl", b"")
     overrides = [override.format(tmp=tmp_path) for override in overrides]
     command = [sys.executable, "-X", "importtime", script, *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wavenet.models.wavenet import WaveNet
+from wavenet.temperature import check_temperature
 
 log = logging.getLogger(__name__)
 
@@ -555,20 +556,6 @@ def _gumbel_(uniform: Tensor, temperature: float) -> Tensor:
         np.multiply(draws, -temperature, out=draws)
         return uniform
     return uniform.clamp_min_(torch.finfo(uniform.dtype).tiny).log_().neg_().log_().neg_().mul_(temperature)
-
-
-# Noise is Gumbel draws times the temperature, in float32. The largest draw from float32 uniforms is
-# -log(-log(1 - 2**-24)) = 16.6: past float32's max / 17 some noise would be inf, and the argmax of tied
-# infinities is the lowest class. Sampling is all but uniform long before.
-MAX_TEMPERATURE = float(torch.finfo(torch.float32).max) / 17
-
-
-def check_temperature(temperature: float) -> None:
-    """Raises TypeError or ValueError unless `temperature` is a number in [0, MAX_TEMPERATURE]."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not 0 <= temperature <= MAX_TEMPERATURE:  # NaN fails every comparison
-        raise ValueError(f"temperature must be 0 (greedy) or more, at most {MAX_TEMPERATURE:.0e}, got {temperature}")
 
 
 def _check_arguments(

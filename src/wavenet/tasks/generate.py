@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 import shutil
 import time
@@ -19,19 +18,13 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.text import Text
 
 from wavenet.checkpoint import load_wavenet
-from wavenet.config import check_added_keys, check_required
 from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
-from wavenet.errors import UserError, is_integer, is_number
-from wavenet.generation import MAX_TEMPERATURE, check_temperature, generate, resolve_method
+from wavenet.errors import UserError
+from wavenet.generation import generate, resolve_method
+from wavenet.tasks.generate_settings import PRECISION_DTYPES, check_settings
 
 log = logging.getLogger(__name__)
-
-# Every setting of conf/generate.yaml, which `~key` could remove.
-_SETTINGS = (
-    "ckpt_path", "num_samples", "batch_size", "temperature", "seed", "prime", "use_ema", "device", "method",
-    "precision", "log_every_seconds", "paths",
-)  # fmt: skip
 
 
 def run(cfg: DictConfig) -> list[Path]:
@@ -46,11 +39,7 @@ def run(cfg: DictConfig) -> list[Path]:
     Raises:
         UserError: For a missing or unreadable checkpoint or prime file, or a setting out of range.
     """
-    check_required(cfg, keys=_SETTINGS)
-    check_added_keys(cfg, "generate.py")
-    _check_settings(cfg)
-    ckpt_path = _file_path("ckpt_path", cfg.ckpt_path, "the path of a checkpoint")
-    prime_path = None if cfg.prime is None else _file_path("prime", cfg.prime, "the path of an audio file, or null")
+    ckpt_path, prime_path = check_settings(cfg)
     device = _device(cfg.device)
     num_samples, batch_size = cfg.num_samples, cfg.batch_size
     _check_memory(num_samples, batch_size, device)
@@ -62,7 +51,7 @@ def run(cfg: DictConfig) -> list[Path]:
     except ValueError as error:
         raise UserError(f"method={cfg.method}: {error}") from error
     if prime_path is not None:
-        _check_prime_file(prime_path)
+        _check_prime_header(prime_path)
     model, hparams = load_wavenet(ckpt_path, use_ema=cfg.use_ema, device=device)
     model = model.to(dtype)
     parameters = sum(parameter.numel() for parameter in model.parameters())
@@ -138,52 +127,9 @@ def _write_wavs(output_dir: Path, classes: torch.Tensor, levels: int, sample_rat
     return paths
 
 
-# Weights and activations of the step; bf16 halves the bytes every step reads (see conf/generate.yaml).
-PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16}
-
-
-# RIFF's sizes are 32-bit: a WAV file holds 4 GiB, less room for its header, at 2 bytes a 16-bit sample.
-_MAX_WAV_SAMPLES = (2**32 - 2**10) // 2
+PRECISIONS = {name: getattr(torch, dtype) for name, dtype in PRECISION_DTYPES.items()}
 # What soundfile writes before a 16-bit PCM WAV file's samples (RIFF, fmt and data headers).
 _WAV_HEADER_BYTES = 44
-# torch.Generator.manual_seed's range: negative seeds are taken modulo 2**64.
-_SEEDS = range(-(2**63), 2**64)
-
-
-def _check_settings(cfg: DictConfig) -> None:
-    """Raises `UserError` for a value the generator would refuse, naming the key."""
-    if str(cfg.precision) not in PRECISIONS:
-        raise UserError(f"precision must be 32 or bf16, got {cfg.precision}")
-    for key in ("num_samples", "batch_size"):
-        if not is_integer(cfg[key]) or cfg[key] < 1:
-            raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    if cfg.num_samples > _MAX_WAV_SAMPLES:
-        raise UserError(
-            f"num_samples must be at most {_MAX_WAV_SAMPLES:,}, what a 16-bit WAV file holds (4 GiB), "
-            f"got {cfg.num_samples:,}"
-        )
-    try:
-        check_temperature(cfg.temperature)
-    except (TypeError, ValueError):
-        raise UserError(
-            f"temperature must be a number from 0 (greedy) to {MAX_TEMPERATURE:.0e}, got {cfg.temperature!r}"
-        ) from None
-    if cfg.seed is not None and not (is_integer(cfg.seed) and cfg.seed in _SEEDS):
-        raise UserError(f"seed must be an integer or null, from -2**63 to 2**64 - 1, got {cfg.seed!r}")
-    if not isinstance(cfg.use_ema, bool) and cfg.use_ema != "auto":
-        raise UserError(f"use_ema must be auto, true or false, got {cfg.use_ema!r}")
-    seconds = cfg.log_every_seconds
-    if not is_number(seconds) or not 0 <= seconds < math.inf:
-        raise UserError(f"log_every_seconds must be a number of seconds, 0 or more, got {seconds!r}")
-
-
-def _file_path(key: str, value: object, expected: str) -> Path:
-    """`value` of config key `key` as a path; a `UserError` for a value that is no path or empty."""
-    if not isinstance(value, str):
-        raise UserError(f"{key} must be {expected}, got {'null' if value is None else repr(value)}")
-    if not value.strip():
-        raise UserError(f"{key} is empty: set it to {expected}")
-    return Path(value).expanduser()
 
 
 def _check_output_dir(output_dir: Path, file_bytes: int, files: int) -> None:
@@ -310,12 +256,8 @@ def _physical_memory() -> int | None:
         return None
 
 
-def _check_prime_file(path: Path) -> None:
-    """Raises `UserError` unless the prime is a readable audio file with samples; from its header alone."""
-    if path.is_dir():
-        raise UserError(f"prime {path} is a folder, not an audio file")
-    if not path.is_file():
-        raise UserError(f"prime file not found: {path}")
+def _check_prime_header(path: Path) -> None:
+    """Raises `UserError` unless the prime file (`check_settings` found it) is readable audio with samples."""
     try:
         frames, _ = audio_info(path)
     except UnreadableAudioError as error:
@@ -325,7 +267,7 @@ def _check_prime_file(path: Path) -> None:
 
 
 def _read_prime(path: Path, sample_rate: int) -> torch.Tensor:
-    """The prime file, checked by `_check_prime_file`, as float audio at the model's rate."""
+    """The prime file, checked by `_check_prime_header`, as float audio at the model's rate."""
     audio = read_audio(path, sample_rate)
     if not torch.isfinite(audio).all():
         raise UserError(f"prime file {path} holds NaN or infinite samples")
