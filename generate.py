@@ -5,6 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from wavenet.config import discard_refused_run
 from wavenet.errors import UserError, report_config_errors_in_one_line
 from wavenet.tasks.generate_settings import check_settings
 
@@ -19,6 +20,7 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        discard_refused_run()
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from wavenet.config import discard_refused_run
 from wavenet.errors import FailedJob, UserError, first_line, report_config_errors_in_one_line
 
 
@@ -30,6 +31,7 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
             # One job of a sweep: the others still run; the sweep's summary lists this one as failed, with the
             # reason, and the sweep exits non-zero at its end.
             return FailedJob(str(error))
+        discard_refused_run()
         sys.exit(1)
     except Exception as error:
         if not multirun:

@@ -427,6 +427,29 @@ def test_a_run_folder_holding_a_run_is_refused_before_anything_is_written(tmp_pa
     )
 
 
+def test_a_run_refused_before_writing_leaves_nothing_so_the_mended_command_runs_in_its_folder(tmp_path, data_dir):
+    # Hydra writes the run's record (.hydra/) and an empty log before the settings are checked: left there, they
+    # made the retry of the same command a "second run" in that folder, and every refused run an empty folder.
+    made, found = tmp_path / "made", tmp_path / "found"
+    found.mkdir()
+    (found / "notes.txt").write_text("the user's")
+    for run_dir in (made, found):
+        for script, overrides in [("train.py", ["seed=-1"]), ("generate.py", ["ckpt_path=missing.ckpt"])]:
+            result = run_script(script, *overrides, f"hydra.run.dir={run_dir}")
+            assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr[-2000:]
+    assert not made.exists()
+    assert [path.name for path in found.iterdir()] == ["notes.txt"]
+    # Refused once it has written its own files (the config it showed, its loggers'): all of it stays.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "noise.wav").write_bytes(b"not audio" * 100)
+    run_dir = tmp_path / "refused_later"
+    result = run_script("train.py", *TINY, "data=folder", f"data.root={corpus}", f"paths.data_dir={data_dir}",
+                        f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert result.returncode == 1 and "no usable audio" in result.stderr, result.stderr[-2000:]
+    assert {".hydra", "config_tree.log", "train.log"} <= {path.name for path in run_dir.iterdir()}
+
+
 def test_a_setting_refused_on_the_spawned_ranks_is_one_error_line(tmp_path, data_dir):
     result = run_script(
         "train.py", *TINY, *BUILTIN_SMALL, "trainer=ddp_sim", "data.chunk_length=10000000", f"paths.data_dir={data_dir}",

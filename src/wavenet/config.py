@@ -6,6 +6,7 @@ a setting refused before training costs no Lightning import (seconds, with torch
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
@@ -21,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -123,13 +125,20 @@ class FreshRunFolder(Callback):
 
     Hydra rewrites the folder's record of its run (`.hydra/`) before the task starts, and the task would then
     mix its logs, metrics and checkpoints with the earlier ones: refused at the start, nothing is touched.
+
+    Attributes:
+        found: What the run folder held before the run (names), or None where this process made it.
     """
+
+    found: set[str] | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.output_subdir is None:  # a DDP rank, re-run into its job's folder (wavenet.launch)
             return
         folder = Path(config.hydra.run.dir)
         self._refuse_if_used(folder, config.hydra.output_subdir, "hydra.run.dir")
+        with contextlib.suppress(OSError):  # not there, or not a folder (refused next)
+            FreshRunFolder.found = {path.name for path in folder.iterdir()}
         try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -148,6 +157,42 @@ class FreshRunFolder(Callback):
                 f"{key}={folder} already holds a run ({record}): choose a new folder, or leave {key} to its "
                 "default (a new folder per run)"
             )
+
+
+# What Hydra writes into a run's record (`.hydra/`) before the task starts.
+_HYDRA_RECORD = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def discard_refused_run() -> None:
+    """Removes what Hydra wrote for a single run refused before it wrote anything itself: the run's record
+    (`.hydra/`, which `FreshRunFolder` found absent), its empty log, and the folder where this run made it. So
+    the same command, mended, runs in the same `hydra.run.dir` (rather than being refused as a second run
+    there), and refused runs leave no empty folders in outputs/. A run that wrote anything more is left as it is.
+    """
+    hydra = HydraConfig.get()
+    if hydra.mode == RunMode.MULTIRUN or hydra.output_subdir is None:  # a job of a sweep lists its folder; a rank
+        return
+    folder = Path(hydra.runtime.output_dir)
+    record = folder / hydra.output_subdir
+    files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
+    try:
+        logs = {Path(handler.baseFilename) for handler in files}
+        logs = {path for path in logs if path.parent == folder and path.is_file() and path.stat().st_size == 0}
+        if not record.is_dir() or {path.name for path in record.iterdir()} - _HYDRA_RECORD:
+            return
+        found = FreshRunFolder.found or set()
+        if {path.name for path in folder.iterdir()} - found - {record.name} - {path.name for path in logs}:
+            return
+        for path in record.iterdir():
+            path.unlink()
+        record.rmdir()
+        for path in logs:
+            if path.name not in found:
+                path.unlink()
+        if FreshRunFolder.found is None:
+            folder.rmdir()
+    except OSError:  # another process writing there, a folder made read-only: then it stays
+        return
 
 
 class SweepSummary(Callback):
