@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -391,7 +392,7 @@ import wavenet.tasks.{task} as task
 def interrupted(cfg):  # as a Ctrl-C while data is prepared (train=false) or a checkpoint loads
     raise KeyboardInterrupt
 task.run = interrupted
-sys.argv = ["{task}.py", "hydra.run.dir=" + sys.argv[1]]
+sys.argv = ["{task}.py", "hydra.run.dir=" + sys.argv[1], *sys.argv[2:]]
 runpy.run_path("{task}.py", run_name="__main__")
 """
 
@@ -399,8 +400,13 @@ runpy.run_path("{task}.py", run_name="__main__")
 @pytest.mark.parametrize("task", ["train", "generate"])
 def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path: Path, task: str) -> None:
     script = INTERRUPTED_BEFORE_TRAINING.format(task=task)
+    settings = []
+    if task == "generate":  # a file that passes the checks before torch loads, as a checkpoint would
+        with zipfile.ZipFile(tmp_path / "archive.ckpt", "w") as archive:
+            archive.writestr("archive/data.pkl", b"")
+        settings.append(f"ckpt_path={tmp_path / 'archive.ckpt'}")
     result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-c", script, str(tmp_path / "run"), *settings], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "interrupted"
