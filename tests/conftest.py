@@ -79,6 +79,18 @@ def save_checkpoint(module: Any, path: Path, **extra: Any) -> Path:
     return path
 
 
+def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Waits until `path` exists, failing the test if `process` ends first (with its output) or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"ended with status {process.returncode} before writing {path}: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {path} after {timeout:g} s")
+        time.sleep(0.1)
+
+
 def run_script(
     script: str, *overrides: str, timeout: float = 300, env: dict[str, str] | None = None, fresh: bool = False
 ) -> subprocess.CompletedProcess:

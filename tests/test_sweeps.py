@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import soundfile as sf
 import yaml
 from omegaconf import OmegaConf
 
-from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config, run_script
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config, run_script, wait_for_file
 from wavenet.tasks.train import run
 
 EXPERIMENTS = sorted(path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -231,14 +230,7 @@ def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage(tmp_p
                *BUILTIN_SMALL, *FAST_TRIAL[:2], "trainer.max_steps=100000", f"paths.data_dir={data_dir}",
                f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    training = sweep_dir / "0" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not training.exists():
-        assert process.poll() is None, process.communicate()[0][-2000:]
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"no {training} after 120 s")
-        time.sleep(0.1)
+    wait_for_file(sweep_dir / "0" / "checkpoints" / "last.ckpt", process)  # the first trial is training
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output[-2000:]

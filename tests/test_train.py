@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import BUILTIN_SMALL, REPO, TINY, run_script, save_checkpoint
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, run_script, save_checkpoint, wait_for_file
 
 pytestmark = pytest.mark.slow
 
@@ -106,13 +106,7 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
                "trainer.val_check_interval=10", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists():
-        assert process.poll() is None, process.communicate()[1][-2000:]
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"no {last} after 120 s")
-        time.sleep(0.1)
+    wait_for_file(last, process)
     time.sleep(0.5)  # training goes on past step 10's checkpoint
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=120)
