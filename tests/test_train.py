@@ -433,7 +433,7 @@ def test_a_run_refused_before_writing_leaves_nothing_so_the_mended_command_runs_
     made, found = tmp_path / "made", tmp_path / "found"
     found.mkdir()
     (found / "notes.txt").write_text("the user's")
-    for run_dir in (made, found):
+    for run_dir in (made / "runs" / "1", found):  # as outputs/train/runs/<time>, and a folder of the user's
         for script, overrides in [("train.py", ["seed=-1"]), ("generate.py", ["ckpt_path=missing.ckpt"])]:
             result = run_script(script, *overrides, f"hydra.run.dir={run_dir}")
             assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr[-2000:]

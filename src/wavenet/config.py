@@ -128,9 +128,11 @@ class FreshRunFolder(Callback):
 
     Attributes:
         found: What the run folder held before the run (names), or None where this process made it.
+        made: The outermost folder this process made for the run (the run folder or one above it), or None.
     """
 
     found: set[str] | None = None
+    made: Path | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.output_subdir is None:  # a DDP rank, re-run into its job's folder (wavenet.launch)
@@ -139,6 +141,11 @@ class FreshRunFolder(Callback):
         self._refuse_if_used(folder, config.hydra.output_subdir, "hydra.run.dir")
         with contextlib.suppress(OSError):  # not there, or not a folder (refused next)
             FreshRunFolder.found = {path.name for path in folder.iterdir()}
+        if not folder.exists():
+            made = folder.absolute()
+            while not made.parent.exists():
+                made = made.parent
+            FreshRunFolder.made = made
         try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -165,7 +172,7 @@ _HYDRA_RECORD = {"config.yaml", "hydra.yaml", "overrides.yaml"}
 
 def discard_refused_run() -> None:
     """Removes what Hydra wrote for a single run refused before it wrote anything itself: the run's record
-    (`.hydra/`, which `FreshRunFolder` found absent), its empty log, and the folder where this run made it. So
+    (`.hydra/`, which `FreshRunFolder` found absent), its empty log, and the folders this run made. So
     the same command, mended, runs in the same `hydra.run.dir` (rather than being refused as a second run
     there), and refused runs leave no empty folders in outputs/. A run that wrote anything more is left as it is.
     """
@@ -189,8 +196,11 @@ def discard_refused_run() -> None:
         for path in logs:
             if path.name not in found:
                 path.unlink()
-        if FreshRunFolder.found is None:
-            folder.rmdir()
+        if FreshRunFolder.made is not None:  # and the folders made for it, such as outputs/train/runs/
+            for made in [folder.absolute(), *folder.absolute().parents]:
+                made.rmdir()
+                if made == FreshRunFolder.made:
+                    break
     except OSError:  # another process writing there, a folder made read-only: then it stays
         return
 
