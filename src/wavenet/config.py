@@ -6,7 +6,6 @@ a setting refused before training costs no Lightning import (seconds, with torch
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import math
@@ -139,13 +138,17 @@ class FreshRunFolder(Callback):
             return
         folder = Path(config.hydra.run.dir)
         self._refuse_if_used(folder, config.hydra.output_subdir, "hydra.run.dir")
-        with contextlib.suppress(OSError):  # not there, or not a folder (refused next)
+        # Class attributes, for `discard_refused_run`: set for every run, as a process may run more than one.
+        try:
             FreshRunFolder.found = {path.name for path in folder.iterdir()}
+        except OSError:  # not there (made next), or not a folder (refused next)
+            FreshRunFolder.found = None
+        made = None
         if not folder.exists():
             made = folder.absolute()
             while not made.parent.exists():
                 made = made.parent
-            FreshRunFolder.made = made
+        FreshRunFolder.made = made
         try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
