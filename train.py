@@ -9,8 +9,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from wavenet.config import discard_refused_run
+from wavenet.config import SweepSummary, discard_refused_run
 from wavenet.errors import FailedJob, UserError, first_line, report_config_errors_in_one_line
+
+# What a job's exit status says stopped it: the task exits as a shell reports a command ended by the signal.
+_STOPPED_BY = {130: "stopped by Ctrl-C", 143: "stopped by SIGTERM"}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -40,9 +43,15 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
         # (Hydra's launcher would stop an Optuna search here, and end a grid with a traceback, no summary).
         logging.getLogger(__name__).exception("%s%s", job, first_line(error))
         return FailedJob(first_line(error))
+    except SystemExit as stop:  # Ctrl-C or SIGTERM stopped training: a sweep stops with it, its summary written
+        if multirun and SweepSummary.running is not None and stop.code in _STOPPED_BY:
+            SweepSummary.running.stopped(_STOPPED_BY[stop.code])
+        raise
     except KeyboardInterrupt:
         # Outside training (preparing data, with train=false), where Lightning's Ctrl-C handling is not in place.
         print("interrupted", file=sys.stderr)
+        if multirun and SweepSummary.running is not None:
+            SweepSummary.running.stopped(_STOPPED_BY[130])
         sys.exit(130)
 
 

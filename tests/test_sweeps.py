@@ -222,7 +222,7 @@ def test_optuna_study_continued_from_storage_gets_new_trials_in_a_new_folder(tmp
     ]  # fmt: skip
 
 
-def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage(tmp_path, data_dir):
+def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage_and_writes_its_summary(tmp_path, data_dir):
     import optuna
 
     storage, sweep_dir = f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path / "sweep"
@@ -237,6 +237,9 @@ def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage(tmp_p
     assert "Optuna trial 0 failed: the search stopped before it ended" in output
     study = optuna.load_study(study_name="wavenet", storage=storage)
     assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.FAIL]
+    # Hydra's end-of-sweep callbacks never ran, yet the summary of the trials so far is there.
+    summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
+    assert [(trial["job"], trial["reason"]) for trial in summary["trials"]] == [(0, "stopped by Ctrl-C")]
 
 
 @pytest.mark.parametrize("setting", ["n_trials=0", "n_trials=-3", "n_jobs=0"])

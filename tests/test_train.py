@@ -232,6 +232,25 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
     assert layers == [0, 1]
 
 
+def test_a_preempted_sweep_writes_the_summary_of_its_jobs_so_far(tmp_path, data_dir):
+    # SIGTERM (a scheduler's preemption) in the second job: Hydra's end-of-sweep callbacks never run.
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "train.py", "-m", *TINY, *BUILTIN_SMALL, "trainer.max_steps=2,100000",
+               "trainer.val_check_interval=2", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_file(sweep_dir / "1" / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output[-2000:]
+    assert "The sweep ends at job 1, stopped by SIGTERM: the summary lists the jobs so far" in output
+    summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
+    assert [(trial["job"], trial["failed"], trial["reason"]) for trial in summary["trials"]] == [
+        (0, False, None),
+        (1, True, "stopped by SIGTERM"),
+    ]
+    assert summary["best"]["job"] == 0 and summary["trials"][1]["params"] == {"trainer.max_steps": 100000}
+
+
 @pytest.mark.parametrize(
     "overrides,expected",
     [

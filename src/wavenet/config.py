@@ -216,12 +216,20 @@ class SweepSummary(Callback):
     and its run folder. Values are collected as jobs end, so this needs a launcher that runs jobs in this
     process, like Hydra's basic launcher (the default, and what the Optuna sweeper launches trials with).
 
+    A sweep stopped by Ctrl-C or preemption never reaches Hydra's end-of-multirun callbacks: the task calls
+    `stopped` instead, which writes the summary of the jobs so far, the stopped one listed as failed.
+
     Args:
         metric: Name of the value the task function returns, for the table.
         direction: "minimize" or "maximize": which value is the best.
         require_value: Whether a job that returns no value, or NaN, failed: as in a search, which ranks its
             trials by the value (Optuna fails such a trial); a grid of runs may not log it.
+
+    Attributes:
+        running: The summary of the multirun in progress in this process, if any.
     """
+
+    running: SweepSummary | None = None
 
     def __init__(self, metric: str, direction: str = "minimize", require_value: bool = False) -> None:
         if direction not in ("minimize", "maximize"):
@@ -237,6 +245,7 @@ class SweepSummary(Callback):
         self.command_line: dict[str, Any] = {}  # key: its value, or _SWEPT
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.running = self
         self.jobs = []
         # The sweep's own command line: a job's override that it does not set to that value is one of the job's
         # parameters (a value of `key=a,b`, or drawn by a search), even where every job has the same.
@@ -258,8 +267,20 @@ class SweepSummary(Callback):
             reason = value.reason
         elif self.require_value and (value is None or math.isnan(float(value))):
             reason = f"{self.metric} was not logged" if value is None else f"{self.metric} is nan"
-        hydra_cfg = job_return.hydra_cfg.hydra
-        overrides = OverridesParser.create().parse_overrides(list(job_return.overrides or []))
+        self._add_job(job_return.hydra_cfg.hydra, job_return.overrides, reason, value)
+
+    def stopped(self, reason: str) -> None:
+        """Adds the job in progress as failed for `reason` and writes the summary of the jobs so far."""
+        if self.jobs is None:
+            return
+        hydra_cfg = HydraConfig.get()
+        log.warning("The sweep ends at job %s, %s: the summary lists the jobs so far", hydra_cfg.job.num, reason)
+        self._add_job(hydra_cfg, hydra_cfg.overrides.task, reason, None)
+        self._write(Path(hydra_cfg.sweep.dir))
+
+    def _add_job(self, hydra_cfg: DictConfig, overrides: Iterable[str] | None, reason: str | None, value: Any) -> None:
+        assert self.jobs is not None
+        parsed = OverridesParser.create().parse_overrides(list(overrides or []))
         self.jobs.append(
             {
                 "job": int(hydra_cfg.job.num),
@@ -268,7 +289,7 @@ class SweepSummary(Callback):
                 "value": None if reason is not None or value is None else float(value),
                 "params": {  # as typed on the command line: numbers stay numbers in the summary's YAML
                     override.key_or_group: override.value()
-                    for override in overrides
+                    for override in parsed
                     if self.command_line.get(override.key_or_group, _NOT_SET) != override.value()
                 },
                 "output_dir": str(hydra_cfg.runtime.output_dir),
@@ -276,8 +297,16 @@ class SweepSummary(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.running = None
+        failed = self._write(Path(config.hydra.sweep.dir))
+        if failed:
+            # After the summary is written: a sweep with failed jobs is a failed command, for scripts and CI.
+            raise SystemExit(1)
+
+    def _write(self, sweep_dir: Path) -> list[int]:
+        """Writes and logs the summary of the jobs so far; returns the failed ones."""
         if not self.jobs:
-            return
+            return []
         swept = sorted({key for job in self.jobs for key in job["params"]})
         trials = [
             {
@@ -293,7 +322,7 @@ class SweepSummary(Callback):
         scored = [trial for trial in trials if trial["value"] is not None and not math.isnan(trial["value"])]
         pick = min if self.direction == "minimize" else max
         best = pick(scored, key=lambda trial: trial["value"]) if scored else None
-        path = Path(config.hydra.sweep.dir) / "multirun_summary.yaml"
+        path = sweep_dir / "multirun_summary.yaml"
         summary = {"metric": self.metric, "direction": self.direction, "best": best, "trials": trials}
         OmegaConf.save(OmegaConf.create(summary), path)
 
@@ -309,8 +338,7 @@ class SweepSummary(Callback):
         failed = [trial["job"] for trial in trials if trial["failed"]]
         if failed:
             log.error("%d of %d jobs failed: %s", len(failed), len(trials), failed)
-            # After the summary is written: a sweep with failed jobs is a failed command, for scripts and CI.
-            raise SystemExit(1)
+        return failed
 
 
 def check_added_keys(cfg: DictConfig, script: str) -> None:
