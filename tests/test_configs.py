@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config, run_script
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, checkpoint_lookalike, compose_config, run_script
 from wavenet import WaveNetModule
 from wavenet.tasks.train import auto_precision, resolve_auto_settings
 
@@ -204,8 +203,7 @@ REFUSED_BEFORE_TORCH = [
 def test_a_path_that_is_not_there_or_a_bad_setting_is_refused_before_torch_loads(tmp_path, script, overrides, expected):
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with zipfile.ZipFile(tmp_path / "archive.ckpt", "w") as archive:  # what a checkpoint looks like before it is read
-        archive.writestr("archive/data.pkl", b"")
+    checkpoint_lookalike(tmp_path / "archive.ckpt")
     overrides = [override.format(tmp=tmp_path) for override in overrides]
     command = [sys.executable, "-X", "importtime", script, *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)

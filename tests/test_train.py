@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import BUILTIN_SMALL, REPO, TINY, run_script, save_checkpoint, wait_for_file
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, checkpoint_lookalike, run_script, save_checkpoint, wait_for_file
 
 pytestmark = pytest.mark.slow
 
@@ -236,13 +235,14 @@ def test_a_preempted_sweep_writes_the_summary_of_its_jobs_so_far(tmp_path, data_
     # SIGTERM (a scheduler's preemption) in the second job: Hydra's end-of-sweep callbacks never run.
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "train.py", "-m", *TINY, *BUILTIN_SMALL, "trainer.max_steps=2,100000",
-               "trainer.val_check_interval=2", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+               "trainer.val_check_interval=2", f"paths.data_dir={data_dir}",
+               f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_file(sweep_dir / "1" / "checkpoints" / "last.ckpt", process)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 143, output[-2000:]
-    assert "The sweep ends at job 1, stopped by SIGTERM: the summary lists the jobs so far" in output
+    assert process.returncode == 143, output[-3000:]
+    assert "The sweep ends at job 1, stopped by SIGTERM: the summary lists the jobs so far" in output, output[-3000:]
     summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
     assert [(trial["job"], trial["failed"], trial["reason"]) for trial in summary["trials"]] == [
         (0, False, None),
@@ -415,9 +415,7 @@ def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path: Path, task
     script = INTERRUPTED_BEFORE_TRAINING.format(task=task)
     settings = []
     if task == "generate":  # a file that passes the checks before torch loads, as a checkpoint would
-        with zipfile.ZipFile(tmp_path / "archive.ckpt", "w") as archive:
-            archive.writestr("archive/data.pkl", b"")
-        settings.append(f"ckpt_path={tmp_path / 'archive.ckpt'}")
+        settings.append(f"ckpt_path={checkpoint_lookalike(tmp_path / 'archive.ckpt')}")
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "run"), *settings], cwd=REPO, capture_output=True, text=True
     )

@@ -126,11 +126,11 @@ class FreshRunFolder(Callback):
     mix its logs, metrics and checkpoints with the earlier ones: refused at the start, nothing is touched.
 
     Attributes:
-        found: What the run folder held before the run (names), or None where this process made it.
+        found: What the run folder held before the run (names; none where this process made it).
         made: The outermost folder this process made for the run (the run folder or one above it), or None.
     """
 
-    found: set[str] | None = None
+    found: set[str] = set()
     made: Path | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -142,7 +142,7 @@ class FreshRunFolder(Callback):
         try:
             FreshRunFolder.found = {path.name for path in folder.iterdir()}
         except OSError:  # not there (made next), or not a folder (refused next)
-            FreshRunFolder.found = None
+            FreshRunFolder.found = set()
         made = None
         if not folder.exists():
             made = folder.absolute()
@@ -190,7 +190,7 @@ def discard_refused_run() -> None:
         logs = {path for path in logs if path.parent == folder and path.is_file() and path.stat().st_size == 0}
         if not record.is_dir() or {path.name for path in record.iterdir()} - _HYDRA_RECORD:
             return
-        found = FreshRunFolder.found or set()
+        found = FreshRunFolder.found
         if {path.name for path in folder.iterdir()} - found - {record.name} - {path.name for path in logs}:
             return
         for path in record.iterdir():
