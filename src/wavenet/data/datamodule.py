@@ -12,8 +12,12 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
+import os
 import shutil
+import signal
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -55,6 +59,29 @@ def _collate(examples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Stacks examples into `(inputs, targets)`, each (B, T); `default_collate` alone would give a list."""
     inputs, targets = default_collate(examples)
     return inputs, targets
+
+
+def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a SIGTERM from anyone but the process that owns the loader is ignored.
+
+    Schedulers preempt a job by sending SIGTERM to every process in it (SLURM at the time limit, `timeout`, `kill`
+    of a process group), workers included. PyTorch's workers die of it, and the trainer, told by SIGCHLD, raised
+    "DataLoader worker ... is killed by signal: Terminated" from wherever it was, before it could finish the step
+    and save `interrupted.ckpt`. The trainer still ends its workers with SIGTERM (`Process.terminate`), so the
+    signal is taken by a thread that knows the sender, rather than ignored outright.
+    """
+    owner = multiprocessing.parent_process()
+    owner_pid = owner.pid if owner is not None else os.getppid()
+    # Blocked here, it is blocked in every thread this worker starts later (its queue's feeder): only
+    # sigwaitinfo below receives it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == owner_pid:
+                os._exit(0)  # as PyTorch's own handler does for its owner's SIGTERM
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm", daemon=True).start()
 
 
 def _validation_score(relative_path: str) -> float:
@@ -167,6 +194,7 @@ class ChunkDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=_collate,
+            worker_init_fn=_leave_sigterm_to_the_trainer,
         )
 
 
