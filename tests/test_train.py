@@ -1,5 +1,6 @@
 """`python train.py ...` end to end, as users run it: single runs, resuming, DDP on CPU, multirun, errors."""
 
+import contextlib
 import csv
 import json
 import os
@@ -139,6 +140,45 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
     assert checkpoint["global_step"] == stopped_at + 2  # two steps trained after the stop, to max_steps
 
 
+@pytest.mark.parametrize(
+    ("strategy", "to_whom"),
+    [
+        (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"], "every process"),
+        (["trainer=ddp_sim"], "the launching process"),
+    ],
+)
+def test_a_sigterm_stops_every_ddp_rank_after_the_same_step_and_saves(tmp_path, data_dir, strategy, to_whom):
+    # SLURM sends it to every process of the job: once to each rank, and Lightning's rank 0 sent it to its ranks
+    # again; Lightning's handler then broadcast from wherever it found each rank, and the ranks waited forever in
+    # mismatched collectives. Kubernetes sends it to the first process alone, which under ddp_sim trains nothing.
+    run_dir = tmp_path / "stopped"
+    tiny = [setting for setting in TINY if not setting.startswith(("trainer=", "data.num_workers="))]
+    command = [sys.executable, "train.py", *tiny, *BUILTIN_SMALL, *strategy, "data.num_workers=1",
+               "trainer.max_steps=100000", "trainer.val_check_interval=10", f"paths.data_dir={data_dir}",
+               f"hydra.run.dir={run_dir}"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
+        time.sleep(0.5)
+        if to_whom == "every process":
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # a rank left waiting in a collective
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
+    assert f"resume with ckpt_path={interrupted}" in stdout + stderr
+    checkpoint = torch.load(interrupted, weights_only=False)
+    assert checkpoint["global_step"] > 10
+    batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+    assert batches["ready"] == batches["completed"] == checkpoint["global_step"]
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_a_second_ctrl_c_stops_at_once_as_does_the_first_under_ddp(world_size):
     from wavenet.callbacks import InterruptCheckpoint
@@ -148,7 +188,7 @@ def test_a_second_ctrl_c_stops_at_once_as_does_the_first_under_ddp(world_size):
     ctrl_c = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left there
     try:
         callback = InterruptCheckpoint("unused")
-        callback.on_train_start(SimpleNamespace(world_size=world_size), None)
+        callback.on_train_start(SimpleNamespace(world_size=world_size, global_rank=0), None)
         if world_size == 1:
             assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # or it would stop pytest
             signal.raise_signal(signal.SIGINT)  # handed to Lightning's SIGTERM handler: stop after this step

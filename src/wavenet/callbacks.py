@@ -211,11 +211,16 @@ class InterruptCheckpoint(L.Callback):
     at the end of the step in progress (Ctrl-C through Lightning's SIGTERM handling), so the checkpoint resumes
     exactly where an uninterrupted run would be. A second Ctrl-C stops at once: the step in progress is not
     retrained, and one stopped inside the optimizer step may save half-updated weights. Under DDP the first
-    Ctrl-C already stops at once, and saves nothing: every rank receives it, and Lightning's SIGTERM handler
-    would have each one broadcast the stop, unmatched; saving would wait for ranks stopped elsewhere. Other
-    exceptions (a bug, out of memory) save nothing: their state may be broken. Not Lightning's
-    `OnExceptionCheckpoint`, which saves on every exception and, when present, makes every `fit` without
-    `ckpt_path` look for a checkpoint to resume from.
+    Ctrl-C already stops at once, and saves nothing: each rank stops where it finds itself, maybe inside a
+    collective that the others left, and saving would wait for them. Other exceptions (a bug, out of memory)
+    save nothing: their state may be broken. Not Lightning's `OnExceptionCheckpoint`, which saves on every
+    exception and, when present, makes every `fit` without `ckpt_path` look for a checkpoint to resume from.
+
+    Under DDP a SIGTERM, to any rank or to all (as SLURM sends it), stops every rank after the same step: the
+    ranks agree on it after each batch, in one all-reduce of a flag. Lightning's own handler broadcasts from
+    inside the signal handler, wherever that finds the rank (in backward's all-reduce, say), and once per
+    SIGTERM: ranks that received it a different number of times, or at different points, waited forever in
+    mismatched collectives.
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
@@ -223,17 +228,33 @@ class InterruptCheckpoint(L.Callback):
         self.stopped_by_ctrl_c = False
         self._ctrl_c_handler: Any = None  # SIGINT's handler before training started, while ours is installed
         self._training = False  # whether training has started: before, there is nothing to save
+        self._sigterm_received = False  # under DDP: by this rank, since training started; not yet agreed on
+        self._agrees_on_stops = False  # under DDP: whether this rank's SIGTERM handler is ours
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stopped_by_ctrl_c = False
         self._training = True
+        self._sigterm_received = False
         lightning_sigterm = signal.getsignal(signal.SIGTERM)  # SIG_DFL, not callable, where Lightning set none
-        if trainer.world_size > 1 or not callable(lightning_sigterm):
+        if not callable(lightning_sigterm):
             return
         if threading.current_thread() is not threading.main_thread():  # only there can signal handlers be set
             return
 
         training_process = os.getpid()
+        if trainer.world_size > 1:
+            rank = trainer.global_rank
+
+            def note_sigterm(signum: int, frame: FrameType | None) -> None:
+                if os.getpid() != training_process or self._sigterm_received:
+                    return
+                self._sigterm_received = True
+                # Every rank logs it: ranks, or nodes, may have been sent it at different times, or not at all.
+                log.info("[rank: %d] Received SIGTERM: every rank stops after this step", rank)
+
+            signal.signal(signal.SIGTERM, note_sigterm)  # Lightning's is put back when fit ends
+            self._agrees_on_stops = True
+            return
 
         def stop_after_this_step(signum: int, frame: FrameType | None) -> None:
             if os.getpid() != training_process:  # a DataLoader worker, forked with this handler: the trainer ends it
@@ -251,6 +272,14 @@ class InterruptCheckpoint(L.Callback):
 
         previous = signal.signal(signal.SIGINT, stop_after_this_step)
         self._ctrl_c_handler = signal.SIG_DFL if previous is None else previous  # None: one set outside Python
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not self._agrees_on_stops:
+            return
+        # Every rank calls this after the same batch. Set on all, Lightning's own flag ends training at the end of
+        # this step on every rank (SIGTERMException), before the next batch is fetched.
+        if trainer.strategy.reduce_boolean_decision(self._sigterm_received, all=False):
+            trainer._signal_connector.received_sigterm = True
 
     def _restore_ctrl_c(self) -> None:
         if self._ctrl_c_handler is not None:
@@ -282,6 +311,7 @@ class InterruptCheckpoint(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_ctrl_c()
         self._training = False
+        self._agrees_on_stops = False
 
 
 class LearningRateMonitor(LightningLearningRateMonitor):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import logging.config
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +31,10 @@ from hydra.types import RunMode
 from hydra.utils import get_original_cwd, to_absolute_path
 from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
+from lightning.pytorch.trainer import call
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 _lightning_command = fabric_launcher._hydra_subprocess_cmd
@@ -148,3 +152,46 @@ class SpawnStrategy(DDPStrategy):
             logging.config.dictConfig(self._logging_config)
         quiet_lightning()
         super().setup_environment()
+
+    def _configure_launcher(self) -> None:
+        self._launcher = _SpawnLauncher(self, start_method=self._start_method)
+
+
+class RankStopped(Exception):
+    """A spawned rank ended training on a SIGTERM, as every rank did, after saving `interrupted.ckpt`."""
+
+
+class _SpawnLauncher(_MultiProcessingLauncher):
+    """Lightning's launcher of spawned ranks, with a way to stop them for a SIGTERM.
+
+    The launching process trains nothing. Its default for SIGTERM was to die, and torch then stopped each rank
+    with a SIGINT (its parent-death signal) wherever it was: tracebacks, and no checkpoint. It passes the signal
+    on to the ranks instead (which agree on a step to stop after, see `InterruptCheckpoint`) and waits for them.
+    A rank that stops so runs what Lightning runs only in the launching process for a stop (the callbacks'
+    `on_exception`: the checkpoint), and reports `RankStopped`, which torch passes on as an error.
+    """
+
+    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+
+        def pass_on(signum: int, frame: Any) -> None:
+            for process in self.procs:
+                if process.is_alive() and process.pid is not None:
+                    os.kill(process.pid, signal.SIGTERM)
+
+        previous = signal.signal(signal.SIGTERM, pass_on)
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            super()._wrapping_function(process_idx, trainer, *args, **kwargs)
+        except SIGTERMException as stop:
+            # A SystemExit, which torch's rank wrapper lets end the rank with status 0, and the launching process
+            # then waited forever for the results rank 0 never sent.
+            call._interrupt(trainer, stop)
+            trainer._teardown()
+            raise RankStopped from None

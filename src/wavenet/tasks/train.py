@@ -26,7 +26,7 @@ from wavenet.checkpoint import EMA_STATE_KEY, read_checkpoint
 from wavenet.config import instantiate_checked, instantiate_group, print_config_tree
 from wavenet.ema import EMA
 from wavenet.errors import UserError, is_integer, user_error_message
-from wavenet.launch import ddp_job, quiet_lightning
+from wavenet.launch import RankStopped, ddp_job, quiet_lightning
 from wavenet.module import check_resumable
 from wavenet.tasks.train_settings import check_settings
 
@@ -262,6 +262,8 @@ def run(cfg: DictConfig) -> float | None:
                 with ddp_job():
                     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             except ProcessRaisedException as error:
+                if str(error).rstrip().endswith(RankStopped.__name__):  # stopped by a SIGTERM, its checkpoint saved
+                    raise SystemExit(128 + signal.SIGTERM) from None
                 # A spawned rank (trainer=ddp_sim) stopped by a UserError: torch passes on its traceback as text.
                 message = user_error_message(str(error))
                 if message is None:
