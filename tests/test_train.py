@@ -323,6 +323,11 @@ def test_a_preempted_sweep_writes_the_summary_of_its_jobs_so_far(tmp_path, data_
         (["trainer.max_steps=0"], "trainer.max_steps must be a positive integer (or -1: no limit), got 0"),
         (["trainer.max_steps=-1"], "model.decay=cosine decays over the whole run, and this one has no end"),
         (["trainer.val_check_interval=0"], "trainer.val_check_interval must be a positive number of steps"),
+        # A third: a ZeroDivisionError at the first step, or once the data was prepared and the loggers made.
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be a positive integer, got 0"),
+        (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps must be a positive integer, got 0"),
+        (["logger=tensorboard", "logger.tensorboard.save_dir={tiny}/tb"],
+         "logger.tensorboard.save_dir={tiny}/tb cannot be made: {tiny} is a file, not a folder"),
         pytest.param(
             ["trainer.accelerator=gpu"], "trainer.accelerator=gpu but no CUDA GPU is available here",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available here"),
@@ -339,7 +344,7 @@ def test_bad_input_is_one_clear_error(tmp_path, data_dir, overrides, expected):
     module = WaveNetModule(layers=6, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16)
     tiny = save_checkpoint(module, tmp_path / "tiny.ckpt")
     overrides = [override.format(tmp=tmp_path, tiny=tiny) for override in overrides]
-    expected = expected.format(tmp=tmp_path)
+    expected = expected.format(tmp=tmp_path, tiny=tiny)
     run_dir = tmp_path / "run"
     result = run_script("train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides)
     assert result.returncode != 0

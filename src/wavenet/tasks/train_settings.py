@@ -5,6 +5,7 @@ again, for callers from Python)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -22,7 +23,12 @@ _TRAINER_INTEGERS = (
     "max_epochs", "min_epochs", "min_steps", "log_every_n_steps", "num_sanity_val_steps", "accumulate_grad_batches",
     "check_val_every_n_epoch", "num_nodes",
 )  # fmt: skip
+# Of those, the ones Lightning (or the module) divides by: 0 stopped training at its first step, with a
+# ZeroDivisionError; a negative value, as in num_nodes, is no better.
+_TRAINER_POSITIVE = ("accumulate_grad_batches", "log_every_n_steps", "check_val_every_n_epoch", "num_nodes")
 _TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")
+# The folders a run writes to, besides its own: found unwritable only when the loggers or checkpoints first write.
+_OUTPUT_FOLDERS = (("logger", "save_dir"), ("callbacks", "dirpath"))
 # The data modules whose `root` is a corpus on this machine (data=folder, vctk, ljspeech).
 _FOLDER_DATA_MODULES = ("wavenet.data.AudioFolderDataModule", "wavenet.data.datamodule.AudioFolderDataModule")
 
@@ -60,6 +66,8 @@ def check_settings(cfg: DictConfig) -> None:
         value = trainer.get(key)
         if value is not None and not is_integer(value):
             raise UserError(f"trainer.{key} must be an integer, got {value!r}")
+        if value is not None and key in _TRAINER_POSITIVE and value < 1:
+            raise UserError(f"trainer.{key} must be a positive integer, got {value}")
     decay = cfg.model.get("decay", "constant")
     if max_steps == -1 and trainer.get("max_epochs") == -1 and decay != "constant":
         # The module finds it too (an endless data set with max_epochs), but only once the data is prepared.
@@ -84,12 +92,28 @@ def check_settings(cfg: DictConfig) -> None:
     deterministic = trainer.get("deterministic")
     if deterministic is not None and deterministic not in (True, False, "warn"):
         raise UserError(f"trainer.deterministic must be true, false, warn or null, got {deterministic!r}")
+    for group, key in _OUTPUT_FOLDERS:
+        for name, settings in (cfg.get(group) or {}).items():
+            folder = settings.get(key) if isinstance(settings, DictConfig) else None
+            if isinstance(folder, str) and folder:
+                _check_can_write_in(f"{group}.{name}.{key}", Path(folder).expanduser())
     accelerator = str(cfg.trainer.get("accelerator"))
     if accelerator in ("gpu", "cuda") and not _cuda_available():
         raise UserError(
             f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use trainer=cpu, or trainer=default "
             "(the GPU when there is one)"
         )
+
+
+def _check_can_write_in(key: str, folder: Path) -> None:
+    """Raises `UserError` where `folder` cannot be made, or written in, by this process."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}={folder} cannot be made: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={folder} cannot be written: {existing} is not writable")
 
 
 def _cuda_available() -> bool:
