@@ -1,5 +1,6 @@
 """Every option of every config group composes, and the parts it names can be built."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +185,7 @@ REFUSED_BEFORE_TORCH = [
         ("missing.ckpt", "checkpoint not found: {tmp}/missing.ckpt"),
         ("folder", "checkpoint {tmp}/folder is a folder"),
         ("notes.txt", "{tmp}/notes.txt is not a PyTorch checkpoint"),
+        ("pipe", "checkpoint {tmp}/pipe is not a regular file"),  # reading it would wait for a writer
     ]
 ] + [
     ("train.py", ["data=folder", "data.root={tmp}/missing"], "data root {tmp}/missing does not exist"),
@@ -203,6 +205,7 @@ REFUSED_BEFORE_TORCH = [
 def test_a_path_that_is_not_there_or_a_bad_setting_is_refused_before_torch_loads(tmp_path, script, overrides, expected):
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
+    os.mkfifo(tmp_path / "pipe")
     checkpoint_lookalike(tmp_path / "archive.ckpt")
     overrides = [override.format(tmp=tmp_path) for override in overrides]
     command = [sys.executable, "-X", "importtime", script, *overrides, f"hydra.run.dir={tmp_path / 'run'}"]

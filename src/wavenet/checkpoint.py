@@ -36,8 +36,10 @@ def check_checkpoint_file(path: Path) -> None:
     """Raises `UserError` if `path` is a folder, missing, or not a `torch.save` archive (or one cut short)."""
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder, not a file (a run's are in checkpoints/, e.g. last.ckpt)")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
+    if not path.is_file():  # a device, a pipe: torch.load would read it as a stream, never as a checkpoint
+        raise UserError(f"checkpoint {path} is not a regular file")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not a PyTorch checkpoint (torch.save's zip archive), or it was cut short")
 
