@@ -242,6 +242,28 @@ def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage_and_w
     assert [(trial["job"], trial["reason"]) for trial in summary["trials"]] == [(0, "stopped by Ctrl-C")]
 
 
+def test_the_summary_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # A stopped sweep writes it on the way out, where a second Ctrl-C may cut the writing short.
+    from wavenet import config
+
+    summary = config.SweepSummary(metric="val/loss")
+    job = {"failed": False, "reason": None, "params": {"model.lr": 0.1}, "output_dir": str(tmp_path)}
+    summary.jobs = [{"job": 0, "value": 1.5, **job}]
+    summary._write(tmp_path)
+    written = (tmp_path / "multirun_summary.yaml").read_text()
+    summary.jobs.append({"job": 1, "value": 1.25, **job})
+
+    def cut_short(conf, path):
+        Path(path).write_text("metric: val/loss\ntrials:\n- job: 0\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config.OmegaConf, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        summary._write(tmp_path)
+    assert (tmp_path / "multirun_summary.yaml").read_text() == written
+    assert [path.name for path in tmp_path.iterdir()] == ["multirun_summary.yaml"]
+
+
 @pytest.mark.parametrize("setting", ["n_trials=0", "n_trials=-3", "n_jobs=0"])
 def test_optuna_search_of_no_trials_is_refused_before_any(tmp_path, setting):
     sweep_dir = tmp_path / "optuna"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -324,7 +325,13 @@ class SweepSummary(Callback):
         best = pick(scored, key=lambda trial: trial["value"]) if scored else None
         path = sweep_dir / "multirun_summary.yaml"
         summary = {"metric": self.metric, "direction": self.direction, "best": best, "trials": trials}
-        OmegaConf.save(OmegaConf.create(summary), path)
+        # Written whole or not at all: a second Ctrl-C while a stopped sweep writes it left half a YAML file.
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            OmegaConf.save(OmegaConf.create(summary), partial)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
         lines = [f"Multirun summary ({self.metric}, {self.direction}), saved to {path}:"]
         for trial in trials:
