@@ -228,13 +228,20 @@ class InterruptCheckpoint(L.Callback):
         self.stopped_by_ctrl_c = False
         self._ctrl_c_handler: Any = None  # SIGINT's handler before training started, while ours is installed
         self._training = False  # whether training has started: before, there is nothing to save
-        self._sigterm_received = False  # under DDP: by this rank, since training started; not yet agreed on
+        self._sigterm_received = False  # under DDP: by this rank, since our handler was set; not yet agreed on
         self._agrees_on_stops = False  # under DDP: whether this rank's SIGTERM handler is ours
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's SIGTERM handler is in place from here on: under DDP ours replaces it before training, too.
+        if trainer.world_size > 1:
+            self._agree_on_sigterm(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stopped_by_ctrl_c = False
         self._training = True
-        self._sigterm_received = False
+        if trainer.world_size > 1:
+            self._agree_on_sigterm(trainer)
+            return
         lightning_sigterm = signal.getsignal(signal.SIGTERM)  # SIG_DFL, not callable, where Lightning set none
         if not callable(lightning_sigterm):
             return
@@ -242,19 +249,6 @@ class InterruptCheckpoint(L.Callback):
             return
 
         training_process = os.getpid()
-        if trainer.world_size > 1:
-            rank = trainer.global_rank
-
-            def note_sigterm(signum: int, frame: FrameType | None) -> None:
-                if os.getpid() != training_process or self._sigterm_received:
-                    return
-                self._sigterm_received = True
-                # Every rank logs it: ranks, or nodes, may have been sent it at different times, or not at all.
-                log.info("[rank: %d] Received SIGTERM: every rank stops after this step", rank)
-
-            signal.signal(signal.SIGTERM, note_sigterm)  # Lightning's is put back when fit ends
-            self._agrees_on_stops = True
-            return
 
         def stop_after_this_step(signum: int, frame: FrameType | None) -> None:
             if os.getpid() != training_process:  # a DataLoader worker, forked with this handler: the trainer ends it
@@ -272,6 +266,25 @@ class InterruptCheckpoint(L.Callback):
 
         previous = signal.signal(signal.SIGINT, stop_after_this_step)
         self._ctrl_c_handler = signal.SIG_DFL if previous is None else previous  # None: one set outside Python
+
+    def _agree_on_sigterm(self, trainer: L.Trainer) -> None:
+        """Under DDP: replaces Lightning's SIGTERM handler by one that notes the signal, for the ranks to agree on."""
+        if self._agrees_on_stops:  # since the sanity check: a SIGTERM noted then still counts
+            return
+        if not callable(signal.getsignal(signal.SIGTERM)) or threading.current_thread() is not threading.main_thread():
+            return
+        training_process, rank = os.getpid(), trainer.global_rank
+        self._sigterm_received = False
+
+        def note_sigterm(signum: int, frame: FrameType | None) -> None:
+            if os.getpid() != training_process or self._sigterm_received:
+                return
+            self._sigterm_received = True
+            # Every rank logs it: ranks, or nodes, may have been sent it at different times, or not at all.
+            log.info("[rank: %d] Received SIGTERM: every rank stops after this step", rank)
+
+        signal.signal(signal.SIGTERM, note_sigterm)  # Lightning's is put back when fit ends
+        self._agrees_on_stops = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if not self._agrees_on_stops:
