@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from wavenet.config import discard_refused_run
-from wavenet.errors import UserError, report_config_errors_in_one_line
+from wavenet.errors import Terminated, UserError, report_config_errors_in_one_line
 from wavenet.tasks.generate_settings import check_settings
 
 
@@ -25,6 +25,9 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("stopped by SIGTERM", file=sys.stderr)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

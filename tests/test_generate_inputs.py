@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ import soundfile as sf
 from rich.console import Console
 
 from tests.conftest import compose_config, run_script, save_checkpoint
-from wavenet.errors import UserError
+from wavenet.errors import Terminated, UserError
 from wavenet.module import WaveNetModule
 from wavenet.tasks.generate import run
 
@@ -177,7 +178,9 @@ def test_progress_is_logged_per_file_and_in_all_where_the_output_is_no_terminal(
     assert " samples/s in all, " in wrote and wrote.endswith("x real time each")
 
 
-def test_an_interrupted_run_writes_the_samples_made_so_far(tmp_path, checkpoint, monkeypatch, caplog):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_an_interrupted_run_writes_the_samples_made_so_far(tmp_path, checkpoint, monkeypatch, caplog, stop):
+    # A SIGTERM is how a scheduler preempts a batch job: by default it ended the run with nothing written.
     from wavenet import generation
 
     sample_steps, chunks = generation.sample_steps, []
@@ -185,20 +188,43 @@ def test_an_interrupted_run_writes_the_samples_made_so_far(tmp_path, checkpoint,
     def interrupted_at_the_third_chunk(*args: object) -> None:
         chunks.append(args)
         if len(chunks) == 3:
-            raise KeyboardInterrupt
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGTERM)
         sample_steps(*args)
 
     monkeypatch.setattr(generation, "sample_steps", interrupted_at_the_third_chunk)
     overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=1000", "batch_size=2", "method=eager"]
-    with pytest.raises(KeyboardInterrupt):
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else Terminated):
         run(compose_config("generate", [*overrides, "seed=3"], tmp_path / "cut"))
+    assert signal.getsignal(signal.SIGTERM) == sigterm  # put back
     cut = sorted((tmp_path / "cut").glob("sample_*.wav"))
     assert [sf.info(path).frames for path in cut] == [128, 128]  # two chunks of 64 steps
-    assert "Interrupted: wrote 2 file(s) cut short, 128 of 1,000 samples" in caplog.text
+    said = "Interrupted" if stop == "ctrl-c" else "Stopped by SIGTERM"
+    assert f"{said}: wrote 2 file(s) cut short, 128 of 1,000 samples" in caplog.text
     monkeypatch.undo()
     whole = run(compose_config("generate", [*overrides, "seed=3"], tmp_path / "whole"))
     for part, full in zip(cut, whole):
         np.testing.assert_array_equal(sf.read(part)[0], sf.read(full)[0][:128])
+
+
+def test_a_sigterm_while_the_files_are_written_stops_the_run_once_they_are(tmp_path, checkpoint, monkeypatch):
+    from wavenet.tasks import generate as task
+
+    write_wav, written = task.write_wav, []
+
+    def preempted_while_writing(*args: object) -> None:
+        if not written:
+            signal.raise_signal(signal.SIGTERM)
+        write_wav(*args)
+        written.append(args[0])
+
+    monkeypatch.setattr(task, "write_wav", preempted_while_writing)
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=100", "batch_size=3"]
+    with pytest.raises(Terminated):
+        run(compose_config("generate", overrides, tmp_path))
+    assert [sf.info(path).frames for path in written] == [100, 100, 100]
 
 
 def test_a_cxx_that_names_no_program_is_named_in_a_warning(monkeypatch, caplog):

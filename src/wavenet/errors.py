@@ -25,6 +25,13 @@ class UserError(Exception):
         return message if original is None else original
 
 
+class Terminated(BaseException):
+    """A SIGTERM (a scheduler preempting the job) stopped the work in progress; the entry point exits 143.
+
+    A `BaseException`, as `KeyboardInterrupt` is: no `except Exception` on the way takes it for a failure.
+    """
+
+
 def exit_with_error(message: str) -> NoReturn:
     """Ends the process as the entry points end at a `UserError`: `error: <message>`, status 1.
 

@@ -6,10 +6,13 @@ import datetime
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -20,7 +23,7 @@ from rich.text import Text
 from wavenet.checkpoint import load_wavenet
 from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
-from wavenet.errors import UserError
+from wavenet.errors import Terminated, UserError
 from wavenet.generation import generate, resolve_method
 from wavenet.tasks.generate_settings import PRECISION_DTYPES, check_settings
 
@@ -31,7 +34,8 @@ def run(cfg: DictConfig) -> list[Path]:
     """Writes `cfg.batch_size` files `sample_000.wav`, ... of `cfg.num_samples` samples to the run folder.
 
     Every setting and the prime file are checked before the checkpoint is read, so that a mistake costs no
-    loading. Interrupted (Ctrl-C), it writes the samples made so far, as shorter files, and re-raises.
+    loading. Interrupted (Ctrl-C, or a SIGTERM: `Terminated`), it writes the samples made so far, as shorter
+    files, and re-raises; a SIGTERM while files are written stops the run once they are.
 
     Returns:
         The paths of the files written.
@@ -81,8 +85,9 @@ def run(cfg: DictConfig) -> list[Path]:
     classes = torch.empty(batch_size, num_samples, dtype=torch.long, device=device)
     made = 0
     started = time.perf_counter()
+    sigterm = _SigtermStops()
     try:
-        with _progress_bar(num_samples, batch_size, sample_rate, float(cfg.log_every_seconds)) as show:
+        with sigterm, _progress_bar(num_samples, batch_size, sample_rate, float(cfg.log_every_seconds)) as show:
 
             def advance(steps: int) -> None:
                 nonlocal made
@@ -100,17 +105,51 @@ def run(cfg: DictConfig) -> list[Path]:
                 method=method,
                 out=classes,
             )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         if made:
-            paths = _write_wavs(output_dir, classes[:, :made], levels, sample_rate)
-            log.warning("Interrupted: wrote %d file(s) cut short, %s of %s samples, to %s",
+            with _SigtermStops(hold=True):
+                paths = _write_wavs(output_dir, classes[:, :made], levels, sample_rate)
+            log.warning("%s: wrote %d file(s) cut short, %s of %s samples, to %s",
+                        "Interrupted" if isinstance(stop, KeyboardInterrupt) else "Stopped by SIGTERM",
                         len(paths), f"{made:,}", f"{num_samples:,}", output_dir)  # fmt: skip
         raise
     seconds = time.perf_counter() - started
-    paths = _write_wavs(output_dir, classes, levels, sample_rate)
+    with _SigtermStops(hold=True):
+        paths = _write_wavs(output_dir, classes, levels, sample_rate)
     log.info("Wrote %d file(s) to %s in %.1f s: %s", len(paths), output_dir, seconds,
              _speed(num_samples, seconds, batch_size, sample_rate, total=True))  # fmt: skip
     return paths
+
+
+class _SigtermStops:
+    """Within it, a SIGTERM raises `Terminated`, or with `hold`, once the block has ended.
+
+    A preempted batch job is sent SIGTERM, whose default ended generation at once: no file of hours of sampling.
+    Held while files are written, so that none is left cut off in the middle.
+    """
+
+    def __init__(self, hold: bool = False) -> None:
+        self.hold = hold
+        self.received = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigtermStops:
+        if threading.current_thread() is threading.main_thread():  # only there can signal handlers be set
+            self._previous = signal.signal(signal.SIGTERM, self._stop)
+            self._installed = True
+        return self
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.received = True
+        if not self.hold:
+            raise Terminated
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        if self._installed:  # None: a handler set outside Python, which cannot be put back; the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+        if self.received and self.hold and kind is None:
+            raise Terminated
 
 
 def _write_wavs(output_dir: Path, classes: torch.Tensor, levels: int, sample_rate: int) -> list[Path]:
