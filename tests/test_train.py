@@ -140,17 +140,22 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
     assert checkpoint["global_step"] == stopped_at + 2  # two steps trained after the stop, to max_steps
 
 
+CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+
+
 @pytest.mark.parametrize(
-    ("strategy", "to_whom"),
+    ("strategy", "stop", "to_whom"),
     [
-        (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"], "every process"),
-        (["trainer=ddp_sim"], "the launching process"),
+        (CPU_DDP, signal.SIGTERM, "every process"),
+        (["trainer=ddp_sim"], signal.SIGTERM, "the launching process"),
+        (["trainer=ddp_sim"], signal.SIGINT, "every process"),
     ],
 )
-def test_a_sigterm_stops_every_ddp_rank_after_the_same_step_and_saves(tmp_path, data_dir, strategy, to_whom):
-    # SLURM sends it to every process of the job: once to each rank, and Lightning's rank 0 sent it to its ranks
-    # again; Lightning's handler then broadcast from wherever it found each rank, and the ranks waited forever in
-    # mismatched collectives. Kubernetes sends it to the first process alone, which under ddp_sim trains nothing.
+def test_a_stop_ends_every_ddp_rank_after_the_same_step_and_saves(tmp_path, data_dir, strategy, stop, to_whom):
+    # SLURM sends SIGTERM to every process of the job: once to each rank, and Lightning's rank 0 sent it to its
+    # ranks again; Lightning's handler then broadcast from wherever it found each rank, and the ranks waited forever
+    # in mismatched collectives. Kubernetes sends it to the first process alone, which under ddp_sim trains
+    # nothing; a terminal sends Ctrl-C to every process, which stopped each rank at once, with nothing saved.
     run_dir = tmp_path / "stopped"
     tiny = [setting for setting in TINY if not setting.startswith(("trainer=", "data.num_workers="))]
     command = [sys.executable, "train.py", *tiny, *BUILTIN_SMALL, *strategy, "data.num_workers=1",
@@ -162,14 +167,14 @@ def test_a_sigterm_stops_every_ddp_rank_after_the_same_step_and_saves(tmp_path, 
         wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
         time.sleep(0.5)
         if to_whom == "every process":
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, stop)
         else:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # a rank left waiting in a collective
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert process.returncode == 128 + stop, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
     assert f"resume with ckpt_path={interrupted}" in stdout + stderr
@@ -180,7 +185,7 @@ def test_a_sigterm_stops_every_ddp_rank_after_the_same_step_and_saves(tmp_path, 
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_a_second_ctrl_c_stops_at_once_as_does_the_first_under_ddp(world_size):
+def test_a_first_ctrl_c_stops_after_the_step_and_a_second_at_once(world_size):
     from wavenet.callbacks import InterruptCheckpoint
 
     stops: list[int] = []
@@ -189,10 +194,13 @@ def test_a_second_ctrl_c_stops_at_once_as_does_the_first_under_ddp(world_size):
     try:
         callback = InterruptCheckpoint("unused")
         callback.on_train_start(SimpleNamespace(world_size=world_size, global_rank=0), None)
-        if world_size == 1:
-            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # or it would stop pytest
-            signal.raise_signal(signal.SIGINT)  # handed to Lightning's SIGTERM handler: stop after this step
-            assert stops == [signal.SIGTERM] and callback.stopped_by_ctrl_c
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # or it would stop pytest
+        signal.raise_signal(signal.SIGINT)
+        assert callback.stopped_by_ctrl_c
+        # Alone, handed to Lightning's SIGTERM handler; under DDP, noted for the ranks to agree on after the batch
+        # (Lightning's would broadcast from inside the handler).
+        assert stops == [signal.SIGTERM] * (world_size == 1)
+        assert callback._stop_requested == (world_size > 1)
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
         assert stops == [signal.SIGTERM] * (world_size == 1)
@@ -353,9 +361,6 @@ def test_bad_input_is_one_clear_error(tmp_path, data_dir, overrides, expected):
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     if any(override.startswith("ckpt_path=") for override in overrides):
         assert "CONFIG" not in result.stdout  # a refused checkpoint is all the run prints, found in a second
-
-
-CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 
 
 def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path, data_dir):

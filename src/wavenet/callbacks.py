@@ -38,6 +38,7 @@ from torchaudio.transforms import MelSpectrogram
 from wavenet.data.mulaw import mu_law_decode
 from wavenet.errors import UserError
 from wavenet.generation import generate
+from wavenet.launch import leave_ranks_to_stop
 
 log = logging.getLogger(__name__)
 
@@ -209,18 +210,17 @@ class InterruptCheckpoint(L.Callback):
 
     Without it, a stop loses everything since the last validation (up to `val_check_interval` steps). Both stop
     at the end of the step in progress (Ctrl-C through Lightning's SIGTERM handling), so the checkpoint resumes
-    exactly where an uninterrupted run would be. A second Ctrl-C stops at once: the step in progress is not
-    retrained, and one stopped inside the optimizer step may save half-updated weights. Under DDP the first
-    Ctrl-C already stops at once, and saves nothing: each rank stops where it finds itself, maybe inside a
-    collective that the others left, and saving would wait for them. Other exceptions (a bug, out of memory)
-    save nothing: their state may be broken. Not Lightning's `OnExceptionCheckpoint`, which saves on every
-    exception and, when present, makes every `fit` without `ckpt_path` look for a checkpoint to resume from.
+    exactly where an uninterrupted run would be. A second Ctrl-C stops at once, and saves nothing: the step in
+    progress may be stopped inside the optimizer step (half-updated weights) or, under DDP, inside a collective
+    that other ranks left, and saving would wait for them. Other exceptions (a bug, out of memory) save nothing:
+    their state may be broken. Not Lightning's `OnExceptionCheckpoint`, which saves on every exception and,
+    when present, makes every `fit` without `ckpt_path` look for a checkpoint to resume from.
 
-    Under DDP a SIGTERM, to any rank or to all (as SLURM sends it), stops every rank after the same step: the
-    ranks agree on it after each batch, in one all-reduce of a flag. Lightning's own handler broadcasts from
-    inside the signal handler, wherever that finds the rank (in backward's all-reduce, say), and once per
-    SIGTERM: ranks that received it a different number of times, or at different points, waited forever in
-    mismatched collectives.
+    Under DDP a Ctrl-C or a SIGTERM, to any rank or to all (as a terminal and SLURM send them), stops every rank
+    after the same step: the ranks agree on it after each batch, in one all-reduce of a flag. Lightning's own
+    SIGTERM handler broadcasts from inside the signal handler, wherever that finds the rank (in backward's
+    all-reduce, say), and once per SIGTERM: ranks that received it a different number of times, or at different
+    points, waited forever in mismatched collectives.
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
@@ -228,20 +228,20 @@ class InterruptCheckpoint(L.Callback):
         self.stopped_by_ctrl_c = False
         self._ctrl_c_handler: Any = None  # SIGINT's handler before training started, while ours is installed
         self._training = False  # whether training has started: before, there is nothing to save
-        self._sigterm_received = False  # under DDP: by this rank, since our handler was set; not yet agreed on
-        self._agrees_on_stops = False  # under DDP: whether this rank's SIGTERM handler is ours
+        self._stop_requested = False  # under DDP: by a signal to this rank, since our handlers were set
+        self._agrees_on_stops = False  # under DDP: whether this rank's handlers are ours
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning's SIGTERM handler is in place from here on: under DDP ours replaces it before training, too.
+        # Lightning's SIGTERM handler is in place from here on: under DDP ours replace it before training, too.
         if trainer.world_size > 1:
-            self._agree_on_sigterm(trainer)
+            self._stop_with_every_rank(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stopped_by_ctrl_c = False
         self._training = True
         if trainer.world_size > 1:
-            self._agree_on_sigterm(trainer)
+            self._stop_with_every_rank(trainer)
             return
+        self.stopped_by_ctrl_c = False
         lightning_sigterm = signal.getsignal(signal.SIGTERM)  # SIG_DFL, not callable, where Lightning set none
         if not callable(lightning_sigterm):
             return
@@ -267,23 +267,32 @@ class InterruptCheckpoint(L.Callback):
         previous = signal.signal(signal.SIGINT, stop_after_this_step)
         self._ctrl_c_handler = signal.SIG_DFL if previous is None else previous  # None: one set outside Python
 
-    def _agree_on_sigterm(self, trainer: L.Trainer) -> None:
-        """Under DDP: replaces Lightning's SIGTERM handler by one that notes the signal, for the ranks to agree on."""
-        if self._agrees_on_stops:  # since the sanity check: a SIGTERM noted then still counts
+    def _stop_with_every_rank(self, trainer: L.Trainer) -> None:
+        """Under DDP: sets handlers that note a Ctrl-C or a SIGTERM, for the ranks to agree on after the batch."""
+        if self._agrees_on_stops:  # since the sanity check: a stop asked for then still counts
             return
         if not callable(signal.getsignal(signal.SIGTERM)) or threading.current_thread() is not threading.main_thread():
             return
         training_process, rank = os.getpid(), trainer.global_rank
-        self._sigterm_received = False
+        self._stop_requested = self.stopped_by_ctrl_c = False
 
         def note_sigterm(signum: int, frame: FrameType | None) -> None:
-            if os.getpid() != training_process or self._sigterm_received:
+            if os.getpid() != training_process or self._stop_requested:  # a DataLoader worker, or said already
                 return
-            self._sigterm_received = True
+            self._stop_requested = True
             # Every rank logs it: ranks, or nodes, may have been sent it at different times, or not at all.
             log.info("[rank: %d] Received SIGTERM: every rank stops after this step", rank)
 
+        def note_ctrl_c(signum: int, frame: FrameType | None) -> None:
+            if os.getpid() != training_process:
+                return
+            self._restore_ctrl_c()  # the next one stops at once
+            self._stop_requested = self.stopped_by_ctrl_c = True
+            rank_zero_info("Ctrl-C: every rank stops at the end of this step (Ctrl-C again stops at once)")
+
         signal.signal(signal.SIGTERM, note_sigterm)  # Lightning's is put back when fit ends
+        previous = signal.signal(signal.SIGINT, note_ctrl_c)
+        self._ctrl_c_handler = signal.SIG_DFL if previous is None else previous
         self._agrees_on_stops = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
@@ -291,8 +300,13 @@ class InterruptCheckpoint(L.Callback):
             return
         # Every rank calls this after the same batch. Set on all, Lightning's own flag ends training at the end of
         # this step on every rank (SIGTERMException), before the next batch is fetched.
-        if trainer.strategy.reduce_boolean_decision(self._sigterm_received, all=False):
+        if trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):
             trainer._signal_connector.received_sigterm = True
+            leave_ranks_to_stop()
+            # Stopping, and saving on the way: a Ctrl-C now ends this process there, by the signal, rather than
+            # raise KeyboardInterrupt into the save, the teardown or the exit (tracebacks, on every rank).
+            self._ctrl_c_handler = None
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def _restore_ctrl_c(self) -> None:
         if self._ctrl_c_handler is not None:
@@ -305,17 +319,22 @@ class InterruptCheckpoint(L.Callback):
             return
         if isinstance(exception, KeyboardInterrupt):
             self.stopped_by_ctrl_c = True  # Lightning then exits with status 1, which train.py makes 130
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, _MultiProcessingLauncher) and not multiprocessing.parent_process():
+            # trainer=ddp_sim's launching process, whose copy of the model never trained. Its ranks say what they
+            # saved, unless this is a second Ctrl-C, which stopped them at once.
+            where = f"{self.path.parent} ({self.path.name} or last.ckpt)"
+            rank_zero_info(f"Stopped; resume from the latest checkpoint in {where}, if any")
+            return
         if not self._training:
             # Stopped while the data was prepared or the sanity check ran: no optimiser yet, so a checkpoint could
             # not resume (and the preparation starts over anyway).
             rank_zero_info("Stopped before training started: nothing to save; run the same command again")
             return
-        launcher = trainer.strategy.launcher
-        spawner = isinstance(launcher, _MultiProcessingLauncher) and not multiprocessing.parent_process()
-        if isinstance(exception, KeyboardInterrupt) and (trainer.world_size > 1 or spawner):
-            # Under DDP every rank stops where Ctrl-C finds it, one maybe inside a collective (the gradients'
-            # all-reduce) that the others left: saving, which waits for every rank, would hang until the process
-            # group's time-out. trainer=ddp_sim's launching process holds a copy of the model that never trained.
+        if isinstance(exception, KeyboardInterrupt) and trainer.world_size > 1:
+            # Under DDP every rank stops where a second Ctrl-C finds it, one maybe inside a collective (the
+            # gradients' all-reduce) that the others left: saving, which waits for every rank, would hang until the
+            # process group's time-out.
             rank_zero_info(f"Stopped; resume from the latest checkpoint in {self.path.parent} (last.ckpt), if any")
             return
         trainer.save_checkpoint(self.path, weights_only=False)

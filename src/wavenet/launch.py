@@ -94,16 +94,30 @@ def _end_ranks() -> None:
     `UserError`, which the sweep goes on past). A rank still running after its job is waiting for a rank 0 that
     stopped; nothing would end it.
     """
+    leave_ranks_to_stop()
+    ranks, _stopping_ranks[:] = list(_stopping_ranks), []
+    for rank in ranks:
+        try:
+            rank.wait(timeout=_RANK_EXIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            rank.kill()
+            rank.wait()
+
+
+# The ranks of this job that Lightning no longer watches, for `_end_ranks` to wait for.
+_stopping_ranks: list[subprocess.Popen] = []
+
+
+def leave_ranks_to_stop() -> None:
+    """Ends Lightning's watch over the ranks it started for this job (trainer=ddp), which `_end_ranks` waits for.
+
+    For a run that every rank stops together (Ctrl-C, SIGTERM): the watch kills this process when a rank exits
+    with an error, as a stopped one does (130, 143), maybe before this one has ended too.
+    """
     for thread in threading.enumerate():
-        if not isinstance(thread, fabric_launcher._ChildProcessObserver):
-            continue
-        ranks, thread._child_processes = thread._child_processes, []  # the thread ends at its next look
-        for rank in ranks:
-            try:
-                rank.wait(timeout=_RANK_EXIT_SECONDS)
-            except subprocess.TimeoutExpired:
-                rank.kill()
-                rank.wait()
+        if isinstance(thread, fabric_launcher._ChildProcessObserver):
+            _stopping_ranks.extend(thread._child_processes)
+            thread._child_processes = []  # the thread ends at its next look
 
 
 def _not_a_tip(record: logging.LogRecord) -> bool:
@@ -162,29 +176,42 @@ class RankStopped(Exception):
 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
-    """Lightning's launcher of spawned ranks, with a way to stop them for a SIGTERM.
+    """Lightning's launcher of spawned ranks, with a way to stop them for a Ctrl-C or a SIGTERM.
 
-    The launching process trains nothing. Its default for SIGTERM was to die, and torch then stopped each rank
-    with a SIGINT (its parent-death signal) wherever it was: tracebacks, and no checkpoint. It passes the signal
-    on to the ranks instead (which agree on a step to stop after, see `InterruptCheckpoint`) and waits for them.
-    A rank that stops so runs what Lightning runs only in the launching process for a stop (the callbacks'
-    `on_exception`: the checkpoint), and reports `RankStopped`, which torch passes on as an error.
+    The launching process trains nothing. Its default for either was to end, and torch then stopped each rank
+    with a SIGINT (its parent-death signal) wherever it was: tracebacks, and no checkpoint. It passes a SIGTERM
+    on to the ranks instead (which agree on a step to stop after, see `InterruptCheckpoint`) and waits for them;
+    a first Ctrl-C the same (the terminal sent it to the ranks too), a second stops at once. A rank that stops
+    so runs what Lightning runs only in the launching process for a stop (the callbacks' `on_exception`: the
+    checkpoint), and reports `RankStopped`, which torch passes on as an error.
+
+    Attributes:
+        stopped_by_ctrl_c: Whether the launching process was sent Ctrl-C.
     """
+
+    stopped_by_ctrl_c = False
 
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if threading.current_thread() is not threading.main_thread():
             return super().launch(function, *args, trainer=trainer, **kwargs)
 
         def pass_on(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT:
+                self.stopped_by_ctrl_c = True
+                signal.signal(signal.SIGINT, ctrl_c)  # a second one stops at once
             for process in self.procs:
                 if process.is_alive() and process.pid is not None:
                     os.kill(process.pid, signal.SIGTERM)
 
-        previous = signal.signal(signal.SIGTERM, pass_on)
+        # None: a handler set outside Python, which cannot be put back; the default then.
+        sigterm, ctrl_c = (
+            signal.signal(signum, pass_on) or signal.SIG_DFL for signum in (signal.SIGTERM, signal.SIGINT)
+        )
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, sigterm)
+            signal.signal(signal.SIGINT, ctrl_c)
 
     def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
         try:

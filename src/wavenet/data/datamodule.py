@@ -61,15 +61,17 @@ def _collate(examples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return inputs, targets
 
 
-def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: a SIGTERM from anyone but the process that owns the loader is ignored.
+def _leave_stops_to_the_trainer(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C, and SIGTERM from anyone but the process that owns the loader, are ignored.
 
     Schedulers preempt a job by sending SIGTERM to every process in it (SLURM at the time limit, `timeout`, `kill`
     of a process group), workers included. PyTorch's workers die of it, and the trainer, told by SIGCHLD, raised
     "DataLoader worker ... is killed by signal: Terminated" from wherever it was, before it could finish the step
     and save `interrupted.ckpt`. The trainer still ends its workers with SIGTERM (`Process.terminate`), so the
-    signal is taken by a thread that knows the sender, rather than ignored outright.
+    signal is taken by a thread that knows the sender, rather than ignored outright. A terminal's Ctrl-C reaches
+    the workers too: the trainer decides what it stops, and ends its workers itself.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     owner = multiprocessing.parent_process()
     owner_pid = owner.pid if owner is not None else os.getppid()
     # Blocked here, it is blocked in every thread this worker starts later (its queue's feeder): only
@@ -194,7 +196,7 @@ class ChunkDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=_collate,
-            worker_init_fn=_leave_sigterm_to_the_trainer,
+            worker_init_fn=_leave_stops_to_the_trainer,
         )
 
 

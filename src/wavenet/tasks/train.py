@@ -262,8 +262,9 @@ def run(cfg: DictConfig) -> float | None:
                 with ddp_job():
                     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             except ProcessRaisedException as error:
-                if str(error).rstrip().endswith(RankStopped.__name__):  # stopped by a SIGTERM, its checkpoint saved
-                    raise SystemExit(128 + signal.SIGTERM) from None
+                if str(error).rstrip().endswith(RankStopped.__name__):  # stopped, its checkpoint saved
+                    ctrl_c = getattr(trainer.strategy.launcher, "stopped_by_ctrl_c", False)
+                    raise SystemExit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)) from None
                 # A spawned rank (trainer=ddp_sim) stopped by a UserError: torch passes on its traceback as text.
                 message = user_error_message(str(error))
                 if message is None:
