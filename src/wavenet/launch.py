@@ -43,6 +43,8 @@ _lightning_command = fabric_launcher._hydra_subprocess_cmd
 _LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 # How long the ranks of a finished job have to end (they tear down as rank 0 does) before they are killed.
 _RANK_EXIT_SECONDS = 30
+# The ranks of this job that Lightning no longer watches, for `_end_ranks` to wait for.
+_stopping_ranks: list[subprocess.Popen] = []
 
 
 def _job_command(local_rank: int) -> tuple[Sequence[str], str]:
@@ -102,10 +104,6 @@ def _end_ranks() -> None:
         except subprocess.TimeoutExpired:
             rank.kill()
             rank.wait()
-
-
-# The ranks of this job that Lightning no longer watches, for `_end_ranks` to wait for.
-_stopping_ranks: list[subprocess.Popen] = []
 
 
 def leave_ranks_to_stop() -> None:
@@ -172,7 +170,7 @@ class SpawnStrategy(DDPStrategy):
 
 
 class RankStopped(Exception):
-    """A spawned rank ended training on a SIGTERM, as every rank did, after saving `interrupted.ckpt`."""
+    """A spawned rank ended training on a Ctrl-C or a SIGTERM, as every rank did, after saving `interrupted.ckpt`."""
 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
@@ -204,9 +202,9 @@ class _SpawnLauncher(_MultiProcessingLauncher):
                     os.kill(process.pid, signal.SIGTERM)
 
         # None: a handler set outside Python, which cannot be put back; the default then.
-        sigterm, ctrl_c = (
-            signal.signal(signum, pass_on) or signal.SIG_DFL for signum in (signal.SIGTERM, signal.SIGINT)
-        )
+        sigterm, ctrl_c = (signal.getsignal(signum) or signal.SIG_DFL for signum in (signal.SIGTERM, signal.SIGINT))
+        signal.signal(signal.SIGTERM, pass_on)
+        signal.signal(signal.SIGINT, pass_on)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         finally:
