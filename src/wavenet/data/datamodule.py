@@ -72,6 +72,8 @@ def _leave_stops_to_the_trainer(worker_id: int) -> None:
     the workers too: the trainer decides what it stops, and ends its workers itself.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: PyTorch's handling stays
+        return
     owner = multiprocessing.parent_process()
     owner_pid = owner.pid if owner is not None else os.getppid()
     # Blocked here, it is blocked in every thread this worker starts later (its queue's feeder): only
