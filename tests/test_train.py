@@ -341,7 +341,7 @@ def test_a_preempted_sweep_writes_the_summary_of_its_jobs_so_far(tmp_path, data_
         (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be a positive integer, got 0"),
         (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps must be a positive integer, got 0"),
         (["logger=tensorboard", "logger.tensorboard.save_dir={tiny}/tb"],
-         "logger.tensorboard.save_dir={tiny}/tb cannot be made: {tiny} is a file, not a folder"),
+         "cannot write to logger.tensorboard.save_dir={tiny}/tb: {tiny} is a file, not a folder"),
         pytest.param(
             ["trainer.accelerator=gpu"], "trainer.accelerator=gpu but no CUDA GPU is available here",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available here"),

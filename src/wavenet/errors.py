@@ -4,6 +4,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 # How torch's `ExceptionWrapper` puts a worker's traceback into the message of the exception it re-raises.
@@ -108,6 +109,24 @@ def is_integer(value: object) -> bool:
 def is_number(value: object) -> bool:
     """Whether a setting's value is an int or a float (not a bool); it may be infinite or NaN."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_can_write_in(key: str, folder: Path) -> Path:
+    """Raises `UserError`, naming setting `key`, where `folder` cannot be made or written in by this process.
+
+    Makes nothing: a run refused later leaves no folder behind.
+
+    Returns:
+        `folder`, or where it does not exist yet, the folder it would be made in.
+    """
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write to {key}={folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only file system
+        raise UserError(f"cannot write to {key}={folder}: {existing} is not writable")
+    return existing
 
 
 def first_line(error: BaseException) -> str:

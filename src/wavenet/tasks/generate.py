@@ -23,7 +23,7 @@ from rich.text import Text
 from wavenet.checkpoint import load_wavenet
 from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
-from wavenet.errors import Terminated, UserError
+from wavenet.errors import Terminated, UserError, check_can_write_in
 from wavenet.generation import generate, resolve_method
 from wavenet.tasks.generate_settings import PRECISION_DTYPES, check_settings
 
@@ -175,14 +175,7 @@ def _check_output_dir(output_dir: Path, file_bytes: int, files: int) -> None:
     """Refuses a folder that cannot take the files (not writable, under a file, not enough free space) or
     holds samples of an earlier run (writing over some of them would mix two runs): found after generating,
     either would lose the samples. Makes nothing: a run refused later leaves no folder behind."""
-    existing = output_dir.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"cannot write to paths.output_dir={output_dir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only file system
-        raise UserError(f"cannot write to paths.output_dir={output_dir}: {existing} is not writable")
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(check_can_write_in("paths.output_dir", output_dir)).free
     earlier = sorted(output_dir.glob("sample_*.wav"))
     if earlier:
         raise UserError(

@@ -5,7 +5,6 @@ again, for callers from Python)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -13,7 +12,7 @@ from omegaconf import DictConfig
 from wavenet.checkpoint import check_checkpoint_file
 from wavenet.config import check_added_keys, check_required
 from wavenet.data.layouts import check_root
-from wavenet.errors import UserError, is_integer, is_number
+from wavenet.errors import UserError, check_can_write_in, is_integer, is_number
 
 # What Lightning's fit(ckpt_path=...) takes besides a path. It looks for them in the run's own folder, and every
 # run has a new one: they would find nothing, and train from scratch.
@@ -96,24 +95,13 @@ def check_settings(cfg: DictConfig) -> None:
         for name, settings in (cfg.get(group) or {}).items():
             folder = settings.get(key) if isinstance(settings, DictConfig) else None
             if isinstance(folder, str) and folder:
-                _check_can_write_in(f"{group}.{name}.{key}", Path(folder).expanduser())
+                check_can_write_in(f"{group}.{name}.{key}", Path(folder).expanduser())
     accelerator = str(cfg.trainer.get("accelerator"))
     if accelerator in ("gpu", "cuda") and not _cuda_available():
         raise UserError(
             f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use trainer=cpu, or trainer=default "
             "(the GPU when there is one)"
         )
-
-
-def _check_can_write_in(key: str, folder: Path) -> None:
-    """Raises `UserError` where `folder` cannot be made, or written in, by this process."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{key}={folder} cannot be made: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={folder} cannot be written: {existing} is not writable")
 
 
 def _cuda_available() -> bool:
