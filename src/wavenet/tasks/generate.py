@@ -85,9 +85,8 @@ def run(cfg: DictConfig) -> list[Path]:
     classes = torch.empty(batch_size, num_samples, dtype=torch.long, device=device)
     made = 0
     started = time.perf_counter()
-    sigterm = _SigtermStops()
     try:
-        with sigterm, _progress_bar(num_samples, batch_size, sample_rate, float(cfg.log_every_seconds)) as show:
+        with _SigtermStops(), _progress_bar(num_samples, batch_size, sample_rate, float(cfg.log_every_seconds)) as show:
 
             def advance(steps: int) -> None:
                 nonlocal made
@@ -107,15 +106,13 @@ def run(cfg: DictConfig) -> list[Path]:
             )
     except (KeyboardInterrupt, Terminated) as stop:
         if made:
-            with _SigtermStops(hold=True):
-                paths = _write_wavs(output_dir, classes[:, :made], levels, sample_rate)
+            paths = _write_wavs(output_dir, classes[:, :made], levels, sample_rate)
             log.warning("%s: wrote %d file(s) cut short, %s of %s samples, to %s",
                         "Interrupted" if isinstance(stop, KeyboardInterrupt) else "Stopped by SIGTERM",
                         len(paths), f"{made:,}", f"{num_samples:,}", output_dir)  # fmt: skip
         raise
     seconds = time.perf_counter() - started
-    with _SigtermStops(hold=True):
-        paths = _write_wavs(output_dir, classes, levels, sample_rate)
+    paths = _write_wavs(output_dir, classes, levels, sample_rate)
     log.info("Wrote %d file(s) to %s in %.1f s: %s", len(paths), output_dir, seconds,
              _speed(num_samples, seconds, batch_size, sample_rate, total=True))  # fmt: skip
     return paths
@@ -157,10 +154,11 @@ def _write_wavs(output_dir: Path, classes: torch.Tensor, levels: int, sample_rat
     paths = []
     digits = max(3, len(str(len(classes) - 1)))  # sample_0999.wav sorts before sample_1000.wav
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for index, stream in enumerate(classes.cpu()):  # decoded one at a time: one stream's float audio in memory
-            paths.append(output_dir / f"sample_{index:0{digits}d}.wav")
-            write_wav(paths[-1], mu_law_decode(stream, levels), sample_rate)
+        with _SigtermStops(hold=True):  # so that no file is left cut off in the middle
+            output_dir.mkdir(parents=True, exist_ok=True)
+            for index, stream in enumerate(classes.cpu()):  # decoded one at a time: one stream's audio in memory
+                paths.append(output_dir / f"sample_{index:0{digits}d}.wav")
+                write_wav(paths[-1], mu_law_decode(stream, levels), sample_rate)
     except (OSError, RuntimeError) as error:  # soundfile reports a failed write (a full disk) as RuntimeError
         raise UserError(f"cannot write {paths[-1] if paths else output_dir}: {error}") from None
     return paths
