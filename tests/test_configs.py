@@ -194,6 +194,7 @@ REFUSED_BEFORE_TORCH = [
     ("generate.py", ["ckpt_path={tmp}/archive.ckpt", *settings], expected)
     for settings, expected in [
         (["prime={tmp}/missing.wav"], "prime file not found: {tmp}/missing.wav"),
+        (["prime={tmp}/pipe"], "prime {tmp}/pipe is not a regular file"),
         (["num_samples=0"], "num_samples must be a positive integer, got 0"),
         (["temperature=hot"], "temperature must be a number from 0 (greedy) to"),
         (["precision=16"], "precision must be 32 or bf16, got 16"),

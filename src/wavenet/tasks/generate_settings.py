@@ -67,8 +67,10 @@ def check_settings(cfg: DictConfig) -> tuple[Path, Path | None]:
         prime_path = _file_path("prime", cfg.prime, "the path of an audio file, or null")
         if prime_path.is_dir():
             raise UserError(f"prime {prime_path} is a folder, not an audio file")
-        if not prime_path.is_file():
+        if not prime_path.exists():
             raise UserError(f"prime file not found: {prime_path}")
+        if not prime_path.is_file():  # a device, a pipe: reading it would wait for a writer
+            raise UserError(f"prime {prime_path} is not a regular file")
     return ckpt_path, prime_path
 
 
