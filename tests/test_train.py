@@ -236,6 +236,102 @@ def test_ctrl_c_saves_a_checkpoint_only_outside_ddp(tmp_path, world_size):
     assert callback.stopped_by_ctrl_c  # train.py then exits 130, not Lightning's 1
 
 
+def test_before_training_the_first_sigterm_raises_and_then_lightning_handles_them():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from wavenet.launch import StopsBeforeTraining
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with StopsBeforeTraining():
+            with pytest.raises(SIGTERMException):
+                signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # a second one would interrupt the first one's clean-up
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        with StopsBeforeTraining():
+            ours = signal.getsignal(signal.SIGTERM)
+            # As Lightning's handler, set when training is set up, calls the one it replaced: it stops the run itself.
+            signal.signal(signal.SIGTERM, lambda signum, frame: ours(signum, frame))
+            signal.raise_signal(signal.SIGTERM)
+        with StopsBeforeTraining(ctrl_c=True), pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+# Put on PYTHONPATH, it slows every process's preparation of each file (the ranks' and the pool workers' too),
+# as a big corpus would, and with WAVENET_TEST_POOL set makes even a small corpus go to a pool of workers.
+SLOW_PREPARATION = """
+import importlib.abc, importlib.util, os, sys, time
+
+class SlowPreparation(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "wavenet.data.prepare":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def run_then_slow_down(module):
+            run_module(module)
+            encode = module.encode_file
+            def slowly(*args):
+                time.sleep(1.0)
+                return encode(*args)
+            module.encode_file = slowly
+            if os.environ.get("WAVENET_TEST_POOL"):
+                module.POOL_MIN_BYTES = 0
+
+        spec.loader.exec_module = run_then_slow_down
+        return spec
+
+sys.meta_path.insert(0, SlowPreparation())
+"""
+
+
+@pytest.mark.parametrize(
+    ("settings", "to_whom", "said"),
+    [
+        ([], "every process", "Stopped before training started: nothing to save"),  # a pool of 2 workers prepares
+        (["train=false"], "the first process", "Stopped by SIGTERM: run the same command again"),
+        (CPU_DDP, "the first process", "Stopped before training started: nothing to save"),
+        (["trainer=ddp_sim"], "every process", "Stopped before training started: nothing to save"),
+    ],
+)
+def test_a_sigterm_while_data_is_prepared_stops_the_run_and_keeps_nothing_half_made(tmp_path, settings, to_whom, said):
+    # The first run on a big corpus spends its first hours preparing it. A SIGTERM then ended the run by the signal,
+    # without a word; under ddp_sim with a traceback; under ddp, sent to rank 0 alone (as Kubernetes sends it),
+    # rank 1 was left to fail at its barrier. Now every process stops as it would in training, with status 143.
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "sitecustomize.py").write_text(SLOW_PREPARATION)
+    env = {**STOP_ENV, "PYTHONPATH": str(tmp_path / "hooks"), "WAVENET_TEST_POOL": "1" if not settings else ""}
+    tiny = [setting for setting in TINY if not setting.startswith("trainer=")] if settings[:1] != ["train=false"] else TINY
+    command = [sys.executable, "train.py", *tiny, *BUILTIN_SMALL, *settings, "data.prepare_workers=2",
+               f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env=env)  # fmt: skip
+    prepared = tmp_path / "data" / "prepared"
+    try:
+        deadline = time.monotonic() + 120
+        while not list(prepared.glob("*.partial-*")):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        time.sleep(0.5)  # into the first file
+        if to_whom == "every process":
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # a rank left behind
+    assert process.returncode == 143, f"{stdout[-2000:]}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert said in stdout + stderr
+    assert ("Preparing 6 files" in stdout + stderr) and ("in 2 processes" in stdout + stderr) == (not settings)
+    assert os.listdir(prepared) == []  # neither a cache nor the half of one
+
+
 def test_ctrl_c_in_a_forked_data_loader_worker_is_left_to_the_trainer():
     from wavenet.callbacks import InterruptCheckpoint
 

@@ -36,6 +36,7 @@ from lightning.pytorch.strategies.launchers import subprocess_script as trainer_
 from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 _lightning_command = fabric_launcher._hydra_subprocess_cmd
 # What Lightning's launcher sets in the launching process's environment; left there, the next job would
@@ -118,6 +119,57 @@ def leave_ranks_to_stop() -> None:
             thread._child_processes = []  # the thread ends at its next look
 
 
+class StopsBeforeTraining:
+    """Within it, a SIGTERM raises Lightning's `SIGTERMException` where it finds the process, until Lightning's own
+    SIGTERM handling takes over as training is set up (and again once it has ended).
+
+    Before training, a SIGTERM (a preempted job) ended the process by the signal, without a word, also in the data
+    preparation, hours long for a big corpus; under trainer=ddp_sim with a traceback. Raised, it unwinds as a Ctrl-C
+    does (the preparation removes its temporary folder), and the run ends with status 143. The ranks that
+    trainer=ddp started are sent it too; a rank waiting for rank 0 at a barrier raises it once the barrier opens
+    (the one around the data preparation does when rank 0's preparation ends, stopped or not).
+
+    Only the first signal raises: a second (a rank may be sent one by the scheduler and one by rank 0) would
+    interrupt the first one's clean-up. With `ctrl_c` (the ranks of trainer=ddp_sim, which a terminal's Ctrl-C
+    reaches, and then their launching process's SIGTERM), a Ctrl-C raises `KeyboardInterrupt`, as Python's own
+    handler does, and counts as the first signal.
+    """
+
+    def __init__(self, ctrl_c: bool = False) -> None:
+        self.signals = (signal.SIGTERM, signal.SIGINT) if ctrl_c else (signal.SIGTERM,)
+        self._previous: dict[int, Any] = {}
+        self._stopping = False
+
+    def __enter__(self) -> StopsBeforeTraining:
+        if threading.current_thread() is threading.main_thread():  # only there can signal handlers be set
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._stop)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default then.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        if signal.getsignal(signum) != self._stop:  # a bound method: an equal one, not the same object
+            # Called by Lightning's own handler, which keeps the one it replaced in its chain: training is set up,
+            # and stops at the end of a step.
+            return
+        if self._stopping:
+            return
+        self._stopping = True
+        # The ranks that trainer=ddp started (children of rank 0) wait at a barrier, or in set-up: they stop too.
+        leave_ranks_to_stop()
+        for rank in _stopping_ranks:
+            if rank.poll() is None:
+                rank.send_signal(signal.SIGTERM)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SIGTERMException
+
+
 def _not_a_tip(record: logging.LogRecord) -> bool:
     """False for Lightning's advertisements, and for its note that the model summary callback we configure
     replaces its default one (every run would print it)."""
@@ -170,7 +222,8 @@ class SpawnStrategy(DDPStrategy):
 
 
 class RankStopped(Exception):
-    """A spawned rank ended training on a Ctrl-C or a SIGTERM, as every rank did, after saving `interrupted.ckpt`."""
+    """A spawned rank stopped on a Ctrl-C or a SIGTERM, as every rank did, having saved `interrupted.ckpt` if training
+    had started."""
 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
@@ -178,22 +231,27 @@ class _SpawnLauncher(_MultiProcessingLauncher):
 
     The launching process trains nothing. Its default for either was to end, and torch then stopped each rank
     with a SIGINT (its parent-death signal) wherever it was: tracebacks, and no checkpoint. It passes a SIGTERM
-    on to the ranks instead (which agree on a step to stop after, see `InterruptCheckpoint`) and waits for them;
+    on to the ranks instead (which agree on a step to stop after, see `InterruptCheckpoint`; before training, each
+    stops where it is, see `StopsBeforeTraining`) and waits for them;
     a first Ctrl-C the same (the terminal sent it to the ranks too), a second stops at once. A rank that stops
     so runs what Lightning runs only in the launching process for a stop (the callbacks' `on_exception`: the
-    checkpoint), and reports `RankStopped`, which torch passes on as an error.
+    checkpoint), and reports `RankStopped`, which torch passes on as an error. A rank that the signal ended
+    otherwise (one still starting, before it has handlers of its own, dies of it) stops the launching process as
+    the signal would have: `SIGTERMException`, or `KeyboardInterrupt` for a Ctrl-C, not torch's traceback.
 
     Attributes:
         stopped_by_ctrl_c: Whether the launching process was sent Ctrl-C.
     """
 
     stopped_by_ctrl_c = False
+    _stop_passed_on = False
 
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if threading.current_thread() is not threading.main_thread():
             return super().launch(function, *args, trainer=trainer, **kwargs)
 
         def pass_on(signum: int, frame: Any) -> None:
+            self._stop_passed_on = True
             if signum == signal.SIGINT:
                 self.stopped_by_ctrl_c = True
                 signal.signal(signal.SIGINT, ctrl_c)  # a second one stops at once
@@ -207,16 +265,22 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         signal.signal(signal.SIGINT, pass_on)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
+        except (ProcessExitedException, ProcessRaisedException) as error:
+            if not self._stop_passed_on or str(error).rstrip().endswith(RankStopped.__name__):
+                raise
+            raise (KeyboardInterrupt if self.stopped_by_ctrl_c else SIGTERMException) from None
         finally:
             signal.signal(signal.SIGTERM, sigterm)
             signal.signal(signal.SIGINT, ctrl_c)
 
     def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            super()._wrapping_function(process_idx, trainer, *args, **kwargs)
-        except SIGTERMException as stop:
-            # A SystemExit, which torch's rank wrapper lets end the rank with status 0, and the launching process
-            # then waited forever for the results rank 0 never sent.
+            with StopsBeforeTraining(ctrl_c=True):
+                super()._wrapping_function(process_idx, trainer, *args, **kwargs)
+        except (SIGTERMException, KeyboardInterrupt) as stop:
+            # Either would end the rank with status 0 (torch's rank wrapper takes a SystemExit, such as
+            # SIGTERMException, for an exit, and a KeyboardInterrupt for its parent's death), and the launching
+            # process then waited forever for the results rank 0 never sent.
             call._interrupt(trainer, stop)
             trainer._teardown()
             raise RankStopped from None

@@ -26,7 +26,7 @@ from wavenet.checkpoint import EMA_STATE_KEY, read_checkpoint
 from wavenet.config import instantiate_checked, instantiate_group, print_config_tree
 from wavenet.ema import EMA
 from wavenet.errors import UserError, is_integer, user_error_message
-from wavenet.launch import RankStopped, ddp_job, quiet_lightning
+from wavenet.launch import RankStopped, StopsBeforeTraining, ddp_job, quiet_lightning
 from wavenet.module import check_resumable
 from wavenet.tasks.train_settings import check_settings
 
@@ -215,9 +215,23 @@ def _stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Trains as the config says and returns `cfg.optimized_metric` (for sweepers), if it was logged."""
+    """Trains as the config says and returns `cfg.optimized_metric` (for sweepers), if it was logged.
+
+    A SIGTERM ends the run with status 143: from the first step of training on, once that step is done (see
+    `wavenet.callbacks.InterruptCheckpoint`); before, where it finds it (preparing the data, say).
+    """
     # Before anything is written to the run folder: a refused setting leaves nothing to clean up.
     check_settings(cfg)
+    try:
+        with StopsBeforeTraining():
+            return _train(cfg)
+    except SIGTERMException:
+        # Stopped outside `fit` (which ends with 143 itself, having said so): building the model, or train=false.
+        log.info("Stopped by SIGTERM: run the same command again")
+        raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def _train(cfg: DictConfig) -> float | None:
     resolve_auto_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = instantiate_checked(cfg.model)
