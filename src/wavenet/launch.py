@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -196,11 +197,16 @@ def quiet_lightning() -> None:
 
 
 class SpawnStrategy(DDPStrategy):
-    """Lightning's `ddp_spawn` (DDP on processes started afresh), whose ranks log as the process that starts them.
+    """Lightning's `ddp_spawn` (DDP on processes started afresh), whose ranks log as the process that starts them,
+    and start their DataLoader workers as it would.
 
     A spawned process begins with Python's default logging: Lightning's bare console handlers and no log file.
     Each rank here takes the Hydra job's logging config first thing, so its lines have the job's format and
     reach the run's log file, as they do from the ranks of `ddp`, which re-run the script under Hydra.
+
+    A spawned process also starts its own processes by spawning them: DataLoader workers that import torch afresh,
+    seconds each on a small machine, at every epoch and validation (the first step of a 2-rank run on 2 cores took
+    16 s), and as long to end. Each rank takes the start method of the process that started it (fork on Linux).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -209,12 +215,14 @@ class SpawnStrategy(DDPStrategy):
         self._logging_config = (
             OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True) if HydraConfig.initialized() else None
         )
+        self._workers_start_method = multiprocessing.get_start_method()
 
     def setup_environment(self) -> None:
         # Each rank's first step of `fit`, before the process group (which logs) and the data.
         if self._logging_config is not None:
             logging.config.dictConfig(self._logging_config)
         quiet_lightning()
+        multiprocessing.set_start_method(self._workers_start_method, force=True)
         super().setup_environment()
 
     def _configure_launcher(self) -> None:
