@@ -15,9 +15,7 @@ import math
 import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +35,7 @@ from wavenet.data.prepare import (
     PreparedFile,
     PrepareSettings,
     default_data_dir,
+    leave_stops_to,
     prepare_corpus,
     prepared_folder,
 )
@@ -71,21 +70,8 @@ def _leave_stops_to_the_trainer(worker_id: int) -> None:
     signal is taken by a thread that knows the sender, rather than ignored outright. A terminal's Ctrl-C reaches
     the workers too: the trainer decides what it stops, and ends its workers itself.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: PyTorch's handling stays
-        return
     owner = multiprocessing.parent_process()
-    owner_pid = owner.pid if owner is not None else os.getppid()
-    # Blocked here, it is blocked in every thread this worker starts later (its queue's feeder): only
-    # sigwaitinfo below receives it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-
-    def wait_for_sigterm() -> None:
-        while True:
-            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == owner_pid:
-                os._exit(0)  # as PyTorch's own handler does for its owner's SIGTERM
-
-    threading.Thread(target=wait_for_sigterm, name="sigterm", daemon=True).start()
+    leave_stops_to(owner.pid if owner is not None else os.getppid())
 
 
 def _validation_score(relative_path: str) -> float:

@@ -29,6 +29,7 @@ import os
 import secrets
 import select
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -366,6 +367,32 @@ def _init_worker(preparing_pid: int) -> None:
     # One thread per process: the pool is the parallelism, and torch's own threads would oversubscribe.
     torch.set_num_threads(1)
     threading.Thread(target=_exit_with, args=(preparing_pid,), name="exit-with-parent", daemon=True).start()
+    # Workers that died of a job's SIGTERM broke the pool: tracebacks from its thread, or at Python 3.11's exit
+    # ("Exception ignored in: <module 'threading'> ... OSError: [Errno 9] Bad file descriptor").
+    leave_stops_to(preparing_pid)
+
+
+def leave_stops_to(owner_pid: int) -> None:
+    """For a worker process: ignores Ctrl-C, and a SIGTERM from anyone but process `owner_pid`, which it exits on.
+
+    A terminal's Ctrl-C and a scheduler's SIGTERM (SLURM, `timeout`, `kill` of a process group) reach every process
+    of a job, workers included: the process that owns them decides what stops, and ends its workers itself. Its
+    SIGTERM (`Process.terminate`) still ends a worker at once, so the signal is taken by a thread that knows the
+    sender, rather than ignored outright. Where `sigwaitinfo` is missing (macOS, Windows), SIGTERM stays as it was.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    # Blocked here, it is blocked in every thread this worker starts later (its queue's feeder): only
+    # sigwaitinfo below receives it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == owner_pid:
+                os._exit(0)  # as PyTorch's own handler does for a DataLoader worker's owner's SIGTERM
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm", daemon=True).start()
 
 
 def _exit_with(pid: int) -> None:
@@ -403,8 +430,17 @@ def _encode_all(paths: list[Path], settings: PrepareSettings, workers: int) -> I
         initargs=(os.getpid(),),
     )
     try:
-        # Results come back in order, so the shards are the same bytes whatever the number of workers.
-        yield from pool.map(_encode_job, jobs, chunksize=4)
+        # The workers start here, with Ctrl-C and SIGTERM blocked (the forkserver, started now too, keeps the mask,
+        # and so does every worker it forks) until `leave_stops_to` takes them: a job's signal that came while a
+        # worker was still starting (importing torch, a second or two) killed it, and broke the pool.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            # Results come back in order, so the shards are the same bytes whatever the number of workers. One file
+            # per task: a stopped preparation ends once its workers have done the few files handed to them.
+            results = pool.map(_encode_job, jobs, chunksize=1)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        yield from results
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
