@@ -66,9 +66,7 @@ def _leave_stops_to_the_trainer(worker_id: int) -> None:
     Schedulers preempt a job by sending SIGTERM to every process in it (SLURM at the time limit, `timeout`, `kill`
     of a process group), workers included. PyTorch's workers die of it, and the trainer, told by SIGCHLD, raised
     "DataLoader worker ... is killed by signal: Terminated" from wherever it was, before it could finish the step
-    and save `interrupted.ckpt`. The trainer still ends its workers with SIGTERM (`Process.terminate`), so the
-    signal is taken by a thread that knows the sender, rather than ignored outright. A terminal's Ctrl-C reaches
-    the workers too: the trainer decides what it stops, and ends its workers itself.
+    and save `interrupted.ckpt` (see `leave_stops_to`).
     """
     owner = multiprocessing.parent_process()
     leave_stops_to(owner.pid if owner is not None else os.getppid())
