@@ -116,6 +116,18 @@ def run_script(
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env)
 
 
+def start_script(script: str, *overrides: str, env: dict[str, str] | None = None, fresh: bool = False) -> Any:
+    """Starts `python <script> overrides...` as `run_script` runs it, in a session of its own (a test signals its
+    process group as a terminal or a scheduler does), and returns at once: a `subprocess.Popen`, or what the tests
+    use of one (`pid`, `returncode`, `poll`, `send_signal`, `communicate`)."""
+    args = [sys.executable, script, *overrides]
+    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not fresh and _warm_runs_allowed():
+        return warm_python_server().start(args, cwd=REPO, env=run_env, new_session=True)
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=run_env)  # fmt: skip
+
+
 def _warm_runs_allowed() -> bool:
     import torch
 
@@ -123,7 +135,7 @@ def _warm_runs_allowed() -> bool:
 
 
 class WarmPython:
-    """The client of `tests/warm_python.py`: one server, started on first use, answering one run at a time."""
+    """The client of `tests/warm_python.py`: one server, started on first use, running the scripts it is given."""
 
     def __init__(self) -> None:
         self.server = subprocess.Popen(
@@ -131,23 +143,39 @@ class WarmPython:
             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )  # fmt: skip
         self._unread = b""  # answers read from the pipe and not yet taken: they may come two at a time
+        self._statuses: dict[int, int] = {}  # of the runs that ended, by pid, until their WarmProcess asks
         self._answer(deadline=time.monotonic() + 300)  # {"ready": true}: torch and Lightning are imported
 
+    def start(self, args: list[str], cwd: Path, env: dict[str, str], new_session: bool = False) -> WarmProcess:
+        outputs = tempfile.TemporaryDirectory(prefix="warm-run-")
+        stdout, stderr = Path(outputs.name) / "stdout", Path(outputs.name) / "stderr"
+        request = {"argv": args[1:], "cwd": str(cwd), "env": env, "stdout": str(stdout), "stderr": str(stderr),
+                   "session": new_session}  # fmt: skip
+        self.server.stdin.write(json.dumps(request).encode() + b"\n")
+        self.server.stdin.flush()
+        while "status" in (answer := self._answer(deadline=time.monotonic() + 60)):
+            self._statuses[answer["pid"]] = answer["status"]
+        return WarmProcess(self, args, answer["pid"], outputs)
+
     def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-        with tempfile.TemporaryDirectory(prefix="warm-run-") as folder:
-            stdout, stderr = Path(folder) / "stdout", Path(folder) / "stderr"
-            request = {"argv": args[1:], "cwd": str(cwd), "env": env, "stdout": str(stdout), "stderr": str(stderr)}
-            self.server.stdin.write(json.dumps(request).encode() + b"\n")
-            self.server.stdin.flush()
-            deadline = time.monotonic() + timeout
-            pid = self._answer(deadline)["pid"]
+        process = self.start(args, cwd, env)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as expired:
+            process.kill()
+            process.communicate(timeout=60)
+            raise subprocess.TimeoutExpired(args, timeout, expired.output, expired.stderr) from None
+        return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+    def status(self, pid: int, deadline: float) -> int | None:
+        """The exit status of run `pid`, waiting for it until `deadline`; None if it is still running then."""
+        while pid not in self._statuses:
             try:
-                status = self._answer(deadline)["status"]
+                answer = self._answer(deadline)
             except subprocess.TimeoutExpired:
-                os.kill(pid, signal.SIGKILL)
-                self._answer(deadline=time.monotonic() + 60)
-                raise subprocess.TimeoutExpired(args, timeout, stdout.read_text(), stderr.read_text()) from None
-            return subprocess.CompletedProcess(args, status, stdout.read_text(), stderr.read_text())
+                return None
+            self._statuses[answer["pid"]] = answer["status"]  # every answer without a request is an end
+        return self._statuses.pop(pid)
 
     def _answer(self, deadline: float) -> dict:
         pipe = self.server.stdout.fileno()
@@ -166,6 +194,36 @@ class WarmPython:
         self.server.stdin.close()  # the server ends at the end of its requests
         self.server.wait(timeout=60)
         self.server.stdout.close()
+
+
+class WarmProcess:
+    """A run of the warm server, with what the tests use of `subprocess.Popen`: its output is read at its end."""
+
+    def __init__(self, server: WarmPython, args: list[str], pid: int, outputs: tempfile.TemporaryDirectory) -> None:
+        self.server, self.args, self.pid, self._outputs = server, args, pid, outputs
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.status(self.pid, deadline=time.monotonic())
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        if self.returncode is None:
+            deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+            self.returncode = self.server.status(self.pid, deadline)
+        stdout, stderr = (Path(self._outputs.name, name).read_text() for name in ("stdout", "stderr"))
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout, stdout, stderr)
+        self._outputs.cleanup()
+        return stdout, stderr
 
 
 _warm: WarmPython | None = None

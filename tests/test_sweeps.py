@@ -7,7 +7,6 @@ import math
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import soundfile as sf
 import yaml
 from omegaconf import OmegaConf
 
-from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config, run_script, wait_for_file
+from tests.conftest import BUILTIN_SMALL, REPO, TINY, compose_config, run_script, start_script, wait_for_file
 from wavenet.tasks.train import run
 
 EXPERIMENTS = sorted(path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -226,13 +225,12 @@ def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage_and_w
     import optuna
 
     storage, sweep_dir = f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path / "sweep"
-    command = [sys.executable, "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY,
-               *BUILTIN_SMALL, *FAST_TRIAL[:2], "trainer.max_steps=100000", f"paths.data_dir={data_dir}",
-               f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_script("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY,
+                           *BUILTIN_SMALL, *FAST_TRIAL[:2], "trainer.max_steps=100000", f"paths.data_dir={data_dir}",
+                           f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
     wait_for_file(sweep_dir / "0" / "checkpoints" / "last.ckpt", process)  # the first trial is training
     process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=120)
+    output = "".join(process.communicate(timeout=120))
     assert process.returncode == 130, output[-2000:]
     assert "Optuna trial 0 failed: the search stopped before it ended" in output
     study = optuna.load_study(study_name="wavenet", storage=storage)

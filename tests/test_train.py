@@ -25,6 +25,7 @@ from tests.conftest import (
     compose_config,
     run_script,
     save_checkpoint,
+    start_script,
     wait_for_file,
 )
 
@@ -121,10 +122,9 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
     # validation's) too, which must leave the stop to the trainer.
     run_dir = tmp_path / "stopped"
     tiny = [setting for setting in TINY if not setting.startswith(("data.num_workers=", "trainer.num_sanity"))]
-    command = [sys.executable, "train.py", *tiny, *BUILTIN_SMALL, "data.num_workers=2", "trainer.max_steps=100000",
-               "trainer.val_check_interval=10", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env=STOP_ENV)  # fmt: skip
+    process = start_script("train.py", *tiny, *BUILTIN_SMALL, "data.num_workers=2", "trainer.max_steps=100000",
+                           "trainer.val_check_interval=10", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+                           env=STOP_ENV)  # fmt: skip
     last = run_dir / "checkpoints" / "last.ckpt"
     wait_for_file(last, process)
     time.sleep(0.5)  # training goes on past step 10's checkpoint
@@ -175,11 +175,9 @@ def test_a_stop_ends_every_ddp_rank_after_the_same_step_and_saves(tmp_path, data
     # nothing; a terminal sends Ctrl-C to every process, which stopped each rank at once, with nothing saved.
     run_dir = tmp_path / "stopped"
     tiny = [setting for setting in TINY if not setting.startswith(("trainer=", "data.num_workers="))]
-    command = [sys.executable, "train.py", *tiny, *BUILTIN_SMALL, *strategy, "data.num_workers=1",
-               "trainer.max_steps=100000", "trainer.val_check_interval=10", f"paths.data_dir={data_dir}",
-               f"hydra.run.dir={run_dir}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env=STOP_ENV)  # fmt: skip
+    process = start_script("train.py", *tiny, *BUILTIN_SMALL, *strategy, "data.num_workers=1",
+                           "trainer.max_steps=100000", "trainer.val_check_interval=10", f"paths.data_dir={data_dir}",
+                           f"hydra.run.dir={run_dir}", env=STOP_ENV)  # fmt: skip
     try:
         wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
         time.sleep(0.5)
@@ -353,10 +351,8 @@ def test_a_sigterm_while_data_is_prepared_stops_the_run_and_keeps_nothing_half_m
     (tmp_path / "hooks" / "sitecustomize.py").write_text(SLOW_PREPARATION)
     env = {**STOP_ENV, "PYTHONPATH": str(tmp_path / "hooks"), "WAVENET_TEST_POOL": "1" if not settings else ""}
     tiny = [setting for setting in TINY if not setting.startswith("trainer=")]  # the runs stop before training
-    command = [sys.executable, "train.py", *tiny, *BUILTIN_SMALL, *settings, "data.prepare_workers=2",
-               f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env=env)  # fmt: skip
+    process = start_script("train.py", *tiny, *BUILTIN_SMALL, *settings, "data.prepare_workers=2",
+                           f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}", env=env)
     prepared = tmp_path / "data" / "prepared"
     try:
         deadline = time.monotonic() + 120
@@ -435,13 +431,11 @@ def test_multirun_makes_one_run_per_value(tmp_path, data_dir):
 def test_a_preempted_sweep_writes_the_summary_of_its_jobs_so_far(tmp_path, data_dir):
     # SIGTERM (a scheduler's preemption) in the second job: Hydra's end-of-sweep callbacks never run.
     sweep_dir = tmp_path / "sweep"
-    command = [sys.executable, "train.py", "-m", *TINY, *BUILTIN_SMALL, "trainer.max_steps=2,100000",
-               "trainer.val_check_interval=2", f"paths.data_dir={data_dir}",
-               f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_script("train.py", "-m", *TINY, *BUILTIN_SMALL, "trainer.max_steps=2,100000",
+                           "trainer.val_check_interval=2", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}")
     wait_for_file(sweep_dir / "1" / "checkpoints" / "last.ckpt", process)
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    output = "".join(process.communicate(timeout=120))
     assert process.returncode == 143, output[-3000:]
     assert "The sweep ends at job 1, stopped by SIGTERM: the summary lists the jobs so far" in output, output[-3000:]
     summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
@@ -565,9 +559,8 @@ def test_a_job_of_a_sweep_with_bad_input_fails_alone_and_the_sweep_says_so(tmp_p
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, data_dir):
     # A job array or a script starts several runs at once: they must never share a folder.
     log_dir = tmp_path / "outputs"
-    command = [sys.executable, "train.py", *TINY, *BUILTIN_SMALL, "train=false", f"paths.data_dir={data_dir}",
-               f"paths.log_dir={log_dir}"]  # fmt: skip
-    runs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    overrides = [*TINY, *BUILTIN_SMALL, "train=false", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}"]
+    runs = [start_script("train.py", *overrides) for _ in range(2)]
     for process in runs:
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, stderr[-2000:]

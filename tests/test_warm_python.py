@@ -52,6 +52,26 @@ def test_a_run_past_its_timeout_is_killed_and_the_next_run_goes_ahead(tmp_path):
     assert warm_python_server().run([sys.executable, str(quick)], cwd=tmp_path, env={}, timeout=60).stdout == "done\n"
 
 
+def test_runs_go_side_by_side_in_sessions_of_their_own_with_the_start_up_their_pythonpath_gives(tmp_path):
+    # The stop tests signal a run's process group, some start two runs at once, and some slow a run down with a
+    # sitecustomize on PYTHONPATH, as they did with Popen(start_new_session=True) and a fresh Python.
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "sitecustomize.py").write_text("import os\nos.environ['HOOKED'] = 'yes'\n")
+    shows = "import os\nprint(os.getpgid(0) == os.getpid(), os.environ.get('HOOKED'), flush=True)\n"
+    waits, goes = tmp_path / "waits.py", tmp_path / "goes.py"
+    waits.write_text(shows + "import pathlib, time\nwhile not pathlib.Path('go').exists():\n    time.sleep(0.05)\n")
+    goes.write_text(shows + "open('go', 'w').close()\n")
+    hooked = {"PYTHONPATH": str(tmp_path / "hooks")}
+    server = warm_python_server()
+    waiting = server.start([sys.executable, str(waits)], cwd=tmp_path, env=hooked, new_session=True)
+    going = server.start([sys.executable, str(goes)], cwd=tmp_path, env={})
+    assert waiting.communicate(timeout=60) == ("True yes\n", "")  # ended once the other had run
+    assert (going.communicate(timeout=60), going.returncode, waiting.returncode) == (("False None\n", ""), 0, 0)
+    fresh = subprocess.run([sys.executable, str(waits)], cwd=tmp_path, env=hooked, start_new_session=True,
+                           capture_output=True, text=True)  # fmt: skip
+    assert fresh.stdout == "True yes\n"
+
+
 @pytest.mark.parametrize("script", ["train.py", "generate.py"])
 def test_a_script_prints_and_writes_the_same_warm_and_fresh(tmp_path, script):
     def normalised(text: str) -> list[str]:
