@@ -39,6 +39,7 @@ from wavenet.data.mulaw import mu_law_decode
 from wavenet.errors import UserError
 from wavenet.generation import generate
 from wavenet.launch import leave_ranks_to_stop
+from wavenet.signals import set_handler
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +265,7 @@ class InterruptCheckpoint(L.Callback):
             finally:
                 notices.setLevel(level)
 
-        previous = signal.signal(signal.SIGINT, stop_after_this_step)
-        self._ctrl_c_handler = signal.SIG_DFL if previous is None else previous  # None: one set outside Python
+        self._ctrl_c_handler = set_handler(signal.SIGINT, stop_after_this_step)
 
     def _stop_with_every_rank(self, trainer: L.Trainer) -> None:
         """Under DDP: sets handlers that note a Ctrl-C or a SIGTERM, for the ranks to agree on after the batch."""
@@ -291,8 +291,7 @@ class InterruptCheckpoint(L.Callback):
             rank_zero_info("Ctrl-C: every rank stops at the end of this step (Ctrl-C again stops at once)")
 
         signal.signal(signal.SIGTERM, note_sigterm)  # Lightning's is put back when fit ends
-        previous = signal.signal(signal.SIGINT, note_ctrl_c)
-        self._ctrl_c_handler = signal.SIG_DFL if previous is None else previous
+        self._ctrl_c_handler = set_handler(signal.SIGINT, note_ctrl_c)
         self._agrees_on_stops = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:

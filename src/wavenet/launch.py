@@ -39,6 +39,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+from wavenet.signals import Handling
+
 _lightning_command = fabric_launcher._hydra_subprocess_cmd
 # What Lightning's launcher sets in the launching process's environment; left there, the next job would
 # take LOCAL_RANK as a sign that its ranks were started by someone else, and wait for them forever.
@@ -120,7 +122,7 @@ def leave_ranks_to_stop() -> None:
             thread._child_processes = []  # the thread ends at its next look
 
 
-class StopsBeforeTraining:
+class StopsBeforeTraining(Handling):
     """Within it, a SIGTERM raises Lightning's `SIGTERMException` where it finds the process, until Lightning's own
     SIGTERM handling takes over as training is set up (and again once it has ended).
 
@@ -137,21 +139,8 @@ class StopsBeforeTraining:
     """
 
     def __init__(self, ctrl_c: bool = False) -> None:
-        self.signals = (signal.SIGTERM, signal.SIGINT) if ctrl_c else (signal.SIGTERM,)
-        self._previous: dict[int, Any] = {}
+        super().__init__(self._stop, *((signal.SIGTERM, signal.SIGINT) if ctrl_c else (signal.SIGTERM,)))
         self._stopping = False
-
-    def __enter__(self) -> StopsBeforeTraining:
-        if threading.current_thread() is threading.main_thread():  # only there can signal handlers be set
-            for signum in self.signals:
-                self._previous[signum] = signal.signal(signum, self._stop)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            # None: a handler set outside Python, which cannot be put back; the default then.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        self._previous.clear()
 
     def _stop(self, signum: int, frame: Any) -> None:
         if signal.getsignal(signum) != self._stop:  # a bound method: an equal one, not the same object
@@ -255,31 +244,22 @@ class _SpawnLauncher(_MultiProcessingLauncher):
     _stop_passed_on = False
 
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        if threading.current_thread() is not threading.main_thread():
-            return super().launch(function, *args, trainer=trainer, **kwargs)
-
         def pass_on(signum: int, frame: Any) -> None:
             self._stop_passed_on = True
             if signum == signal.SIGINT:
                 self.stopped_by_ctrl_c = True
-                signal.signal(signal.SIGINT, ctrl_c)  # a second one stops at once
+                signal.signal(signal.SIGINT, handling.previous[signal.SIGINT])  # a second one stops at once
             for process in self.procs:
                 if process.is_alive() and process.pid is not None:
                     os.kill(process.pid, signal.SIGTERM)
 
-        # None: a handler set outside Python, which cannot be put back; the default then.
-        sigterm, ctrl_c = (signal.getsignal(signum) or signal.SIG_DFL for signum in (signal.SIGTERM, signal.SIGINT))
-        signal.signal(signal.SIGTERM, pass_on)
-        signal.signal(signal.SIGINT, pass_on)
-        try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
-        except (ProcessExitedException, ProcessRaisedException) as error:
-            if not self._stop_passed_on or str(error).rstrip().endswith(RankStopped.__name__):
-                raise
-            raise (KeyboardInterrupt if self.stopped_by_ctrl_c else SIGTERMException) from None
-        finally:
-            signal.signal(signal.SIGTERM, sigterm)
-            signal.signal(signal.SIGINT, ctrl_c)
+        with Handling(pass_on, signal.SIGTERM, signal.SIGINT) as handling:
+            try:
+                return super().launch(function, *args, trainer=trainer, **kwargs)
+            except (ProcessExitedException, ProcessRaisedException) as error:
+                if not self._stop_passed_on or str(error).rstrip().endswith(RankStopped.__name__):
+                    raise
+                raise (KeyboardInterrupt if self.stopped_by_ctrl_c else SIGTERMException) from None
 
     def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
         try:

@@ -7,12 +7,10 @@ import logging
 import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -25,6 +23,7 @@ from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, wri
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.errors import Terminated, UserError, check_can_write_in
 from wavenet.generation import generate, resolve_method
+from wavenet.signals import Handling
 from wavenet.tasks.generate_settings import PRECISION_DTYPES, check_settings
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ def run(cfg: DictConfig) -> list[Path]:
     return paths
 
 
-class _SigtermStops:
+class _SigtermStops(Handling):
     """Within it, a SIGTERM raises `Terminated`, or with `hold`, once the block has ended.
 
     A preempted batch job is sent SIGTERM, whose default ended generation at once: no file of hours of sampling.
@@ -126,16 +125,9 @@ class _SigtermStops:
     """
 
     def __init__(self, hold: bool = False) -> None:
+        super().__init__(self._stop, signal.SIGTERM)
         self.hold = hold
         self.received = False
-        self._installed = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _SigtermStops:
-        if threading.current_thread() is threading.main_thread():  # only there can signal handlers be set
-            self._previous = signal.signal(signal.SIGTERM, self._stop)
-            self._installed = True
-        return self
 
     def _stop(self, signum: int, frame: object) -> None:
         self.received = True
@@ -143,8 +135,7 @@ class _SigtermStops:
             raise Terminated
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
-        if self._installed:  # None: a handler set outside Python, which cannot be put back; the default then
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+        super().__exit__(kind, error, traceback)
         if self.received and self.hold and kind is None:
             raise Terminated
 
