@@ -100,9 +100,14 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 120) -
 
 
 def run_script(
-    script: str, *overrides: str, timeout: float = 300, env: dict[str, str] | None = None, fresh: bool = False
+    script: str,
+    *overrides: str,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    fresh: bool = False,
+    cwd: Path = REPO,
 ) -> subprocess.CompletedProcess:
-    """Runs `python <script> overrides...` from the repository root, as a user would, with `env` added.
+    """Runs `python <script> overrides...` from `cwd` (the repository root), as a user would, with `env` added.
 
     The scripts run in a child forked from `tests/warm_python.py` (their imports done once per pytest process),
     unless `fresh` (what happens before or during those imports is under test, or `env` sets a variable they read,
@@ -112,8 +117,8 @@ def run_script(
     args = [sys.executable, script, *overrides]
     run_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if not fresh and _warm_runs_allowed():
-        return warm_python_server().run(args, cwd=REPO, env=run_env, timeout=timeout)
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env)
+        return warm_python_server().run(args, cwd=cwd, env=run_env, timeout=timeout)
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=run_env)
 
 
 def start_script(script: str, *overrides: str, env: dict[str, str] | None = None, fresh: bool = False) -> Any:

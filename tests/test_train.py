@@ -586,10 +586,8 @@ OPTUNA_TINY = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "model.resid
 @pytest.mark.parametrize("sweep", [["model.layers=4,6", "train=false"], OPTUNA_TINY], ids=["values", "optuna"])
 def test_a_sweep_as_the_readme_shows_it_runs_from_any_folder(tmp_path, data_dir, sweep):
     # No hydra.sweep.dir or paths.log_dir: the sweep folder comes from the defaults, under the current folder.
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", *TINY, *BUILTIN_SMALL, *sweep, f"paths.data_dir={data_dir}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_script(str(REPO / "train.py"), "-m", *TINY, *BUILTIN_SMALL, *sweep, f"paths.data_dir={data_dir}",
+                        cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     assert {"0", "1", "multirun_summary.yaml"} <= {path.name for path in sweep_dir.iterdir()}
@@ -612,9 +610,8 @@ def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path: Path, task
     settings = []
     if task == "generate":  # a file that passes the checks before torch loads, as a checkpoint would
         settings.append(f"ckpt_path={checkpoint_lookalike(tmp_path / 'archive.ckpt')}")
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "run"), *settings], cwd=REPO, capture_output=True, text=True
-    )
+    (tmp_path / "interrupted.py").write_text(script)
+    result = run_script(str(tmp_path / "interrupted.py"), str(tmp_path / "run"), *settings)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "interrupted"
 
