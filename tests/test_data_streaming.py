@@ -7,7 +7,6 @@ import itertools
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ import torch
 from litdata.utilities.env import _DistributedEnv
 from torch.utils.data import DataLoader, IterableDataset
 
-from tests.conftest import REPO, TINY, compose_config
+from tests.conftest import TINY, compose_config, start_script
 from tests.test_data import CHUNK, RATE, RECEPTIVE_FIELD, WINDOW, chirp, ready, write
 from wavenet.data import StreamingDataModule, publish
 from wavenet.data.datamodule import split_files
@@ -291,13 +290,14 @@ streaming.main(sys.argv[1:])
 """
 
 
-def running_with(argument: str) -> list[int]:
-    """Processes whose command line holds `argument`: a publisher's, and any it left behind."""
+def in_session(session: int) -> list[int]:
+    """The processes of `session` that have not ended: a publisher's, and any it left behind."""
     pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
-            if argument.encode() in cmdline.read_bytes().split(b"\0"):
-                pids.append(int(cmdline.parent.name))
+            state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]  # after the name, which may hold ")"
+            if int(sid) == session and state != "Z":
+                pids.append(int(stat.parent.name))
     return pids
 
 
@@ -309,19 +309,17 @@ def test_ctrl_c_stops_publishing_at_once_with_nothing_taken_as_complete(
     # litdata's own handler exited with status 0 at Ctrl-C from a terminal, and left its workers hanging forever
     # when only the main process got SIGINT (kill -INT). kill -9 of the command's group left litdata writing on.
     remote = tmp_path / "bucket" / "interrupted"
-    stderr = tmp_path / "stderr.txt"
+    (tmp_path / "publish.py").write_text(SLOW_PUBLISH)
     options = ["--segment-seconds", "0.25", "--workers", "1"]
-    command = [sys.executable, "-c", SLOW_PUBLISH, str(prepared), str(remote), *options]
-    env = {**os.environ, "WAVENET_DATA_DIR": str(tmp_path / "data")}
-    with stderr.open("w") as log:
-        # A session of its own, as a terminal gives a command: its group is what Ctrl-C signals.
-        publisher = subprocess.Popen(command, cwd=REPO, stderr=log, start_new_session=True, env=env)
+    # A session of its own, as a terminal gives a command: its group is what Ctrl-C signals.
+    publisher = start_script(str(tmp_path / "publish.py"), str(prepared), str(remote), *options,
+                             env={"WAVENET_DATA_DIR": str(tmp_path / "data")})  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while "train files" not in stderr.read_text() and publisher.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not (remote / "train").is_dir() and publisher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # made as the train split starts
         time.sleep(0.5)  # litdata's workers are writing the first items
-        assert publisher.poll() is None, stderr.read_text()
+        assert publisher.poll() is None, publisher.communicate()
         interrupted = time.monotonic()
         if ctrl_c == "terminal":
             os.killpg(publisher.pid, signal.SIGINT)
@@ -329,23 +327,21 @@ def test_ctrl_c_stops_publishing_at_once_with_nothing_taken_as_complete(
             os.killpg(publisher.pid, signal.SIGKILL)
         else:
             publisher.send_signal(signal.SIGINT)
-        status = publisher.wait(timeout=30)
+        _, stderr = publisher.communicate(timeout=30)
         took = time.monotonic() - interrupted
         deadline = time.monotonic() + 0.5
-        while (left := running_with(str(remote))) and time.monotonic() < deadline:  # killed processes going
+        while (left := in_session(publisher.pid)) and time.monotonic() < deadline:  # killed processes going
             time.sleep(0.1)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(publisher.pid, signal.SIGKILL)
-        for pid in running_with(str(remote)):
+        for pid in in_session(publisher.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    lines = stderr.read_text().strip().splitlines()
+    lines = stderr.strip().splitlines()
     assert not left, f"processes left writing: {left}"
     assert not (remote / "manifest").exists()
     if ctrl_c == "kill -9":
         return
-    assert status == 130, lines
+    assert publisher.returncode == 130, lines
     assert took < 10, took  # some 1 s here, most of it the interpreter's shutdown
     assert lines[-1] == f"interrupted: nothing published to {remote} is complete; run the same command again"
     assert not any("Traceback" in line or "Error" in line for line in lines), lines
