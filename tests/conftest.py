@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
+# Inductor's kernels go to a folder of this session's, which its workers share: the tests compile from nothing,
+# as in CI (~1.7 s a kernel on 2 cores), whatever an earlier run left in the system's temporary folder.
+_OWN_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+if _OWN_INDUCTOR_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="wavenet-tests-inductor-")
 
 # A run of seconds: tiny model, CPU, validation twice, every step logged; with BUILTIN_SMALL, a small
 # built-in dataset.
@@ -244,6 +251,8 @@ def warm_python_server() -> WarmPython:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if _warm is not None:
         _warm.close()
+    if _OWN_INDUCTOR_CACHE:  # the process that made it: the first, which ends last
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,6 +18,12 @@ from wavenet.ema import EMA
 DEEP = dict(layers=12, stacks=2, residual_channels=32, dilation_channels=32, skip_channels=16, quantization_channels=64)
 
 
+# Inductor compiles C++ for each layer's kernels (their sizes differ with the dilation): each one took ~1.7 s on
+# 2 cores with its cache empty, as in CI (TINY's 6 layers: 81 s for the test below). Two layers have kernels of
+# every kind a deeper network has.
+COMPILED = dict(TINY, layers=2, stacks=1)
+
+
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process (inductor runs once per graph)."""
     return counters["stats"]["unique_graphs"]
@@ -117,14 +123,14 @@ class RecordLosses(L.Callback):
         self.val.append(trainer.callback_metrics["val/loss"].item())
 
 
-@pytest.mark.slow  # inductor compiles C++ for three graphs: about 45 s on a 2-core CPU
+@pytest.mark.slow  # inductor compiles C++ for three graphs: about 45 s on a 2-core CPU, its cache empty
 def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(tmp_path, caplog):
     torch.compiler.reset()
     caplog.set_level(logging.INFO, logger="wavenet")
     runs = {}
     for compiled in (False, True):
         L.seed_everything(0)
-        module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=1, decay="constant", compile=compiled)
+        module = WaveNetModule(**COMPILED, lr=1e-2, warmup_steps=1, decay="constant", compile=compiled)
         batch = sine_batch(module.receptive_field, batch=3)
         losses = RecordLosses()
         graphs = compiled_graphs()
@@ -159,15 +165,18 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(tmp
     assert compiled_graphs() == graphs, "a module loaded without a Trainer compiled"
 
 
-@pytest.mark.slow  # one more compilation, of forward and backward: about 30 s on a 2-core CPU
+@pytest.mark.slow  # one more compilation, of forward and backward: about 40 s on a 2-core CPU, its cache empty
 def test_compiled_checkpointed_network_matches_eager_and_stores_less():
-    plain, both = pair(dict(DEEP, layers=6), checkpoint_activations=True)
+    # Three layers (with 6 in 2 stacks, 80 s with the cache empty), wide, so that they outweigh the head.
+    shape = dict(DEEP, layers=3, stacks=1, residual_channels=64, dilation_channels=64)
+    plain, both = pair(shape, checkpoint_activations=True)
     both.compile()
     batch = random_batch(plain, chunk=64)
     graphs = compiled_graphs()
     # Compiled code saves through autograd too. Checkpointing is traced into the graph (one graph, no break)
-    # and honoured: about a third of the plain network's activations for this shape (2.6x less eager).
-    assert saved_for_backward(both, *batch) < 0.5 * saved_for_backward(plain, *batch)
+    # and honoured: 0.57 of the plain network's activations for this shape (eager: 0.23); compiled without
+    # checkpointing, as much as eager (1.0).
+    assert saved_for_backward(both, *batch) < 0.75 * saved_for_backward(plain, *batch)
     assert compiled_graphs() == graphs + 1
     loss, grads = loss_and_grads(plain, *batch)
     compiled_loss, compiled_grads = loss_and_grads(both, *batch)
