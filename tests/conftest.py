@@ -121,8 +121,7 @@ def run_script(
     such as OMP_NUM_THREADS), WAVENET_TESTS_FRESH=1 is set, or a CUDA device is here (the GPU tests check a real
     start-up, and few of them run a script).
     """
-    args = [sys.executable, script, *overrides]
-    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    args, run_env = _command(script, overrides, env)
     if not fresh and _warm_runs_allowed():
         return warm_python_server().run(args, cwd=cwd, env=run_env, timeout=timeout)
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=run_env)
@@ -132,12 +131,16 @@ def start_script(script: str, *overrides: str, env: dict[str, str] | None = None
     """Starts `python <script> overrides...` as `run_script` runs it, in a session of its own (a test signals its
     process group as a terminal or a scheduler does), and returns at once: a `subprocess.Popen`, or what the tests
     use of one (`pid`, `returncode`, `poll`, `send_signal`, `communicate`)."""
-    args = [sys.executable, script, *overrides]
-    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    args, run_env = _command(script, overrides, env)
     if not fresh and _warm_runs_allowed():
         return warm_python_server().start(args, cwd=REPO, env=run_env, new_session=True)
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=run_env)  # fmt: skip
+
+
+def _command(script: str, overrides: tuple[str, ...], env: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    """`python <script> overrides...`, and its environment: this one, with `env` added."""
+    return [sys.executable, script, *overrides], {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
 
 
 def _warm_runs_allowed() -> bool:
