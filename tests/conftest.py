@@ -34,11 +34,15 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
-# Inductor's kernels go to a folder of this session's, which its workers share: the tests compile from nothing,
-# as in CI (~1.7 s a kernel on 2 cores), whatever an earlier run left in the system's temporary folder.
-_OWN_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-if _OWN_INDUCTOR_CACHE:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="wavenet-tests-inductor-")
+# What runs cache goes to a folder of this session's, which its workers share, so that the tests start from nothing
+# as in CI, whatever earlier runs left in the system's temporary folder or in ~/.cache: inductor's kernels (~1.7 s
+# each on 2 cores), the CPU generation kernel (15 s), datasets. A value the caller set is kept.
+_SESSION_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "WAVENET_CACHE_DIR": "wavenet", "WAVENET_DATA_DIR": "data"}
+_own_caches: str | None = None  # in the process that made the folder: the first, which ends last
+if any(name not in os.environ for name in _SESSION_CACHES):
+    _own_caches = tempfile.mkdtemp(prefix="wavenet-tests-caches-")
+    for name, folder in _SESSION_CACHES.items():
+        os.environ.setdefault(name, os.path.join(_own_caches, folder))
 
 # A run of seconds: tiny model, CPU, validation twice, every step logged; with BUILTIN_SMALL, a small
 # built-in dataset.
@@ -254,8 +258,8 @@ def warm_python_server() -> WarmPython:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if _warm is not None:
         _warm.close()
-    if _OWN_INDUCTOR_CACHE:  # the process that made it: the first, which ends last
-        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+    if _own_caches is not None:
+        shutil.rmtree(_own_caches, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -13,8 +14,19 @@ from wavenet.kernels import cpu_step
 from wavenet.kernels.cpu_step import cpu_kernel_available, cpu_steps
 from wavenet.models.wavenet import WaveNet
 
+
+@pytest.fixture
+def built_kernel() -> None:
+    """Skips a test where the kernel cannot be built; builds it at the first test that needs it, not when the tests
+    are collected (by every pytest worker at once: 15 s each on 2 cores)."""
+    problem = cpu_step.cpu_kernel_problem()
+    if problem is not None:
+        pytest.skip(f"the CPU kernel cannot be built here: {problem}")
+
+
 # Not module-wide: the tests of a missing compiler and of the thread choice run anywhere.
-needs_compiler = pytest.mark.skipif(not cpu_kernel_available(), reason="no C++ compiler to build the CPU kernel")
+needs_kernel = pytest.mark.usefixtures("built_kernel")
+needs_compiler = pytest.mark.skipif(cpu_step._compiler() is None, reason="no C++ compiler")
 
 LEVELS = 48
 
@@ -55,7 +67,7 @@ NARROW, WIDE = (9, 20, 13), (40, 80, 36)
         (2, WIDE, 9, 1, True),  # groups of 8 and 1 on one thread
     ],
 )
-@needs_compiler
+@needs_kernel
 def test_teacher_forced_logits_equal_the_eager_step_and_the_full_forward(kernel_size, widths, batch, threads, split):
     model = random_wavenet(kernel_size, widths)
     longest_ring = max(layer.context for layer in model.layers)
@@ -79,7 +91,7 @@ def test_teacher_forced_logits_equal_the_eager_step_and_the_full_forward(kernel_
     assert_relative_close(native.rings, eager.rings)
 
 
-@needs_compiler
+@needs_kernel
 @pytest.mark.parametrize("bf16_weights", [False, True])
 @pytest.mark.parametrize("batch", [1, 2, 5, 9])
 def test_every_thread_plan_computes_the_same_bits(batch, bf16_weights):
@@ -102,7 +114,7 @@ def test_every_thread_plan_computes_the_same_bits(batch, bf16_weights):
             assert torch.equal(logits, results[0]), (widths, batch)
 
 
-@needs_compiler
+@needs_kernel
 @pytest.mark.parametrize("batch", [1, 2, 13])
 def test_sampled_classes_follow_the_same_noise_as_eager_and_turns_can_alternate(batch):
     """Chunks alternate between the kernel and the eager step on one state, with a device-side counter too."""
@@ -134,7 +146,7 @@ def test_sampled_classes_follow_the_same_noise_as_eager_and_turns_can_alternate(
                 assert int(mixed.phase) == 150 % mixed.period
 
 
-@needs_compiler
+@needs_kernel
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_generate_fused_on_the_cpu_equals_eager_and_auto_picks_it(temperature):
     model = random_wavenet(3, NARROW)
@@ -157,7 +169,7 @@ def test_generate_fused_on_the_cpu_equals_eager_and_auto_picks_it(temperature):
     assert torch.equal(sample("auto"), sample("eager"))
 
 
-@needs_compiler
+@needs_kernel
 @pytest.mark.parametrize(("widths", "batch", "threads"), [(WIDE, 1, 2), (NARROW, 1, 1), (WIDE, 9, 2), (NARROW, 3, 1)])
 def test_bfloat16_weights_give_the_float32_steps_of_bfloat16_rounded_weights(widths, batch, threads):
     # The kernel's rewrites of the weights (halved gate, residual and skip; transposes) are exact in bfloat16,
@@ -177,7 +189,7 @@ def test_bfloat16_weights_give_the_float32_steps_of_bfloat16_rounded_weights(wid
     assert_relative_close(logits, expected)
 
 
-@needs_compiler
+@needs_kernel
 def test_a_bfloat16_model_generates_with_the_kernel_on_the_cpu(monkeypatch):
     model = random_wavenet(3, WIDE).bfloat16()
     cpu = torch.device("cpu")
@@ -231,28 +243,72 @@ def test_without_a_compiler_auto_stays_eager_and_fused_names_the_reason(monkeypa
         cpu_step._library.cache_clear()
 
 
+# What ctypes looks up in the library: a source that builds in a fraction of a second, where the kernel's own takes
+# 15 s (the kernel tests build that one, into the session's cache).
+STAND_IN_SOURCE = """
+extern "C" void wavenet_cpu_steps() {}
+extern "C" long long wavenet_cpu_block() { return 0; }
+"""
+
+
 @needs_compiler
 def test_the_build_is_cached_per_machine_and_a_failed_build_leaves_nothing(monkeypatch, tmp_path):
-    monkeypatch.setenv("WAVENET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("WAVENET_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "stand_in.cpp"
+    source.write_text(STAND_IN_SOURCE)
+    monkeypatch.setattr(cpu_step, "_SOURCE", source)
+    kernels = tmp_path / "cache" / "kernels"
     cpu_step._library.cache_clear()
     try:
         assert cpu_kernel_available()
-        (library,) = (tmp_path / "kernels").iterdir()  # nothing else: the scratch folder is gone
-        assert library.name.startswith("cpu_step-") and library.suffix == ".so"
+        lock, library = sorted(kernels.iterdir())  # nothing else: the scratch folder is gone
+        assert library.name.startswith("cpu_step-") and library.suffix == ".so" and lock.name == ".build.lock"
         built = library.stat().st_mtime_ns
         cpu_step._library.cache_clear()
         assert cpu_kernel_available()  # found again, not rebuilt
         assert library.stat().st_mtime_ns == built
 
         # A compiler that fails (a source it cannot build): the reason comes back, and no library is left.
-        broken = tmp_path / "broken.cpp"
-        broken.write_text("this is not C++\n")
-        monkeypatch.setattr(cpu_step, "_SOURCE", broken)
+        source.write_text("this is not C++\n")
         cpu_step._library.cache_clear()
-        assert "could not build broken.cpp" in cpu_step.cpu_kernel_problem()
-        assert [path.name for path in (tmp_path / "kernels").iterdir()] == [library.name]
+        assert "could not build stand_in.cpp" in cpu_step.cpu_kernel_problem()
+        assert sorted(path.name for path in kernels.iterdir()) == [".build.lock", library.name]
     finally:
         cpu_step._library.cache_clear()
+
+
+@needs_compiler
+def test_processes_that_need_the_kernel_at_once_build_it_once(monkeypatch, tmp_path):
+    # DDP ranks or a job array on a new machine: without the lock, each process built its own.
+    monkeypatch.setenv("WAVENET_CACHE_DIR", str(tmp_path / "cache"))
+    source, builds = tmp_path / "stand_in.cpp", tmp_path / "builds"
+    source.write_text(STAND_IN_SOURCE)
+    monkeypatch.setattr(cpu_step, "_SOURCE", source)
+    build = cpu_step._build
+
+    def counted_build(compiler: str, path):
+        with builds.open("a") as file:
+            file.write(f"{os.getpid()}\n")
+        return build(compiler, path)
+
+    monkeypatch.setattr(cpu_step, "_build", counted_build)
+    cpu_step._library.cache_clear()
+    children = []
+    try:
+        for _ in range(3):
+            child = os.fork()
+            if child == 0:
+                status = 1
+                try:
+                    status = 0 if cpu_kernel_available() else 2
+                finally:
+                    os._exit(status)
+            children.append(child)
+        statuses = [os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) for child in children]
+    finally:
+        cpu_step._library.cache_clear()
+    assert statuses == [0, 0, 0]
+    assert len(builds.read_text().splitlines()) == 1
 
 
 @needs_compiler
