@@ -355,12 +355,29 @@ def run_without_root_override(script: str, *args: str) -> subprocess.CompletedPr
     return subprocess.run(command, capture_output=True, text=True)
 
 
-PREPARE_AND_LIST = """
+# Prepares the corpus at argv[1] three times in one process (each start imports torch): as it is, once locked.wav
+# is readable (chmod changes neither a file's size nor its modification time), and once the root itself is not.
+PREPARE_THREE_TIMES = """
 import json, sys
+from pathlib import Path
 from wavenet.data import Manifest, PrepareSettings, prepare_corpus
-folder = prepare_corpus(sys.argv[1], "folder", ["wav"], PrepareSettings(16000, 256, None), sys.argv[2], 1)
-manifest = Manifest.load(folder)
-print(json.dumps({"files": [f.relative for f in manifest.files], "skipped": manifest.skipped}))
+from wavenet.errors import UserError
+root, cache = Path(sys.argv[1]), sys.argv[2]
+
+def prepare():
+    folder = prepare_corpus(str(root), "folder", ["wav"], PrepareSettings(16000, 256, None), cache, 1)
+    manifest = Manifest.load(folder)
+    return {"files": [f.relative for f in manifest.files], "skipped": manifest.skipped}
+
+first = prepare()
+(root / "locked.wav").chmod(0o644)
+again = prepare()
+root.chmod(0)
+try:
+    refused = prepare()
+except UserError as error:
+    refused = str(error)
+print(json.dumps({"first": first, "again": again, "refused": refused}))
 """
 
 
@@ -373,26 +390,22 @@ def test_unreadable_files_and_folders_are_named_and_prepared_once_readable(tmp_p
     (root / "locked.wav").chmod(0)
     (root / "locked_folder").chmod(0)
     try:
-        first = run_without_root_override(PREPARE_AND_LIST, str(root), str(cache))
-        assert first.returncode == 0, first.stderr
-        assert json.loads(first.stdout) == {
-            "files": ["a.wav", "b.wav"],
-            "skipped": [
-                ["empty.wav", "empty (0 bytes)"],
-                ["locked.wav", "unreadable (Permission denied)"],
-                ["locked_folder/", "folder cannot be listed (Permission denied)"],
-            ],
-        }
-        # chmod changes neither a file's size nor its modification time, yet the file is now prepared.
-        (root / "locked.wav").chmod(0o644)
-        again = run_without_root_override(PREPARE_AND_LIST, str(root), str(cache))
-        assert "locked.wav" in json.loads(again.stdout)["files"], again.stderr
-        root.chmod(0)
-        refused = run_without_root_override(PREPARE_AND_LIST, str(root), str(cache))
-        assert f"cannot list data root {root}: Permission denied" in refused.stderr
+        result = run_without_root_override(PREPARE_THREE_TIMES, str(root), str(cache))
     finally:
         root.chmod(0o755)
         (root / "locked_folder").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(result.stdout)
+    assert runs["first"] == {
+        "files": ["a.wav", "b.wav"],
+        "skipped": [
+            ["empty.wav", "empty (0 bytes)"],
+            ["locked.wav", "unreadable (Permission denied)"],
+            ["locked_folder/", "folder cannot be listed (Permission denied)"],
+        ],
+    }
+    assert "locked.wav" in runs["again"]["files"]
+    assert f"cannot list data root {root}: Permission denied" in runs["refused"]
 
 
 def test_a_whole_number_trim_db_finds_the_same_cache_as_its_float(tmp_path: Path) -> None:
