@@ -11,13 +11,16 @@ JOBS ?= 2
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet 'uv>=0.13,<0.14'
+
+$(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -r requirements.lock -e '.[dev]'
 	touch $@
 
-lock: setup
+# Not after setup: a pyproject.toml that the old pins no longer satisfy would stop it.
+lock: | $(BIN)/uv
 	$(BIN)/uv pip compile --quiet --universal --extra dev --custom-compile-command 'make lock' pyproject.toml \
 		-o requirements.lock
 
