@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from wavenet.config import discard_refused_run
 from wavenet.errors import Terminated, UserError, report_config_errors_in_one_line
+from wavenet.process import end_without_collecting_everything
 from wavenet.tasks.generate_settings import check_settings
 
 
@@ -31,6 +32,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    end_without_collecting_everything()
     report_config_errors_in_one_line()
     try:
         main()

@@ -21,10 +21,15 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from wavenet.process import end_without_collecting_everything
+
 REPO = Path(__file__).resolve().parents[1]
 
 # W&B must never reach for the network in tests; a test that checks offline runs sets its own mode.
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# Each pytest process ends as train.py does, without the collection at exit that took 2 s with torch imported.
+end_without_collecting_everything()
 
 # Each pytest-xdist worker gets its share of the cores. With torch's default, a thread per core in each worker and
 # in each run it starts, OpenMP's spinning threads fought over the cores: a training test of 6 s alone took 18 to

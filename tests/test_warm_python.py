@@ -85,6 +85,9 @@ def test_a_script_prints_and_writes_the_same_warm_and_fresh(tmp_path, script):
         no_bar = "+trainer.enable_progress_bar=false"
         overrides = [*TINY, *BUILTIN_SMALL, "trainer.max_steps=3", no_bar, f"paths.data_dir={data_dir}"]
     else:
+        from wavenet.kernels.cpu_step import cpu_kernel_problem
+
+        cpu_kernel_problem()  # the CPU kernel built before: the first of the runs would say that it builds it
         module = WaveNetModule(layers=4, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16)
         overrides = [f"ckpt_path={save_checkpoint(module, tmp_path / 'tiny.ckpt')}", "num_samples=500", "batch_size=2",
                      "seed=1"]  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import gc
 import json
 import os
 import runpy
@@ -122,6 +123,9 @@ def serve() -> None:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
     set_by_imports = _import_packages()
+    # Out of the collector's reach in every child: a child's collections no longer walk (and copy, page by page)
+    # all that the imports made.
+    gc.freeze()
     print(json.dumps({"ready": True}), file=answers, flush=True)
     unread, running, more_requests = b"", set(), True
     while more_requests or running:  # the server ends at the end of its requests, once their runs have ended
@@ -146,6 +150,7 @@ def serve() -> None:
             if ended:
                 running.remove(pid)
                 print(json.dumps({"pid": pid, "status": os.waitstatus_to_exitcode(status)}), file=answers, flush=True)
+    gc.freeze()  # as train.py ends (wavenet.process): without the collection at exit over all the imports made, 2 s
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+from wavenet.process import end_without_collecting_everything
 from wavenet.signals import Handling
 
 _lightning_command = fabric_launcher._hydra_subprocess_cmd
@@ -208,6 +209,7 @@ class SpawnStrategy(DDPStrategy):
 
     def setup_environment(self) -> None:
         # Each rank's first step of `fit`, before the process group (which logs) and the data.
+        end_without_collecting_everything()  # as the launching process does, which train.py set up
         if self._logging_config is not None:
             logging.config.dictConfig(self._logging_config)
         quiet_lightning()
