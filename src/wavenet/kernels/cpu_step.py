@@ -121,7 +121,7 @@ def _build_lock(folder: Path) -> Iterator[None]:
 
 def _build(compiler: str, path: Path) -> str | None:
     """Compiles the library to `path`; or the reason it could not."""
-    log.info("Building the CPU generation kernel for this machine, once (seconds): %s", path)
+    log.info("Building the CPU generation kernel for this machine (once; it takes seconds): %s", path)
     # Built beside its final name and renamed into place: a process that dies mid-build never leaves a partial
     # library under that name.
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
