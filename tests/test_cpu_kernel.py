@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,62 +253,58 @@ extern "C" long long wavenet_cpu_block() { return 0; }
 """
 
 
-@needs_compiler
-def test_the_build_is_cached_per_machine_and_a_failed_build_leaves_nothing(monkeypatch, tmp_path):
+@pytest.fixture
+def stand_in_source(monkeypatch, tmp_path) -> Iterator[Path]:
+    """The stand-in as the kernel's source, built into an empty cache at `tmp_path / "cache"`."""
     monkeypatch.setenv("WAVENET_CACHE_DIR", str(tmp_path / "cache"))
     source = tmp_path / "stand_in.cpp"
     source.write_text(STAND_IN_SOURCE)
     monkeypatch.setattr(cpu_step, "_SOURCE", source)
-    kernels = tmp_path / "cache" / "kernels"
     cpu_step._library.cache_clear()
-    try:
-        assert cpu_kernel_available()
-        lock, library = sorted(kernels.iterdir())  # nothing else: the scratch folder is gone
-        assert library.name.startswith("cpu_step-") and library.suffix == ".so" and lock.name == ".build.lock"
-        built = library.stat().st_mtime_ns
-        cpu_step._library.cache_clear()
-        assert cpu_kernel_available()  # found again, not rebuilt
-        assert library.stat().st_mtime_ns == built
-
-        # A compiler that fails (a source it cannot build): the reason comes back, and no library is left.
-        source.write_text("this is not C++\n")
-        cpu_step._library.cache_clear()
-        assert "could not build stand_in.cpp" in cpu_step.cpu_kernel_problem()
-        assert sorted(path.name for path in kernels.iterdir()) == [".build.lock", library.name]
-    finally:
-        cpu_step._library.cache_clear()
+    yield source
+    cpu_step._library.cache_clear()
 
 
 @needs_compiler
-def test_processes_that_need_the_kernel_at_once_build_it_once(monkeypatch, tmp_path):
-    # DDP ranks or a job array on a new machine: without the lock, each process built its own.
-    monkeypatch.setenv("WAVENET_CACHE_DIR", str(tmp_path / "cache"))
-    source, builds = tmp_path / "stand_in.cpp", tmp_path / "builds"
-    source.write_text(STAND_IN_SOURCE)
-    monkeypatch.setattr(cpu_step, "_SOURCE", source)
-    build = cpu_step._build
+def test_the_build_is_cached_per_machine_and_a_failed_build_leaves_nothing(stand_in_source, tmp_path):
+    kernels = tmp_path / "cache" / "kernels"
+    assert cpu_kernel_available()
+    lock, library = sorted(kernels.iterdir())  # nothing else: the scratch folder is gone
+    assert library.name.startswith("cpu_step-") and library.suffix == ".so" and lock.name == ".build.lock"
+    built = library.stat().st_mtime_ns
+    cpu_step._library.cache_clear()
+    assert cpu_kernel_available()  # found again, not rebuilt
+    assert library.stat().st_mtime_ns == built
 
-    def counted_build(compiler: str, path):
+    # A compiler that fails (a source it cannot build): the reason comes back, and no library is left.
+    stand_in_source.write_text("this is not C++\n")
+    cpu_step._library.cache_clear()
+    assert "could not build stand_in.cpp" in cpu_step.cpu_kernel_problem()
+    assert sorted(path.name for path in kernels.iterdir()) == [".build.lock", library.name]
+
+
+@needs_compiler
+def test_processes_that_need_the_kernel_at_once_build_it_once(stand_in_source, monkeypatch, tmp_path):
+    # A job array of generate.py runs on a new machine: without the lock, each process built its own.
+    builds, build = tmp_path / "builds", cpu_step._build
+
+    def counted_build(compiler: str, path: Path) -> str | None:
         with builds.open("a") as file:
             file.write(f"{os.getpid()}\n")
         return build(compiler, path)
 
     monkeypatch.setattr(cpu_step, "_build", counted_build)
-    cpu_step._library.cache_clear()
     children = []
-    try:
-        for _ in range(3):
-            child = os.fork()
-            if child == 0:
-                status = 1
-                try:
-                    status = 0 if cpu_kernel_available() else 2
-                finally:
-                    os._exit(status)
-            children.append(child)
-        statuses = [os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) for child in children]
-    finally:
-        cpu_step._library.cache_clear()
+    for _ in range(3):
+        child = os.fork()
+        if child == 0:
+            status = 1
+            try:
+                status = 0 if cpu_kernel_available() else 2
+            finally:
+                os._exit(status)
+        children.append(child)
+    statuses = [os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) for child in children]
     assert statuses == [0, 0, 0]
     assert len(builds.read_text().splitlines()) == 1
 
