@@ -107,7 +107,7 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir
                        f"hydra.run.dir={tmp_path / 'check'}", f"ckpt_path={last}", "train=false",
                        "callbacks.ema=null")  # fmt: skip
     assert check.returncode == 0, check.stderr[-2000:]
-    assert "holds EMA weights, and this run has no callbacks.ema" in check.stdout + check.stderr
+    assert "holds EMA weights, which this run drops: it has no callbacks.ema" in check.stdout + check.stderr
 
 
 # A stopped run died of a heap corruption that glibc found at its exit ("corrupted size vs. prev_size while
@@ -647,6 +647,12 @@ def test_a_run_refused_before_writing_leaves_nothing_so_the_mended_command_runs_
         for script, overrides in [("train.py", ["seed=-1"]), ("generate.py", ["ckpt_path=missing.ckpt"])]:
             result = run_script(script, *overrides, f"hydra.run.dir={run_dir}")
             assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr[-2000:]
+    # Refused once torch has loaded, as the model, the data module and Lightning's Trainer are built: the seed's
+    # line and the config shown had made the run folder one of a run.
+    for override in ("model.lr=-1", "data.batch_size=0", "trainer.precision=foo"):
+        result = run_script("train.py", *TINY, override, f"hydra.run.dir={made / 'runs' / '2'}")
+        assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr[-2000:]
+        assert "CONFIG" not in result.stdout
     assert not made.exists()
     assert [path.name for path in found.iterdir()] == ["notes.txt"]
     # Refused once it has written its own files (the config it showed, its loggers'): all of it stays.

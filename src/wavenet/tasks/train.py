@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.multiprocessing import ProcessRaisedException
@@ -233,37 +233,34 @@ def run(cfg: DictConfig) -> float | None:
 
 def _train(cfg: DictConfig) -> float | None:
     resolve_auto_settings(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    # Every part of the run is built before anything is written or logged, so that a setting they refuse leaves
+    # the run folder as Hydra made it, for `discard_refused_run` to take away; hence a quiet seed, said below.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = instantiate_checked(cfg.model)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         ckpt_path = str(Path(str(ckpt_path)).expanduser())
-        # Before the data is prepared: a wrong path or another network is found in a second, not after hours;
-        # and before the config is shown, so that the error is all a refused run prints.
+        # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
         max_steps = cfg.trainer.get("max_steps", -1) if cfg.train else -1  # train=false trains nothing
         check_resumable(Path(ckpt_path), module.hparams, max_steps=max_steps)
-    output_dir = Path(cfg.paths.output_dir)
-    print_config_tree(cfg, save_to=output_dir / "config_tree.log")
-    _warn_of_settings_that_waste_the_run(cfg)
     datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = instantiate_group(cfg.get("logger"))  # W&B's run starts when it is first logged to, not here
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    settings = {}
+    if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        # Without ours (callbacks=none), Lightning would checkpoint into the first logger's folder.
+        settings["enable_checkpointing"] = False
+    trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
+    rank_zero_info(f"Seed set to {cfg.seed}")
+    print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
+    _warn_of_settings_that_waste_the_run(cfg)
     finished = False
     try:
         if cfg.train:  # train=false opens no W&B run and writes no logs
             _log_config(loggers, cfg)
-        callbacks = instantiate_group(cfg.get("callbacks"))
         if ckpt_path is not None and not any(isinstance(callback, EMA) for callback in callbacks):
             if EMA_STATE_KEY in read_checkpoint(Path(ckpt_path), map_location="cpu", mmap=True):
-                log.warning(
-                    "ckpt_path=%s holds EMA weights, and this run has no callbacks.ema: they are dropped, and its "
-                    "checkpoints have none",
-                    ckpt_path,
-                )
-        settings = {}
-        if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            # Without ours (callbacks=none), Lightning would checkpoint into the first logger's folder.
-            settings["enable_checkpointing"] = False
-        trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
+                log.warning("ckpt_path=%s holds EMA weights, which this run drops: it has no callbacks.ema", ckpt_path)
         if trainer.is_global_zero:  # under trainer=ddp every rank runs this script
             log.info(
                 "WaveNet: %s parameters, receptive field %d samples (%.0f ms)",
