@@ -141,6 +141,13 @@ def test_mu_law_matches_torchaudio(channels):
     torch.testing.assert_close(mu_law_decode(classes, channels), AF.mu_law_decoding(classes, channels))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mu_law_codes_half_precision_audio_as_float32(dtype):
+    # Every value the dtype has in [-1, 1]: in bfloat16 torchaudio's own rounding put 1.0 in class 256.
+    audio = torch.linspace(-1, 1, 100001).to(dtype).unique()
+    assert torch.equal(mu_law_encode(audio), AF.mu_law_encoding(audio.float(), 256))
+
+
 def test_mu_law_round_trip_and_clipping():
     audio = torch.rand(10000) * 2 - 1
     decoded = mu_law_decode(mu_law_encode(audio))

@@ -30,6 +30,10 @@ def mu_law_encode(audio: Tensor, quantization_channels: int = 256) -> Tensor:
     # A pass over the audio: encoding runs once per file (data preparation, a prime), never per training step.
     if torch.isnan(audio).any():
         raise ValueError("mu_law_encode: audio holds NaN samples, which have no mu-law class")
+    if audio.dtype.itemsize < 4:
+        # torchaudio computes in the audio's dtype: in bfloat16, rounding put 1.0 in class 256 (out of range) and
+        # 40 % of samples in another class than float32 does.
+        audio = audio.float()
     return AF.mu_law_encoding(audio.clamp(-1.0, 1.0), quantization_channels)
 
 
