@@ -121,6 +121,7 @@ def test_config_tree_lists_every_group(tmp_path):
         ("train.py", "+experiment=nope", "Could not find 'experiment/nope'; options in 'experiment': music_medium"),
         ("train.py", "foo=1", "Could not override 'foo'; Key 'foo' is not in struct; To append to your config use +foo"),
         ("train.py", "seed=[", "seed=[: no viable alternative at input '['"),
+        ("train.py", "logger=null", "logger=null: logger is a config group: give the name of one of its options"),
         ("generate.py", "num_samples=1,2", "Ambiguous value for argument 'num_samples=1,2'; 1. To use it as a list"),
     ],
 )

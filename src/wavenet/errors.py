@@ -63,6 +63,11 @@ def report_config_errors_in_one_line() -> None:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 exit_with_error(config_error_line(error))
+            except ValueError as error:
+                line = _group_value_error_line(error)
+                if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                exit_with_error(line)
 
         return report(composed)
 
@@ -81,6 +86,24 @@ def config_error_line(error: Exception) -> str:
         pieces.insert(1, str(reason).strip().splitlines()[0].rstrip("."))
     override = getattr(error, "override", None)
     return (f"{override}: " if override else "") + "; ".join(pieces)
+
+
+def _group_value_error_line(error: ValueError) -> str | None:
+    """One line for the ValueError Hydra raises, with a traceback, at a config group set to what is no option name
+    (`logger=null`, as `callbacks.ema=null` turns a callback off; `model=1`); None for any other error."""
+    if not str(error).startswith("Config group override must be a string or a list"):
+        return None
+    frame, override = error.__traceback__, None
+    while frame is not None:  # the override Hydra was reading, where it raised: its message does not name it
+        override = frame.tb_frame.f_locals.get("override", override)
+        frame = frame.tb_next
+    if override is None or not hasattr(override, "key_or_group"):
+        return f"{error}: a config group takes the name of one of its options"
+    group = override.key_or_group
+    return (
+        f"{override.input_line}: {group} is a config group: give the name of one of its options (`--help` lists "
+        f"them), or ~{group} to leave out a group that is optional"
+    )
 
 
 def user_error_message(traceback: str) -> str | None:
