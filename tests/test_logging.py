@@ -347,6 +347,26 @@ def test_bad_sample_logger_setting_is_an_error_naming_it(tmp_path, setting, valu
         instantiate_group(cfg.callbacks)
 
 
+def test_the_first_build_of_the_cpu_kernel_is_not_counted_as_generating(monkeypatch):
+    from wavenet import callbacks
+
+    built = []
+
+    def kernel_available() -> bool:  # the first call builds it, as on a new machine
+        if not built:
+            time.sleep(0.5)
+            built.append(True)
+        return True
+
+    monkeypatch.setattr(callbacks, "cpu_kernel_available", kernel_available)
+    samples = callbacks.AudioSampleLogger(every_n_validations=1)
+    monkeypatch.setattr(samples, "_log_samples", lambda *args: kernel_available())  # as `generate` on first use
+    samples._loggers, samples._clips = [CSVLogger("unused")], callbacks._Clips(torch.zeros(2, 15), torch.zeros(2, 100), ["a", "b"], 16000, 256)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    samples.on_validation_epoch_end(trainer, WaveNetModule(**TINY_MODULE))
+    assert built and samples._generating < 0.2  # else a 15 s build skips the next samples, as over budget
+
+
 def test_user_errors_of_config_targets_are_not_wrapped_by_hydra(tmp_path):
     cfg = compose_config("train", ["data.batch_size=0"], tmp_path)
     with pytest.raises(UserError, match=r"^data\.batch_size must"):
