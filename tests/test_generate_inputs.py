@@ -174,8 +174,9 @@ def test_progress_is_logged_per_file_and_in_all_where_the_output_is_no_terminal(
     assert [line.split(":")[0] for line in progress] == [f"Sample 3 x {n}/200" for n in (64, 128, 192, 200)]
     assert all(" samples/s, " in line and "x real time each, " in line and line.endswith(" left") for line in progress)
     assert all(line.split(": ")[1].startswith("3 x ") for line in progress)
-    (wrote,) = [line for line in lines if line.startswith("Wrote")]
-    assert " samples/s in all, " in wrote and wrote.endswith("x real time each")
+    (generated,) = [line for line in lines if line.startswith("Generated in")]
+    assert " samples/s in all, " in generated and generated.endswith("x real time each")
+    assert [line for line in lines if line.startswith("Wrote 3 file(s) to ")]
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
@@ -209,22 +210,28 @@ def test_an_interrupted_run_writes_the_samples_made_so_far(tmp_path, checkpoint,
         np.testing.assert_array_equal(sf.read(part)[0], sf.read(full)[0][:128])
 
 
-def test_a_sigterm_while_the_files_are_written_stops_the_run_once_they_are(tmp_path, checkpoint, monkeypatch):
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT], [signal.SIGINT, signal.SIGINT]])
+def test_a_stop_while_the_files_are_written_waits_until_they_are(tmp_path, checkpoint, monkeypatch, signals):
+    # Writing many or long files takes seconds: a Ctrl-C then lost every file not yet written, without a word.
     from wavenet.tasks import generate as task
 
     write_wav, written = task.write_wav, []
 
-    def preempted_while_writing(*args: object) -> None:
-        if not written:
-            signal.raise_signal(signal.SIGTERM)
+    def stopped_while_writing(*args: object) -> None:
+        if len(written) < len(signals):
+            signal.raise_signal(signals[len(written)])
         write_wav(*args)
-        written.append(args[0])
+        written.append(args[0].name)
 
-    monkeypatch.setattr(task, "write_wav", preempted_while_writing)
+    monkeypatch.setattr(task, "write_wav", stopped_while_writing)
     overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=100", "batch_size=3"]
-    with pytest.raises(Terminated):
+    with pytest.raises(Terminated if signals == [signal.SIGTERM] else KeyboardInterrupt):
         run(compose_config("generate", overrides, tmp_path))
-    assert [sf.info(path).frames for path in written] == [100, 100, 100]
+    # A second Ctrl-C stops at once, and leaves no file cut off in the middle.
+    expected = ["sample_000.wav"] if len(signals) == 2 else ["sample_000.wav", "sample_001.wav", "sample_002.wav"]
+    assert written == expected
+    assert sorted(path.name for path in tmp_path.glob("sample_*.wav")) == expected
+    assert all(sf.info(tmp_path / name).frames == 100 for name in expected)
 
 
 def test_a_cxx_that_names_no_program_is_named_in_a_warning(monkeypatch, caplog):

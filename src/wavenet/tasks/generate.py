@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> list[Path]:
 
     Every setting and the prime file are checked before the checkpoint is read, so that a mistake costs no
     loading. Interrupted (Ctrl-C, or a SIGTERM: `Terminated`), it writes the samples made so far, as shorter
-    files, and re-raises; a SIGTERM while files are written stops the run once they are.
+    files, and re-raises; a Ctrl-C or a SIGTERM while files are written stops the run once they are.
 
     Returns:
         The paths of the files written.
@@ -105,53 +105,80 @@ def run(cfg: DictConfig) -> list[Path]:
             )
     except (KeyboardInterrupt, Terminated) as stop:
         if made:
-            paths = _write_wavs(output_dir, classes[:, :made], levels, sample_rate)
-            log.warning("%s: wrote %d file(s) cut short, %s of %s samples, to %s",
-                        "Interrupted" if isinstance(stop, KeyboardInterrupt) else "Stopped by SIGTERM",
-                        len(paths), f"{made:,}", f"{num_samples:,}", output_dir)  # fmt: skip
+            with _StopsAfterWriting(batch_size):
+                paths = _write_wavs(output_dir, classes[:, :made], levels, sample_rate)
+                log.warning("%s: wrote %d file(s) cut short, %s of %s samples, to %s",
+                            "Interrupted" if isinstance(stop, KeyboardInterrupt) else "Stopped by SIGTERM",
+                            len(paths), f"{made:,}", f"{num_samples:,}", output_dir)  # fmt: skip
         raise
-    seconds = time.perf_counter() - started
-    paths = _write_wavs(output_dir, classes, levels, sample_rate)
-    log.info("Wrote %d file(s) to %s in %.1f s: %s", len(paths), output_dir, seconds,
-             _speed(num_samples, seconds, batch_size, sample_rate, total=True))  # fmt: skip
+    with _StopsAfterWriting(batch_size):
+        seconds = time.perf_counter() - started
+        log.info("Generated in %.1f s: %s", seconds, _speed(num_samples, seconds, batch_size, sample_rate, total=True))
+        started = time.perf_counter()
+        paths = _write_wavs(output_dir, classes, levels, sample_rate)
+        log.info("Wrote %d file(s) to %s in %.1f s", len(paths), output_dir, time.perf_counter() - started)
     return paths
 
 
 class _SigtermStops(Handling):
-    """Within it, a SIGTERM raises `Terminated`, or with `hold`, once the block has ended.
+    """Within it, a SIGTERM raises `Terminated`.
 
     A preempted batch job is sent SIGTERM, whose default ended generation at once: no file of hours of sampling.
-    Held while files are written, so that none is left cut off in the middle.
     """
 
-    def __init__(self, hold: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__(self._stop, signal.SIGTERM)
-        self.hold = hold
-        self.received = False
 
     def _stop(self, signum: int, frame: object) -> None:
-        self.received = True
-        if not self.hold:
-            raise Terminated
+        raise Terminated
+
+
+class _StopsAfterWriting(Handling):
+    """Within it, a Ctrl-C or a SIGTERM is held until the block has ended, then raised (`KeyboardInterrupt`,
+    `Terminated`), so that samples already made are all written; a second Ctrl-C raises at once.
+
+    Writing many files, or long ones, takes seconds to minutes; a Ctrl-C then used to lose every file not yet
+    written, without a word.
+    """
+
+    def __init__(self, files: int) -> None:
+        super().__init__(self._stop, signal.SIGINT, signal.SIGTERM)
+        self.files = files
+        self.received: BaseException | None = None
+
+    def _stop(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and isinstance(self.received, KeyboardInterrupt):
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+            log.warning(
+                "%s: writing the %d file(s) first%s", "Ctrl-C" if signum == signal.SIGINT else "SIGTERM",
+                self.files, " (Ctrl-C again stops now, and loses the files not written)" * (signum == signal.SIGINT),
+            )  # fmt: skip
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
         super().__exit__(kind, error, traceback)
-        if self.received and self.hold and kind is None:
-            raise Terminated
+        if self.received is not None and kind is None:
+            raise self.received
 
 
 def _write_wavs(output_dir: Path, classes: torch.Tensor, levels: int, sample_rate: int) -> list[Path]:
-    """Writes each stream of (B, T) classes as `sample_<index>.wav`; returns their paths."""
-    paths = []
+    """Writes each stream of (B, T) classes as `sample_<index>.wav`; returns their paths. Stopped by a Ctrl-C
+    (the second, within `_StopsAfterWriting`), it leaves no file cut off in the middle."""
+    paths: list[Path] = []
     digits = max(3, len(str(len(classes) - 1)))  # sample_0999.wav sorts before sample_1000.wav
     try:
-        with _SigtermStops(hold=True):  # so that no file is left cut off in the middle
-            output_dir.mkdir(parents=True, exist_ok=True)
-            for index, stream in enumerate(classes.cpu()):  # decoded one at a time: one stream's audio in memory
-                paths.append(output_dir / f"sample_{index:0{digits}d}.wav")
-                write_wav(paths[-1], mu_law_decode(stream, levels), sample_rate)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for index, stream in enumerate(classes.cpu()):  # decoded one at a time: one stream's audio in memory
+            paths.append(output_dir / f"sample_{index:0{digits}d}.wav")
+            write_wav(paths[-1], mu_law_decode(stream, levels), sample_rate)
     except (OSError, RuntimeError) as error:  # soundfile reports a failed write (a full disk) as RuntimeError
         raise UserError(f"cannot write {paths[-1] if paths else output_dir}: {error}") from None
+    except KeyboardInterrupt:
+        if paths:
+            paths.pop().unlink(missing_ok=True)  # cut off in the middle
+        log.warning("Ctrl-C again: wrote %d of %d file(s), to %s", len(paths), len(classes), output_dir)
+        raise
     return paths
 
 
