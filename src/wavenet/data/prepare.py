@@ -64,9 +64,10 @@ _BLOCK_SECONDS = 60
 # Frame length of the silence trimming, in seconds.
 _TRIM_FRAME_SECONDS = 0.01
 _PARTIAL = ".partial-"
-# Below this much source audio one process is quicker than a pool: each worker takes a second or two
-# to start (it imports torch), while one process prepares about an hour of 48 kHz FLAC (~200 MB) in 4 s.
-POOL_MIN_BYTES = 64 << 20
+# Below this much source audio one process is quicker than a pool, whose workers take about 2 s to start (each
+# imports torch), while one process prepares 60-80 MB of 16-bit WAV, or about half as much 48 kHz FLAC, a second.
+# On 2 cores, 106 MB of WAV took 1.9 s in one process and 4 s in two; 635 MB 10.7 s and 7.8-9 s.
+POOL_MIN_BYTES = 256 << 20
 # Left-out files an error about a corpus with none usable names; the line would get unreadable past that.
 _LISTED_IN_ERROR = 5
 
