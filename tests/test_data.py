@@ -6,6 +6,7 @@ Preparation itself is tested in test_data_prepare.py, streaming in test_data_str
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -260,8 +261,10 @@ def test_paths_starting_with_a_tilde_are_under_the_home_folder(folder: Path, mon
 
 
 def test_setup_lists_every_left_out_file_in_one_warning(folder: Path, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="wavenet.data")
+    caplog.set_level(logging.INFO, logger="wavenet.data")
     module = ready(folder)
+    # Of the 7 files to prepare, corrupt.wav and silent.wav are left out; short.wav only once the window is known.
+    assert " of audio from 5 of 7 files in " in caplog.text
 
     files = module.train_files + module.val_files
     indexed = {file.relative: file.frames for file in files}
@@ -280,6 +283,13 @@ def test_setup_lists_every_left_out_file_in_one_warning(folder: Path, caplog) ->
         f"short.wav: shorter than one window ({WINDOW} samples = 0.020 s at 16000 Hz)",
         "silent.wav: silent (every sample is zero)",
     ]
+    # A folder that cannot be listed is left out too, and counted apart: it is no audio file.
+    assert module.manifest is not None
+    locked = ("locked/", "folder cannot be listed (Permission denied)")
+    manifest = dataclasses.replace(module.manifest, skipped=[*module.manifest.skipped, locked])
+    caplog.clear()
+    module._warn_left_out(manifest, [])
+    assert f"Leaving out 2 of 7 audio files and 1 folder(s) under {folder}:" in caplog.text
 
 
 def test_examples_are_windows_of_the_mu_law_audio_with_targets_shifted_by_one(folder: Path) -> None:

@@ -371,11 +371,11 @@ class AudioFolderDataModule(ChunkDataModule):
                     f", {unlisted_skipped} left out at preparation, {where}" if unlisted_skipped else ""
                 )
             lines.append(f"... and {len(left_out) - _LISTED} more ({more})")
-        total = len(manifest.files) + len(manifest.skipped)
-        _log(
-            logging.WARNING,
-            f"Leaving out {len(left_out)} of {total} audio files under {self.root}:\n  " + "\n  ".join(lines),
-        )
+        # A folder that cannot be listed is a source left out, but no audio file.
+        folders = sum(path.endswith("/") for path, _ in manifest.skipped)
+        total = len(manifest.files) + len(manifest.skipped) - folders
+        what = f"{len(left_out) - folders} of {total} audio files" + f" and {folders} folder(s)" * bool(folders)
+        _log(logging.WARNING, f"Leaving out {what} under {self.root}:\n  " + "\n  ".join(lines))
 
     def _window_text(self) -> str:
         return f"{self.window} samples = {self.window / self.sample_rate:.3f} s at {self.sample_rate} Hz"

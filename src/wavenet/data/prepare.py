@@ -576,8 +576,8 @@ def _prepare_into(
         _sync_close(file)
     elapsed = time.perf_counter() - started
     log.info(
-        "Prepared %.2f h of audio from %d files (%d left out) in %.1f s: %.1f h of audio per minute",
-        seconds / 3600, len(files), len(skipped), elapsed, seconds / 3600 / (elapsed / 60),
+        "Prepared %.2f h of audio from %d of %d files in %.1f s: %.1f h of audio per minute",
+        seconds / 3600, len(files), len(present), elapsed, seconds / 3600 / (elapsed / 60),
     )  # fmt: skip
 
 
