@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 
@@ -452,6 +453,8 @@ def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], s
     cut.write_bytes(checkpoint.read_bytes()[:2000])
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.full(800, np.nan, np.float32), SAMPLE_RATE, subtype="FLOAT")
+    loud = tmp_path / "integer_units.wav"  # int16 values saved as float: mu-law would make it a square wave
+    sf.write(loud, np.linspace(-3000, 3000, 800, dtype=np.float32), SAMPLE_RATE, subtype="FLOAT")
     return {
         "nan temperature": (["temperature=nan"], "temperature must be a number"),
         "inf temperature": (["temperature=inf"], "temperature must be a number"),
@@ -464,13 +467,14 @@ def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], s
         "cut checkpoint": ([f"ckpt_path={cut}"], f"{cut} is not a PyTorch checkpoint"),
         "folder prime": ([f"prime={tmp_path}"], f"prime {tmp_path} is a folder"),
         "nan prime": ([f"prime={nan}"], f"prime file {nan} holds NaN"),
+        "loud prime": ([f"prime={loud}"], f"prime file {loud}: samples reach 3000, far outside audio's [-1, 1]"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["nan temperature", "inf temperature", "text num_samples", "fractional batch", "text seed", "use_ema no",
-     "folder checkpoint", "text checkpoint", "cut checkpoint", "folder prime", "nan prime"],
+     "folder checkpoint", "text checkpoint", "cut checkpoint", "folder prime", "nan prime", "loud prime"],
 )  # fmt: skip
 def test_generate_task_refuses_bad_input_naming_the_key_or_file(tmp_path, checkpoint, case):
     from tests.conftest import compose_config
@@ -546,3 +550,16 @@ def test_generate_task_continues_the_last_receptive_field_of_the_prime_from_the_
     assert not np.array_equal(task(prime, 2, "other_seed"), written)
     np.testing.assert_array_equal(task(older_differs, 1, "older"), written)  # older samples cannot matter
     assert not np.array_equal(task(last_differs, 1, "last"), written)
+
+
+def test_a_prime_shorter_than_the_receptive_field_is_said_to_follow_silence(tmp_path, checkpoint, caplog):
+    from tests.conftest import compose_config
+    from wavenet.tasks.generate import run
+
+    short = tmp_path / "short.wav"
+    sf.write(short, np.full(5, 0.25, np.float32), SAMPLE_RATE)
+    caplog.set_level(logging.INFO, logger="wavenet.tasks.generate")
+    overrides = [f"ckpt_path={checkpoint}", "num_samples=20", "device=cpu", f"prime={short}"]
+    run(compose_config("generate", overrides, tmp_path / "run"))
+    field = WaveNetModule.load_for_generation(checkpoint).receptive_field
+    assert f"The prime's 5 samples are fewer than the receptive field's {field}: silence comes before them" in caplog.text

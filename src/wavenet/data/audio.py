@@ -35,6 +35,9 @@ _ROLLOFF = 0.99
 
 # The reason `UnreadableAudioError` gives for a file of no bytes (preparation reports those as empty).
 EMPTY_FILE = "empty file (0 bytes)"
+# Largest magnitude taken as audio. Integer formats decode within [-1, 1]; a float file may overshoot a little
+# (clipped masters, resampling ringing) but not by this much: beyond, it holds integer values saved as float.
+MAX_PEAK = 2.0
 
 
 class UnreadableAudioError(UserError):

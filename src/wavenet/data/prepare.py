@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wavenet.data.audio import EMPTY_FILE, UnreadableAudioError, audio_info, read_audio, resampled_length
+from wavenet.data.audio import EMPTY_FILE, MAX_PEAK, UnreadableAudioError, audio_info, read_audio, resampled_length
 from wavenet.data.layouts import Source, list_sources
 from wavenet.data.mulaw import mu_law_encode
 from wavenet.errors import UserError, first_line
@@ -270,9 +270,6 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# Largest magnitude taken as audio. Integer formats decode within [-1, 1]; a float file may overshoot a little
-# (clipped masters, resampling ringing) but not by this much.
-_MAX_PEAK = 2.0
 
 
 class _Lines:
@@ -338,7 +335,7 @@ def encode_file(path: str | Path, settings: PrepareSettings) -> _Encoded:
         if not np.isfinite(audio).all():
             return _Encoded(None, "contains NaN or infinite samples", source_rate, (0, 0))
         peak = float(np.abs(audio).max(initial=0.0))
-        if peak > _MAX_PEAK:
+        if peak > MAX_PEAK:
             # Float audio in integer units (int16 values saved as float): mu-law would clip it to a square wave.
             problem = f"samples reach {peak:.6g}, far outside audio's [-1, 1] (float samples in integer units?)"
             return _Encoded(None, problem, source_rate, (0, 0))

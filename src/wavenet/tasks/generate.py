@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.text import Text
 
 from wavenet.checkpoint import load_wavenet
-from wavenet.data.audio import UnreadableAudioError, audio_info, read_audio, write_wav
+from wavenet.data.audio import MAX_PEAK, UnreadableAudioError, audio_info, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.errors import Terminated, UserError, check_can_write_in
 from wavenet.generation import generate, resolve_method
@@ -65,6 +65,11 @@ def run(cfg: DictConfig) -> list[Path]:
     if prime_path is not None:
         audio = _read_prime(prime_path, sample_rate)
         prime = mu_law_encode(audio[-model.receptive_field :], levels)  # older samples cannot matter
+        if len(prime) < model.receptive_field:
+            log.info(
+                "The prime's %d samples are fewer than the receptive field's %d: silence comes before them",
+                len(prime), model.receptive_field,
+            )  # fmt: skip
     generator = None if cfg.seed is None else torch.Generator(device).manual_seed(cfg.seed)
     log.info(
         "Generating %d x %d samples (%.2f s at %d Hz) on %s (%s, %s), temperature %g%s; receptive field %d samples",
@@ -319,6 +324,11 @@ def _read_prime(path: Path, sample_rate: int) -> torch.Tensor:
     audio = read_audio(path, sample_rate)
     if not torch.isfinite(audio).all():
         raise UserError(f"prime file {path} holds NaN or infinite samples")
+    peak = float(audio.abs().max()) if audio.numel() else 0.0
+    if peak > MAX_PEAK:  # mu-law would clip it to a square wave, as data preparation refuses it for
+        raise UserError(
+            f"prime file {path}: samples reach {peak:.6g}, far outside audio's [-1, 1] (float samples in integer units?)"
+        )
     return audio
 
 
