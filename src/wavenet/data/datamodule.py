@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -28,7 +27,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
 from wavenet.data.datasets import ChunkLoader, ChunkSampler, FixedChunks, RandomChunks, ShardReader
-from wavenet.data.layouts import LAYOUTS
 from wavenet.data.prepare import (
     MANIFEST,
     Manifest,
@@ -39,8 +37,9 @@ from wavenet.data.prepare import (
     prepare_corpus,
     prepared_folder,
 )
+from wavenet.data.settings import check_data_settings, check_no_root
 from wavenet.data.synthetic import SYNTHESIS_VERSION, check_settings, synthesize_dataset
-from wavenet.errors import UserError, is_integer, is_number
+from wavenet.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +121,12 @@ class ChunkDataModule(L.LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        for name, value in [
-            ("receptive_field", receptive_field),
-            ("sample_rate", sample_rate),
-            ("chunk_length", chunk_length),
-            ("batch_size", batch_size),
-        ]:
-            if not is_integer(value) or value < 1:
-                raise UserError(f"data.{name} must be a positive integer, got {value!r}")
-        if not is_integer(quantization_channels) or not 2 <= quantization_channels <= 256:
-            raise UserError(
-                f"data.quantization_channels must be between 2 and 256 (one byte per sample), "
-                f"got {quantization_channels!r}"
+        check_data_settings(
+            dict(
+                receptive_field=receptive_field, sample_rate=sample_rate, quantization_channels=quantization_channels,
+                chunk_length=chunk_length, batch_size=batch_size, num_workers=num_workers, seed=seed,
             )
-        if not is_integer(num_workers) or num_workers < 0:
-            raise UserError(f"data.num_workers must be 0 or more, got {num_workers!r}")
-        if not is_integer(seed):
-            raise UserError(f"data.seed must be an integer, got {seed!r}")
+        )  # fmt: skip
         self.receptive_field = receptive_field
         self.sample_rate = sample_rate
         self.quantization_channels = quantization_channels
@@ -250,18 +238,14 @@ class AudioFolderDataModule(ChunkDataModule):
         super().__init__(
             receptive_field, sample_rate, quantization_channels, chunk_length, batch_size, num_workers, seed
         )
-        if layout not in LAYOUTS:
-            raise UserError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        if trim_db is not None and (not is_number(trim_db) or not 0 < trim_db < math.inf):
-            raise UserError(f"data.trim_db must be positive (dB below the peak) or null, got {trim_db!r}")
-        if not is_number(val_fraction) or not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
-        if prepare_workers is not None and (not is_integer(prepare_workers) or prepare_workers < 1):
-            raise UserError(f"data.prepare_workers must be at least 1 or null, got {prepare_workers!r}")
+        check_data_settings(
+            dict(
+                layout=layout, trim_db=trim_db, val_fraction=val_fraction, prepare_workers=prepare_workers,
+                extensions=extensions,
+            )
+        )  # fmt: skip
         if not isinstance(root, (str, Path)) or not str(root):
             raise UserError(f"data.root must be the folder of your audio, got {root!r}")
-        if isinstance(extensions, str) or not extensions:
-            raise UserError(f"data.extensions must be a list such as [wav, flac], got {extensions!r}")
         self.root = Path(root).expanduser()  # also `~/...` from a YAML config or a quoted override
         self.layout = layout
         self.extensions = tuple(str(extension) for extension in extensions)
@@ -412,11 +396,7 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
         sample_rate: int = 16000,
         **folder_args: Any,
     ) -> None:
-        if root is not None:
-            raise UserError(
-                f"the built-in dataset makes its own audio and takes no data.root (got {root}); "
-                "to train on your files use data=folder data.root=..."
-            )
+        check_no_root(root)
         check_settings(num_files, seconds_per_file, sample_rate, synthesis_seed)
         if num_files < 2:
             raise UserError(f"data.num_files must be at least 2 (one for validation), got {num_files}")

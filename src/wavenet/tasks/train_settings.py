@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from wavenet.checkpoint import check_checkpoint_file
 from wavenet.config import check_added_keys, check_required
 from wavenet.data.layouts import check_root
+from wavenet.data.settings import check_data_settings, check_no_root
 from wavenet.errors import UserError, check_can_write_in, is_integer, is_number
 
 # What Lightning's fit(ckpt_path=...) takes besides a path. It looks for them in the run's own folder, and every
@@ -30,6 +31,7 @@ _TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batch
 _OUTPUT_FOLDERS = (("logger", "save_dir"), ("callbacks", "dirpath"))
 # The data modules whose `root` is a corpus on this machine (data=folder, vctk, ljspeech).
 _FOLDER_DATA_MODULES = ("wavenet.data.AudioFolderDataModule", "wavenet.data.datamodule.AudioFolderDataModule")
+_BUILT_IN_DATA_MODULES = ("wavenet.data.SyntheticMusicDataModule", "wavenet.data.datamodule.SyntheticMusicDataModule")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -53,8 +55,12 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if ckpt_path is not None:
         check_checkpoint_file(Path(ckpt_path).expanduser())  # its contents are checked once torch is loaded
-    root = cfg.data.get("root")
-    if cfg.data.get("_target_") in _FOLDER_DATA_MODULES and isinstance(root, str) and root:
+    root, target = cfg.data.get("root"), cfg.data.get("_target_")
+    if isinstance(target, str) and target.startswith("wavenet.data."):  # one of ours: made once torch has loaded
+        check_data_settings({key: value for key, value in cfg.data.items() if key != "_target_"})
+        if target in _BUILT_IN_DATA_MODULES:
+            check_no_root(root)
+    if target in _FOLDER_DATA_MODULES and isinstance(root, str) and root:
         # Found otherwise only when the data is prepared: after the config is shown and the loggers are made.
         check_root(Path(root).expanduser())
     trainer = cfg.trainer
