@@ -130,6 +130,9 @@ def test_bad_shape_arguments():
             WaveNet(**{**shape, name: value})
     with pytest.raises(ValueError, match="quantization_channels"):
         WaveNet(**shape, quantization_channels=1)
+    for name in ("bias", "checkpoint_activations"):
+        with pytest.raises(ValueError, match=f"{name} must be true or false, got 'yes'"):
+            WaveNet(**shape, **{name: "yes"})
 
 
 @pytest.mark.parametrize("channels", [256, 64])

@@ -88,9 +88,8 @@ class WaveNetModule(L.LightningModule):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if not all(0 <= _finite("betas", beta) < 1 for beta in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
-        for name, flag in (("bias", bias), ("compile", compile), ("checkpoint_activations", checkpoint_activations)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        if not isinstance(compile, bool):  # the network checks its own flags
+            raise ValueError(f"compile must be true or false, got {compile!r}")
         self.save_hyperparameters()
         self.model = WaveNet(
             layers=layers,

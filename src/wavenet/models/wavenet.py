@@ -111,6 +111,9 @@ class WaveNet(nn.Module):
             skip_channels=skip_channels,
         )
         _check_integers(2, kernel_size=kernel_size, quantization_channels=quantization_channels)
+        for name, flag in (("bias", bias), ("checkpoint_activations", checkpoint_activations)):
+            if not isinstance(flag, bool):  # "no" and 0 would pass for true and false where they are tested
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
         if layers % stacks:
             raise ValueError(f"layers ({layers}) must be a multiple of stacks ({stacks})")
         self.layers_per_stack = layers // stacks
