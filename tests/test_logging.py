@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import socket
 import struct
 import time
@@ -493,6 +494,9 @@ def test_progress_is_logged_in_lines_where_the_output_is_no_terminal(tmp_path, d
         "Validated at step 6/6",
     ]  # fmt: skip
     assert "train/loss" in lines[0] and "val/bits_per_sample" in lines[3]
+    # Three decimals each, also where they are zeros: "train/loss 5.000", never "train/loss 5".
+    values = [pair.rsplit(" ", 1)[1] for line in lines for pair in line.split(": ", 1)[1].split(", ")]
+    assert values and all(re.fullmatch(r"\d+\.\d{3}", value) for value in values), lines
 
 
 def test_model_summary_of_a_mixed_precision_run_sizes_float32_weights_without_a_warning(recwarn, capsys):

@@ -110,9 +110,7 @@ class StepProgressBar(RichProgressBar):
     def _log_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str) -> None:
         metrics = self.get_metrics(trainer, pl_module)
         shown = ", ".join(
-            f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-            for key, value in metrics.items()
-            if key.startswith(("train/", "val/"))
+            f"{key} {_number(value)}" for key, value in metrics.items() if key.startswith(("train/", "val/"))
         )
         total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
         log.info("%s %d%s: %s", event, trainer.global_step, total, shown)
@@ -131,6 +129,14 @@ class StepProgressBar(RichProgressBar):
         super().on_validation_end(trainer, pl_module)
         if self._logs_lines(trainer) and not trainer.sanity_checking:
             self._log_progress(trainer, pl_module, "Validated at step")
+
+
+def _number(value: object) -> str:
+    """A metric as a progress line shows it: 3 decimals, kept when they are zeros (a loss of 5.000, not 5), and
+    thousands (samples per second) whole."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3f}"
 
 
 class ModelSummaryWithoutFlops(RichModelSummary):
@@ -257,7 +263,8 @@ class InterruptCheckpoint(L.Callback):
                 return
             self._restore_ctrl_c()
             self.stopped_by_ctrl_c = True
-            rank_zero_info("Ctrl-C: stopping at the end of this step (Ctrl-C again stops at once)")
+            where = "ending this validation" if trainer.validating else "stopping at the end of this step"
+            rank_zero_info(f"Ctrl-C: {where} (Ctrl-C again stops at once)")
             notices = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
             level = notices.level
             notices.setLevel(logging.WARNING)  # its "Received SIGTERM" would be news to whoever pressed Ctrl-C

@@ -220,6 +220,10 @@ class SpawnStrategy(DDPStrategy):
         self._launcher = _SpawnLauncher(self, start_method=self._start_method)
 
 
+def _not_terminating_ranks(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Terminating process ")
+
+
 class RankStopped(Exception):
     """A spawned rank stopped on a Ctrl-C or a SIGTERM, as every rank did, having saved `interrupted.ckpt` if training
     had started."""
@@ -255,6 +259,10 @@ class _SpawnLauncher(_MultiProcessingLauncher):
                 if process.is_alive() and process.pid is not None:
                     os.kill(process.pid, signal.SIGTERM)
 
+        # torch ends the other ranks once one has ended with an error, with a warning for each; a stop (RankStopped)
+        # and a refused setting end so too, and the warning read as a crash after their own last line.
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        spawn_log.addFilter(_not_terminating_ranks)
         with Handling(pass_on, signal.SIGTERM, signal.SIGINT) as handling:
             try:
                 return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -262,6 +270,8 @@ class _SpawnLauncher(_MultiProcessingLauncher):
                 if not self._stop_passed_on or str(error).rstrip().endswith(RankStopped.__name__):
                     raise
                 raise (KeyboardInterrupt if self.stopped_by_ctrl_c else SIGTERMException) from None
+            finally:
+                spawn_log.removeFilter(_not_terminating_ranks)
 
     def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
         try:
