@@ -453,6 +453,14 @@ def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], s
     cut.write_bytes(checkpoint.read_bytes()[:2000])
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.full(800, np.nan, np.float32), SAMPLE_RATE, subtype="FLOAT")
+    diverged = tmp_path / "diverged.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["state_dict"]["model.embedding.weight"][0, 0] = math.nan
+    torch.save(saved, diverged)
+    no_rate = tmp_path / "no_rate.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["hyper_parameters"]["sample_rate"] = 0
+    torch.save(saved, no_rate)
     loud = tmp_path / "integer_units.wav"  # int16 values saved as float: mu-law would make it a square wave
     sf.write(loud, np.linspace(-3000, 3000, 800, dtype=np.float32), SAMPLE_RATE, subtype="FLOAT")
     return {
@@ -468,13 +476,16 @@ def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], s
         "folder prime": ([f"prime={tmp_path}"], f"prime {tmp_path} is a folder"),
         "nan prime": ([f"prime={nan}"], f"prime file {nan} holds NaN"),
         "loud prime": ([f"prime={loud}"], f"prime file {loud}: samples reach 3000, far outside audio's [-1, 1]"),
+        "diverged checkpoint": ([f"ckpt_path={diverged}"], f"checkpoint {diverged}: its "),
+        "rateless checkpoint": ([f"ckpt_path={no_rate}"], f"cannot load the model of checkpoint {no_rate}: it has no"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["nan temperature", "inf temperature", "text num_samples", "fractional batch", "text seed", "use_ema no",
-     "folder checkpoint", "text checkpoint", "cut checkpoint", "folder prime", "nan prime", "loud prime"],
+     "folder checkpoint", "text checkpoint", "cut checkpoint", "folder prime", "nan prime", "loud prime",
+     "diverged checkpoint", "rateless checkpoint"],
 )  # fmt: skip
 def test_generate_task_refuses_bad_input_naming_the_key_or_file(tmp_path, checkpoint, case):
     from tests.conftest import compose_config

@@ -95,7 +95,17 @@ def read_for_generation(
         )
     if averaged:
         log.info("Using the EMA weights of %s", path)
-    return dict(checkpoint["hyper_parameters"]), averaged or checkpoint["state_dict"]
+    import torch  # loaded by read_checkpoint already
+
+    weights = averaged or checkpoint["state_dict"]
+    for name, value in weights.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            # Sampled from, NaN logits gave a file of one value throughout, without a word.
+            raise UserError(
+                f"checkpoint {path}: its {'EMA ' * bool(averaged)}weights hold NaN or infinite values ({name}): the "
+                "run diverged before it was saved; take an earlier checkpoint"
+            )
+    return dict(checkpoint["hyper_parameters"]), weights
 
 
 def load_wavenet(
@@ -120,6 +130,7 @@ def load_wavenet(
     except (TypeError, ValueError, RuntimeError) as error:
         # Hyperparameters or weights that do not fit this version's WaveNet.
         raise UserError(f"cannot load the model of checkpoint {path}: {first_line(error)}") from error
-    if not isinstance(hparams.get("sample_rate"), int):
-        raise UserError(f"cannot load the model of checkpoint {path}: it has no sample_rate")
+    sample_rate = hparams.get("sample_rate")
+    if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate < 1:
+        raise UserError(f"cannot load the model of checkpoint {path}: it has no sample_rate (got {sample_rate!r})")
     return model.to(device).eval(), hparams
