@@ -15,18 +15,12 @@ from torch import Tensor
 
 from wavenet.checkpoint import read_checkpoint, read_for_generation
 from wavenet.errors import UserError, first_line
+from wavenet.hyperparameters import check_training
 from wavenet.models.wavenet import WaveNet
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[Tensor, Tensor]
-
-
-def _finite(name: str, value: object) -> float:
-    """`value`, or ValueError naming `name` if it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return value
 
 
 class WaveNetModule(L.LightningModule):
@@ -73,23 +67,12 @@ class WaveNetModule(L.LightningModule):
         checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
-        if decay not in ("cosine", "constant"):
-            raise ValueError(f"decay must be 'cosine' or 'constant', got {decay!r}")
-        # Checked here, not when the optimiser is built: a negative rate or decay would train, on garbage.
-        if _finite("lr", lr) <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if _finite("weight_decay", weight_decay) < 0:
-            raise ValueError(f"weight_decay must not be negative, got {weight_decay}")
-        if _finite("warmup_steps", warmup_steps) < 0:
-            raise ValueError(f"warmup_steps must not be negative, got {warmup_steps}")
-        if not 0 <= _finite("min_lr_ratio", min_lr_ratio) <= 1:
-            raise ValueError(f"min_lr_ratio must be between 0 and 1, got {min_lr_ratio}")
-        if isinstance(betas, (str, bytes)) or len(betas) != 2:
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not all(0 <= _finite("betas", beta) < 1 for beta in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
-        if not isinstance(compile, bool):  # the network checks its own flags
-            raise ValueError(f"compile must be true or false, got {compile!r}")
+        check_training(
+            {
+                "lr": lr, "weight_decay": weight_decay, "betas": betas, "warmup_steps": warmup_steps, "decay": decay,
+                "min_lr_ratio": min_lr_ratio, "compile": compile,
+            }
+        )  # fmt: skip
         self.save_hyperparameters()
         self.model = WaveNet(
             layers=layers,

@@ -12,12 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-
-def _check_integers(least: int, **values: object) -> None:
-    """Raises ValueError naming the first of `values` that is not an integer of at least `least`."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+from wavenet.hyperparameters import check_network
 
 
 class ResidualLayer(nn.Module):
@@ -102,20 +97,14 @@ class WaveNet(nn.Module):
         checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
-        _check_integers(
-            1,
-            layers=layers,
-            stacks=stacks,
-            residual_channels=residual_channels,
-            dilation_channels=dilation_channels,
-            skip_channels=skip_channels,
-        )
-        _check_integers(2, kernel_size=kernel_size, quantization_channels=quantization_channels)
-        for name, flag in (("bias", bias), ("checkpoint_activations", checkpoint_activations)):
-            if not isinstance(flag, bool):  # "no" and 0 would pass for true and false where they are tested
-                raise ValueError(f"{name} must be true or false, got {flag!r}")
-        if layers % stacks:
-            raise ValueError(f"layers ({layers}) must be a multiple of stacks ({stacks})")
+        check_network(
+            {
+                "layers": layers, "stacks": stacks, "residual_channels": residual_channels,
+                "dilation_channels": dilation_channels, "skip_channels": skip_channels, "kernel_size": kernel_size,
+                "quantization_channels": quantization_channels, "bias": bias,
+                "checkpoint_activations": checkpoint_activations,
+            }
+        )  # fmt: skip
         self.layers_per_stack = layers // stacks
         self.kernel_size = kernel_size
         self.quantization_channels = quantization_channels

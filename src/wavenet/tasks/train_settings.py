@@ -14,6 +14,7 @@ from wavenet.config import check_added_keys, check_required
 from wavenet.data.layouts import check_root
 from wavenet.data.settings import check_data_settings, check_no_root
 from wavenet.errors import UserError, check_can_write_in, is_integer, is_number
+from wavenet.hyperparameters import check_network, check_training
 
 # What Lightning's fit(ckpt_path=...) takes besides a path. It looks for them in the run's own folder, and every
 # run has a new one: they would find nothing, and train from scratch.
@@ -31,6 +32,7 @@ _TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batch
 _OUTPUT_FOLDERS = (("logger", "save_dir"), ("callbacks", "dirpath"))
 # The data modules whose `root` is a corpus on this machine (data=folder, vctk, ljspeech).
 _FOLDER_DATA_MODULES = ("wavenet.data.AudioFolderDataModule", "wavenet.data.datamodule.AudioFolderDataModule")
+_MODULES = ("wavenet.WaveNetModule", "wavenet.module.WaveNetModule")
 _BUILT_IN_DATA_MODULES = ("wavenet.data.SyntheticMusicDataModule", "wavenet.data.datamodule.SyntheticMusicDataModule")
 
 
@@ -55,6 +57,13 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if ckpt_path is not None:
         check_checkpoint_file(Path(ckpt_path).expanduser())  # its contents are checked once torch is loaded
+    if cfg.model.get("_target_") in _MODULES:  # ours: made once torch has loaded
+        settings = {key: value for key, value in cfg.model.items() if not str(key).startswith("_")}
+        try:
+            check_network(settings)
+            check_training(settings)
+        except ValueError as error:
+            raise UserError(f"model: {error}") from None  # as `instantiate_checked` says it, once torch has loaded
     root, target = cfg.data.get("root"), cfg.data.get("_target_")
     if isinstance(target, str) and target.startswith("wavenet.data."):  # one of ours: made once torch has loaded
         check_data_settings({key: value for key, value in cfg.data.items() if key != "_target_"})
