@@ -210,8 +210,19 @@ def test_an_interrupted_run_writes_the_samples_made_so_far(tmp_path, checkpoint,
         np.testing.assert_array_equal(sf.read(part)[0], sf.read(full)[0][:128])
 
 
-@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT], [signal.SIGINT, signal.SIGINT]])
-def test_a_stop_while_the_files_are_written_waits_until_they_are(tmp_path, checkpoint, monkeypatch, signals):
+ALL_THREE = ["sample_000.wav", "sample_001.wav", "sample_002.wav"]
+
+
+@pytest.mark.parametrize(
+    ("signals", "files"),
+    [
+        ([signal.SIGTERM], ALL_THREE),
+        ([signal.SIGINT], ALL_THREE),
+        ([signal.SIGINT, signal.SIGINT], ALL_THREE[:1]),  # a second Ctrl-C stops at once
+        ([signal.SIGTERM, signal.SIGINT, signal.SIGINT], ALL_THREE[:2]),  # after a SIGTERM too
+    ],
+)
+def test_a_stop_while_the_files_are_written_waits_until_they_are(tmp_path, checkpoint, monkeypatch, signals, files):
     # Writing many or long files takes seconds: a Ctrl-C then lost every file not yet written, without a word.
     from wavenet.tasks import generate as task
 
@@ -227,11 +238,34 @@ def test_a_stop_while_the_files_are_written_waits_until_they_are(tmp_path, check
     overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=100", "batch_size=3"]
     with pytest.raises(Terminated if signals == [signal.SIGTERM] else KeyboardInterrupt):
         run(compose_config("generate", overrides, tmp_path))
-    # A second Ctrl-C stops at once, and leaves no file cut off in the middle.
-    expected = ["sample_000.wav"] if len(signals) == 2 else ["sample_000.wav", "sample_001.wav", "sample_002.wav"]
-    assert written == expected
-    assert sorted(path.name for path in tmp_path.glob("sample_*.wav")) == expected
-    assert all(sf.info(tmp_path / name).frames == 100 for name in expected)
+    # Stopped at once, it leaves no file cut off in the middle.
+    assert written == files
+    assert sorted(path.name for path in tmp_path.glob("sample_*.wav")) == files
+    assert all(sf.info(tmp_path / name).frames == 100 for name in files)
+
+
+def test_a_second_ctrl_c_stops_the_writing_of_what_the_first_cut_short(tmp_path, checkpoint, monkeypatch):
+    from wavenet import generation
+    from wavenet.tasks import generate as task
+
+    sample_steps, write_wav, chunks = generation.sample_steps, task.write_wav, []
+
+    def interrupted_at_the_second_chunk(*args: object) -> None:
+        chunks.append(args)
+        if len(chunks) == 2:
+            raise KeyboardInterrupt
+        sample_steps(*args)
+
+    def ctrl_c_again(*args: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+        write_wav(*args)
+
+    monkeypatch.setattr(generation, "sample_steps", interrupted_at_the_second_chunk)
+    monkeypatch.setattr(task, "write_wav", ctrl_c_again)
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=1000", "batch_size=2", "method=eager"]
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config("generate", overrides, tmp_path))
+    assert not list(tmp_path.glob("sample_*.wav"))  # not held, as the first Ctrl-C while writing is
 
 
 def test_a_cxx_that_names_no_program_is_named_in_a_warning(monkeypatch, caplog):

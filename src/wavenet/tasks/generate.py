@@ -110,7 +110,8 @@ def run(cfg: DictConfig) -> list[Path]:
             )
     except (KeyboardInterrupt, Terminated) as stop:
         if made:
-            with _StopsAfterWriting(batch_size):
+            # A Ctrl-C stopped generating: the next one stops the writing too, at once.
+            with _StopsAfterWriting(batch_size, stopping=isinstance(stop, KeyboardInterrupt)):
                 paths = _write_wavs(output_dir, classes[:, :made], levels, sample_rate)
                 log.warning("%s: wrote %d file(s) cut short, %s of %s samples, to %s",
                             "Interrupted" if isinstance(stop, KeyboardInterrupt) else "Stopped by SIGTERM",
@@ -146,20 +147,23 @@ class _StopsAfterWriting(Handling):
     written, without a word.
     """
 
-    def __init__(self, files: int) -> None:
+    def __init__(self, files: int, stopping: bool = False) -> None:
+        """`stopping`: a Ctrl-C has come already, so that the next one raises at once."""
         super().__init__(self._stop, signal.SIGINT, signal.SIGTERM)
         self.files = files
+        self.ctrl_c = stopping
         self.received: BaseException | None = None
 
     def _stop(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGINT and isinstance(self.received, KeyboardInterrupt):
-            raise KeyboardInterrupt
-        if self.received is None:
-            self.received = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
-            log.warning(
-                "%s: writing the %d file(s) first%s", "Ctrl-C" if signum == signal.SIGINT else "SIGTERM",
-                self.files, " (Ctrl-C again stops now, and loses the files not written)" * (signum == signal.SIGINT),
-            )  # fmt: skip
+        if signum == signal.SIGINT:
+            if self.ctrl_c:
+                raise KeyboardInterrupt
+            self.ctrl_c = True
+            self.received = KeyboardInterrupt()  # also after a SIGTERM: the run stops as the user asked
+            log.warning("Ctrl-C: writing the %d file(s) first (Ctrl-C again stops now, without the rest)", self.files)
+        elif self.received is None:
+            self.received = Terminated()
+            log.warning("SIGTERM: writing the %d file(s) first", self.files)
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
         super().__exit__(kind, error, traceback)
@@ -172,16 +176,19 @@ def _write_wavs(output_dir: Path, classes: torch.Tensor, levels: int, sample_rat
     (the second, within `_StopsAfterWriting`), it leaves no file cut off in the middle."""
     paths: list[Path] = []
     digits = max(3, len(str(len(classes) - 1)))  # sample_0999.wav sorts before sample_1000.wav
+    writing: Path | None = None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         for index, stream in enumerate(classes.cpu()):  # decoded one at a time: one stream's audio in memory
-            paths.append(output_dir / f"sample_{index:0{digits}d}.wav")
-            write_wav(paths[-1], mu_law_decode(stream, levels), sample_rate)
+            path = writing = output_dir / f"sample_{index:0{digits}d}.wav"
+            write_wav(path, mu_law_decode(stream, levels), sample_rate)
+            writing = None
+            paths.append(path)
     except (OSError, RuntimeError) as error:  # soundfile reports a failed write (a full disk) as RuntimeError
-        raise UserError(f"cannot write {paths[-1] if paths else output_dir}: {error}") from None
+        raise UserError(f"cannot write {writing or output_dir}: {error}") from None
     except KeyboardInterrupt:
-        if paths:
-            paths.pop().unlink(missing_ok=True)  # cut off in the middle
+        if writing is not None:
+            writing.unlink(missing_ok=True)  # cut off in the middle
         log.warning("Ctrl-C again: wrote %d of %d file(s), to %s", len(paths), len(classes), output_dir)
         raise
     return paths
