@@ -225,8 +225,7 @@ def test_an_unchanged_corpus_reuses_its_cache_and_any_change_makes_a_new_one(tmp
 
 def test_parallel_preparation_writes_the_same_bytes_as_serial(tmp_path: Path, monkeypatch, caplog) -> None:
     caplog.set_level(logging.INFO, logger="wavenet.data")
-    monkeypatch.setattr(prepare_module, "POOL_MIN_BYTES", 0)  # a pool even for this small corpus
-    root = nested(tmp_path / "music")
+    root = nested(tmp_path / "music")  # small, but a number of workers set is kept
     serial = prepare(root, cache_dir=tmp_path / "serial", workers=1)
     parallel = prepare(root, cache_dir=tmp_path / "parallel", workers=2)
     assert serial.directory.name == parallel.directory.name
@@ -234,6 +233,21 @@ def test_parallel_preparation_writes_the_same_bytes_as_serial(tmp_path: Path, mo
     for name in serial.shards:
         assert (serial.directory / name).read_bytes() == (parallel.directory / name).read_bytes()
     assert serial.files == parallel.files and serial.skipped == parallel.skipped
+
+
+def test_the_default_is_a_pool_where_decoding_outlasts_its_start(tmp_path: Path, monkeypatch, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="wavenet.data")
+    root = nested(tmp_path / "music")
+    monkeypatch.setattr(prepare_module, "available_cpus", lambda: 2)
+    raw = sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+    # Its FLAC bytes count double (as long to decode as twice the WAV bytes): over the threshold, not under it.
+    monkeypatch.setattr(prepare_module, "POOL_MIN_BYTES", raw + 1)
+    prepare(root, cache_dir=tmp_path / "pool", workers=None)
+    assert "in 2 processes" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(prepare_module, "POOL_MIN_BYTES", 2 * raw)
+    prepare(root, cache_dir=tmp_path / "one", workers=None)
+    assert "in 1 process" in caplog.text
 
 
 def test_files_go_to_a_new_shard_past_the_shard_size(tmp_path: Path, monkeypatch) -> None:

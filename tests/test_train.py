@@ -327,8 +327,6 @@ class SlowPreparation(importlib.abc.MetaPathFinder):
                 time.sleep(1.0)
                 return encode(*args)
             module.encode_file = slowly
-            if os.environ.get("WAVENET_TEST_POOL"):
-                module.POOL_MIN_BYTES = 0
 
         spec.loader.exec_module = run_then_slow_down
         return spec
@@ -350,9 +348,10 @@ def test_a_sigterm_while_data_is_prepared_stops_the_run_and_keeps_nothing_half_m
     # barrier. Now every process stops as it would in training, with status 143.
     (tmp_path / "hooks").mkdir()
     (tmp_path / "hooks" / "sitecustomize.py").write_text(SLOW_PREPARATION)
-    env = {**STOP_ENV, "PYTHONPATH": str(tmp_path / "hooks"), "WAVENET_TEST_POOL": "1" if not settings else ""}
+    env = {**STOP_ENV, "PYTHONPATH": str(tmp_path / "hooks")}
     tiny = [setting for setting in TINY if not setting.startswith("trainer=")]  # the runs stop before training
-    process = start_script("train.py", *tiny, *BUILTIN_SMALL, *settings, "data.prepare_workers=2",
+    workers = "data.prepare_workers=1" if settings else "data.prepare_workers=2"
+    process = start_script("train.py", *tiny, *BUILTIN_SMALL, *settings, workers,
                            f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}", env=env)
     prepared = tmp_path / "data" / "prepared"
     try:

@@ -64,10 +64,14 @@ _BLOCK_SECONDS = 60
 # Frame length of the silence trimming, in seconds.
 _TRIM_FRAME_SECONDS = 0.01
 _PARTIAL = ".partial-"
-# Below this much source audio one process is quicker than a pool, whose workers take about 2 s to start (each
-# imports torch), while one process prepares 60-80 MB of 16-bit WAV, or about half as much 48 kHz FLAC, a second.
-# On 2 cores, 106 MB of WAV took 1.9 s in one process and 4 s in two; 635 MB 10.7 s and 7.8-9 s.
+# Below this much work (bytes of 16-bit WAV, or their equivalent) one process is quicker than a pool, whose workers
+# take about 2 s to start (each imports torch), while one process prepares 60-80 MB of WAV a second. On 2 cores,
+# 106 MB of WAV took 1.9 s in one process and 4 s in two; 635 MB 10.7 s and 7.8-9 s. Only for the default number of
+# workers: a number set is kept.
 POOL_MIN_BYTES = 256 << 20
+# Decoding time per byte against 16-bit WAV's: compressed formats hold more audio per byte, and decoding takes
+# about as long per second of audio (one core, 44.1 kHz mono: WAV 71 MB/s, FLAC 33 MB/s, MP3 at ~72 kb/s 4.6 MB/s).
+_DECODING_COST = {".flac": 2, ".mp3": 15, ".ogg": 15, ".opus": 15}
 # Left-out files an error about a corpus with none usable names; the line would get unreadable past that.
 _LISTED_IN_ERROR = 5
 
@@ -236,8 +240,7 @@ def prepare_corpus(
     if (folder / MANIFEST).is_file():
         log.info("Using prepared data in %s", folder)
         return folder
-    workers = available_cpus() if workers is None else workers
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise UserError(f"data.prepare_workers must be at least 1, got {workers}")
     cache_dir = Path(cache_dir)
     try:
@@ -496,13 +499,15 @@ def _prepare_into(
     sources: list[Source],
     stats: list[os.stat_result | None],
     settings: PrepareSettings,
-    workers: int,
+    workers: int | None,
 ) -> None:
-    """Writes the shards and manifest of the corpus into the folder `partial`."""
+    """Writes the shards and manifest of the corpus into the folder `partial`, in `workers` processes (None: one
+    per CPU, or one for a small corpus)."""
     started = time.perf_counter()
     present = [(source, stat) for source, stat in zip(sources, stats) if stat is not None]
-    if sum(stat.st_size for _, stat in present) < POOL_MIN_BYTES:
-        workers = 1
+    if workers is None:
+        work = sum(stat.st_size * _DECODING_COST.get(Path(source.relative).suffix.lower(), 1) for source, stat in present)
+        workers = 1 if work < POOL_MIN_BYTES else available_cpus()
     processes = min(workers, max(len(present), 1))
     log.info(
         "Preparing %d file%s of %s (%s layout) at %d Hz in %s",
