@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -210,6 +212,24 @@ def _table_values(config: dict, prefix: str = "") -> dict[str, int | float | str
     return values
 
 
+@contextmanager
+def _held_lines(logger: logging.Logger) -> Iterator[None]:
+    """Holds `logger`'s records within it and logs them after it, unless it raised: a refused setting logs none."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in held:
+        logger.handle(record)
+
+
 def _stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
     return any(getattr(callback, "stopped_by_ctrl_c", False) for callback in trainer.callbacks)
 
@@ -250,7 +270,9 @@ def _train(cfg: DictConfig) -> float | None:
     if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         # Without ours (callbacks=none), Lightning would checkpoint into the first logger's folder.
         settings["enable_checkpointing"] = False
-    trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
+    with _held_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero")):
+        # It logs the devices it found before it checks the debugging settings (fast_dev_run, limit_*_batches).
+        trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
     rank_zero_info(f"Seed set to {cfg.seed}")
     print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
     _warn_of_settings_that_waste_the_run(cfg)
