@@ -132,11 +132,11 @@ class StepProgressBar(RichProgressBar):
 
 
 def _number(value: object) -> str:
-    """A metric as a progress line shows it: 3 decimals, kept when they are zeros (a loss of 5.000, not 5), and
-    thousands (samples per second) whole."""
+    """A metric as a progress line shows it: 3 decimals, kept when they are zeros (a loss of 5.000, not 5); a value
+    that would read 0.000 (an overfitting run's loss) in 3 significant digits."""
     if not isinstance(value, float):
         return str(value)
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3f}"
+    return f"{value:.3g}" if 0 < abs(value) < 0.0005 else f"{value:.3f}"
 
 
 class ModelSummaryWithoutFlops(RichModelSummary):
