@@ -193,6 +193,7 @@ REFUSED_BEFORE_TORCH = [
     ("train.py", ["data=vctk", "data.root={tmp}/notes.txt"], "data root {tmp}/notes.txt is not a directory"),
     ("train.py", ["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
     ("train.py", ["model.lr=-1"], "model: lr must be positive, got -1"),
+    ("train.py", ["data=streaming", "data.remote={tmp}", "data.shuffle_buffer=abc"], "data.shuffle_buffer must be a"),
     ("train.py", ["model=tiny", "model.stacks=4"], "model: layers (6) must be a multiple of stacks (4)"),
     ("train.py", ["data=folder", "data.root={tmp}", "data.val_fraction=1"], "data.val_fraction must be between 0 and 1"),
     ("train.py", ["data.root={tmp}"], "the built-in dataset makes its own audio and takes no data.root"),

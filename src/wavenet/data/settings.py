@@ -20,6 +20,9 @@ def check_data_settings(settings: Mapping[str, object]) -> None:
     levels = settings.get("quantization_channels", 256)
     if not is_integer(levels) or not 2 <= levels <= 256:
         raise UserError(f"data.quantization_channels must be between 2 and 256 (one byte per sample), got {levels!r}")
+    shuffle_buffer = settings.get("shuffle_buffer", 1)
+    if not is_integer(shuffle_buffer) or shuffle_buffer < 1:
+        raise UserError(f"data.shuffle_buffer must be a positive integer, got {shuffle_buffer!r}")
     workers = settings.get("num_workers", 0)
     if not is_integer(workers) or workers < 0:
         raise UserError(f"data.num_workers must be 0 or more, got {workers!r}")

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from wavenet.data.datamodule import ChunkDataModule, split_files
 from wavenet.data.datasets import FixedChunks
 from wavenet.data.prepare import MANIFEST, Manifest, PreparedFile, available_cpus, default_data_dir, wait_for_exit
+from wavenet.data.settings import check_data_settings
 from wavenet.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -541,8 +542,7 @@ class StreamingDataModule(ChunkDataModule):
         super().__init__(
             receptive_field, sample_rate, quantization_channels, chunk_length, batch_size, num_workers, seed
         )
-        if shuffle_buffer < 1:
-            raise UserError(f"data.shuffle_buffer must be a positive integer, got {shuffle_buffer}")
+        check_data_settings({"shuffle_buffer": shuffle_buffer})
         self.remote = str(remote) if "://" in str(remote) else str(Path(remote).expanduser())
         self.cache_dir = default_data_dir() / "streaming" if cache_dir is None else Path(cache_dir).expanduser()
         self.max_cache_size = max_cache_size
