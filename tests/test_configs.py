@@ -197,6 +197,8 @@ REFUSED_BEFORE_TORCH = [
     ("train.py", ["model=tiny", "model.stacks=4"], "model: layers (6) must be a multiple of stacks (4)"),
     ("train.py", ["data=folder", "data.root={tmp}", "data.val_fraction=1"], "data.val_fraction must be between 0 and 1"),
     ("train.py", ["data.root={tmp}"], "the built-in dataset makes its own audio and takes no data.root"),
+    ("train.py", ["data.num_files=1"], "data.num_files must be at least 2 (one for validation), got 1"),
+    ("train.py", ["data.seconds_per_file=0"], "data.seconds_per_file must be a number of seconds"),
 ] + [
     ("generate.py", ["ckpt_path={tmp}/archive.ckpt", *settings], expected)
     for settings, expected in [

@@ -37,8 +37,8 @@ from wavenet.data.prepare import (
     prepare_corpus,
     prepared_folder,
 )
-from wavenet.data.settings import check_data_settings, check_no_root
-from wavenet.data.synthetic import SYNTHESIS_VERSION, check_settings, synthesize_dataset
+from wavenet.data.settings import check_data_settings, check_no_root, check_synthesis_settings
+from wavenet.data.synthetic import SYNTHESIS_VERSION, synthesize_dataset
 from wavenet.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -397,9 +397,8 @@ class SyntheticMusicDataModule(AudioFolderDataModule):
         **folder_args: Any,
     ) -> None:
         check_no_root(root)
-        check_settings(num_files, seconds_per_file, sample_rate, synthesis_seed)
-        if num_files < 2:
-            raise UserError(f"data.num_files must be at least 2 (one for validation), got {num_files}")
+        check_synthesis_settings(num_files, seconds_per_file, sample_rate, synthesis_seed)
+        check_data_settings({"num_files": num_files})
         self.synthesis_dir = Path(synthesis_dir).expanduser()
         self.num_files = num_files
         self.seconds_per_file = float(seconds_per_file)

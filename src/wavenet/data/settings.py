@@ -20,6 +20,9 @@ def check_data_settings(settings: Mapping[str, object]) -> None:
     levels = settings.get("quantization_channels", 256)
     if not is_integer(levels) or not 2 <= levels <= 256:
         raise UserError(f"data.quantization_channels must be between 2 and 256 (one byte per sample), got {levels!r}")
+    num_files = settings.get("num_files", 2)
+    if is_integer(num_files) and num_files < 2:
+        raise UserError(f"data.num_files must be at least 2 (one for validation), got {num_files}")
     shuffle_buffer = settings.get("shuffle_buffer", 1)
     if not is_integer(shuffle_buffer) or shuffle_buffer < 1:
         raise UserError(f"data.shuffle_buffer must be a positive integer, got {shuffle_buffer!r}")
@@ -42,6 +45,26 @@ def check_data_settings(settings: Mapping[str, object]) -> None:
     extensions = settings.get("extensions", ("wav",))
     if isinstance(extensions, str) or not extensions:
         raise UserError(f"data.extensions must be a list such as [wav, flac], got {extensions!r}")
+
+
+def check_synthesis_settings(num_files: object, seconds_per_file: object, sample_rate: object, seed: object) -> None:
+    """Raises a UserError naming the setting (`data.num_files`, ...) unless the dataset can be made from these.
+
+    Values arrive as typed on the command line (`data.num_files=2.5`, `data.synthesis_seed=abc`): a wrong one
+    is named here rather than met as a traceback from numpy.
+    """
+    if not is_integer(num_files) or num_files < 1:
+        raise UserError(f"data.num_files must be a positive integer, got {num_files!r}")
+    if not is_integer(sample_rate) or sample_rate < 1:
+        raise UserError(f"data.sample_rate must be a positive integer, got {sample_rate!r}")
+    # A piece has round(seconds * rate) samples; one of none has no peak to normalise.
+    if not is_number(seconds_per_file) or not math.isfinite(seconds_per_file) or seconds_per_file * sample_rate <= 0.5:
+        raise UserError(
+            f"data.seconds_per_file must be a number of seconds, at least one sample at {sample_rate} Hz, "
+            f"got {seconds_per_file!r}"
+        )
+    if not is_integer(seed) or seed < 0:
+        raise UserError(f"data.synthesis_seed must be an integer of 0 or more, got {seed!r}")
 
 
 def check_no_root(root: object) -> None:

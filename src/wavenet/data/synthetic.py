@@ -19,7 +19,7 @@ import torch
 
 from wavenet.data.audio import write_wav
 from wavenet.data.prepare import file_progress
-from wavenet.errors import UserError, is_integer, is_number
+from wavenet.data.settings import check_synthesis_settings
 
 # Part of the cache key of the built-in dataset: bump it whenever the audio generated here changes.
 SYNTHESIS_VERSION = 1
@@ -70,9 +70,9 @@ def synthesize_dataset(
         The paths written, in order.
 
     Raises:
-        UserError: If a setting is not one the pieces can be made from (see `check_settings`).
+        UserError: If a setting is not one the pieces can be made from (see `check_synthesis_settings`).
     """
-    check_settings(num_files, seconds_per_file, sample_rate, seed)
+    check_synthesis_settings(num_files, seconds_per_file, sample_rate, seed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -85,26 +85,6 @@ def synthesize_dataset(
             paths.append(path)
             progress.update()
     return paths
-
-
-def check_settings(num_files: object, seconds_per_file: object, sample_rate: object, seed: object) -> None:
-    """Raises a UserError naming the setting (`data.num_files`, ...) unless the dataset can be made from these.
-
-    Values arrive as typed on the command line (`data.num_files=2.5`, `data.synthesis_seed=abc`): a wrong one
-    is named here rather than met as a traceback from numpy.
-    """
-    if not is_integer(num_files) or num_files < 1:
-        raise UserError(f"data.num_files must be a positive integer, got {num_files!r}")
-    if not is_integer(sample_rate) or sample_rate < 1:
-        raise UserError(f"data.sample_rate must be a positive integer, got {sample_rate!r}")
-    # A piece has round(seconds * rate) samples; one of none has no peak to normalise.
-    if not is_number(seconds_per_file) or not math.isfinite(seconds_per_file) or seconds_per_file * sample_rate <= 0.5:
-        raise UserError(
-            f"data.seconds_per_file must be a number of seconds, at least one sample at {sample_rate} Hz, "
-            f"got {seconds_per_file!r}"
-        )
-    if not is_integer(seed) or seed < 0:
-        raise UserError(f"data.synthesis_seed must be an integer of 0 or more, got {seed!r}")
 
 
 def synthesize_piece(seconds: float, sample_rate: int, rng: np.random.Generator) -> np.ndarray:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from wavenet.checkpoint import check_checkpoint_file
 from wavenet.config import check_added_keys, check_required
 from wavenet.data.layouts import check_root
-from wavenet.data.settings import check_data_settings, check_no_root
+from wavenet.data.settings import check_data_settings, check_no_root, check_synthesis_settings
 from wavenet.errors import UserError, check_can_write_in, is_integer, is_number
 from wavenet.hyperparameters import check_network, check_training
 
@@ -69,6 +69,9 @@ def check_settings(cfg: DictConfig) -> None:
         check_data_settings({key: value for key, value in cfg.data.items() if key != "_target_"})
         if target in _BUILT_IN_DATA_MODULES:
             check_no_root(root)
+            synthesis = [cfg.data.get(key) for key in ("num_files", "seconds_per_file", "sample_rate", "synthesis_seed")]
+            if None not in synthesis:  # else the module's defaults
+                check_synthesis_settings(*synthesis)
     if target in _FOLDER_DATA_MODULES and isinstance(root, str) and root:
         # Found otherwise only when the data is prepared: after the config is shown and the loggers are made.
         check_root(Path(root).expanduser())
