@@ -19,7 +19,7 @@ def check_network(settings: Mapping[str, object]) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
     layers, stacks = settings.get("layers", 1), settings.get("stacks", 1)
-    if layers % stacks:  # type: ignore[operator]
+    if layers % stacks:
         raise ValueError(f"layers ({layers}) must be a multiple of stacks ({stacks})")
     for name in ("bias", "checkpoint_activations"):
         if not isinstance(settings.get(name, False), bool):  # "no" and 0 would pass for true and false where tested
@@ -44,8 +44,8 @@ def check_training(settings: Mapping[str, object]) -> None:
     betas = settings.get("betas", (0.9, 0.999))
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not all(0 <= _finite("betas", beta) < 1 for beta in betas):  # type: ignore[attr-defined]
-        raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")  # type: ignore[call-overload]
+    if not all(0 <= _finite("betas", beta) < 1 for beta in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
     if not isinstance(settings.get("compile", False), bool):
         raise ValueError(f"compile must be true or false, got {settings['compile']!r}")
 
