@@ -37,7 +37,15 @@ _ROLLOFF = 0.99
 EMPTY_FILE = "empty file (0 bytes)"
 # Largest magnitude taken as audio. Integer formats decode within [-1, 1]; a float file may overshoot a little
 # (clipped masters, resampling ringing) but not by this much: beyond, it holds integer values saved as float.
-MAX_PEAK = 2.0
+_MAX_PEAK = 2.0
+
+
+def peak_problem(peak: float) -> str | None:
+    """Why audio whose largest magnitude is `peak` is no audio (float samples in integer units, which mu-law would
+    clip to a square wave), or None."""
+    if peak <= _MAX_PEAK:
+        return None
+    return f"samples reach {peak:.6g}, far outside audio's [-1, 1] (float samples in integer units?)"
 
 
 class UnreadableAudioError(UserError):

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wavenet.data.audio import EMPTY_FILE, MAX_PEAK, UnreadableAudioError, audio_info, read_audio, resampled_length
+from wavenet.data.audio import EMPTY_FILE, UnreadableAudioError, audio_info, peak_problem, read_audio, resampled_length
 from wavenet.data.layouts import Source, list_sources
 from wavenet.data.mulaw import mu_law_encode
 from wavenet.errors import UserError, first_line
@@ -273,8 +273,6 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-
-
 class _Lines:
     """A stream for tqdm that starts each redraw on a line of its own: a log file shows a list of progress
     lines, not one line of bars joined by carriage returns."""
@@ -337,10 +335,8 @@ def encode_file(path: str | Path, settings: PrepareSettings) -> _Encoded:
             return _Encoded(None, f"unreadable ({error.reason})", source_rate, (0, 0))
         if not np.isfinite(audio).all():
             return _Encoded(None, "contains NaN or infinite samples", source_rate, (0, 0))
-        peak = float(np.abs(audio).max(initial=0.0))
-        if peak > MAX_PEAK:
-            # Float audio in integer units (int16 values saved as float): mu-law would clip it to a square wave.
-            problem = f"samples reach {peak:.6g}, far outside audio's [-1, 1] (float samples in integer units?)"
+        problem = peak_problem(float(np.abs(audio).max(initial=0.0)))
+        if problem is not None:
             return _Encoded(None, problem, source_rate, (0, 0))
         low, high = min(low, float(audio.min(initial=math.inf))), max(high, float(audio.max(initial=-math.inf)))
         padded = np.pad(audio, (0, -len(audio) % frame))

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.text import Text
 
 from wavenet.checkpoint import load_wavenet
-from wavenet.data.audio import MAX_PEAK, UnreadableAudioError, audio_info, read_audio, write_wav
+from wavenet.data.audio import UnreadableAudioError, audio_info, peak_problem, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.errors import Terminated, UserError, check_can_write_in
 from wavenet.generation import generate, resolve_method
@@ -331,11 +331,9 @@ def _read_prime(path: Path, sample_rate: int) -> torch.Tensor:
     audio = read_audio(path, sample_rate)
     if not torch.isfinite(audio).all():
         raise UserError(f"prime file {path} holds NaN or infinite samples")
-    peak = float(audio.abs().max()) if audio.numel() else 0.0
-    if peak > MAX_PEAK:  # mu-law would clip it to a square wave, as data preparation refuses it for
-        raise UserError(
-            f"prime file {path}: samples reach {peak:.6g}, far outside audio's [-1, 1] (float samples in integer units?)"
-        )
+    problem = peak_problem(float(audio.abs().max()) if audio.numel() else 0.0)  # as preparation refuses a file
+    if problem is not None:
+        raise UserError(f"prime file {path}: {problem}")
     return audio
 
 
