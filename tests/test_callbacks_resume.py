@@ -76,7 +76,7 @@ def test_a_resumed_run_shows_its_steps_and_no_best_checkpoint_of_another_run(tmp
     first, resumed = tmp_path / "first", tmp_path / "resumed"
     result = run_script("train.py", *common, "trainer.max_steps=10", f"hydra.run.dir={first}")
     assert result.returncode == 0, result.stderr[-2000:]
-    # Resumed at step 10 to 14, validating next at 15: never.
+    # Resumed at step 10 to 14, validating at 14 alone (the last step), not at 15.
     result = run_script(
         "train.py", *common, "trainer.max_steps=14", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
         "callbacks.progress_bar.log_every_seconds=0", f"hydra.run.dir={resumed}",
@@ -88,7 +88,9 @@ def test_a_resumed_run_shows_its_steps_and_no_best_checkpoint_of_another_run(tmp
     log = (resumed / "train.log").read_text()
     steps = [line.split(" - ", 1)[1].split(":")[0] for line in log.splitlines() if " - Step " in line]
     assert steps == ["Step 11/14", "Step 12/14", "Step 13/14", "Step 14/14"]
-    assert "Best checkpoint" not in log  # no file of the first run: this one has not validated
+    # Its own file, whatever the first run's best scored; a further resume carries it, not the first run's.
+    best = resumed / "checkpoints" / "step0000014-bps"
+    assert f"Best checkpoint: {best}" in log and "Best checkpoint: " + str(first) not in log
     last = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
     (state,) = [state for key, state in last["callbacks"].items() if key.startswith("ModelCheckpoint")]
-    assert state["best_model_path"] == ""  # nor does a further resume carry the first run's
+    assert state["best_model_path"].startswith(str(best))

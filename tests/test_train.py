@@ -66,6 +66,8 @@ def test_train_writes_checkpoints_logs_and_config(tmp_path, data_dir):
     rows = read_metrics(run_dir)
     logged = {key for row in rows for key, value in row.items() if value}
     assert {"train/loss", "val/loss", "val/bits_per_sample", "lr-AdamW/decayed"} <= logged
+    # Every 3 steps, the last (step 6) once: Lightning logs a validation after step N at N - 1.
+    assert [int(row["step"]) for row in rows if row.get("val/loss")] == [2, 5]
     assert not (Path.cwd() / "outputs" / "train" / "runs" / run_dir.name).exists()  # never chdir, nothing stray
 
 
@@ -95,11 +97,13 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir
     first, second = tmp_path / "first", tmp_path / "second"
     train(first, data_dir)
     last = first / "checkpoints" / "last.ckpt"
-    result = train(second, data_dir, f"ckpt_path={last}", "trainer.max_steps=9")
+    result = train(second, data_dir, f"ckpt_path={last}", "trainer.max_steps=10")
     assert "not resumable" not in result.stderr  # the epoch goes on where it stopped (test_data has the proof)
     assert "dirpath has changed" not in result.stderr  # Lightning's warning that every resume would print
+    # The last step, between two validations, is validated too: else no checkpoint would hold it.
+    assert [int(row["step"]) for row in read_metrics(second) if row.get("val/loss")] == [8, 9]
     resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)
-    assert resumed["global_step"] == 9
+    assert resumed["global_step"] == 10
     steps = [int(row["step"]) for row in read_metrics(second) if row.get("train/loss")]
     assert steps and min(steps) >= 6, steps
     # A finished checkpoint still serves a check that trains nothing; without the EMA, its average is said dropped.
@@ -689,6 +693,4 @@ def test_settings_that_waste_a_run_are_warned_of(caplog):
     assert [record.getMessage() for record in caplog.records] == [
         "model.warmup_steps=100 is not below trainer.max_steps=20: the learning rate rises for the whole run, and "
         "never decays",
-        "trainer.val_check_interval=50 is more than trainer.max_steps=20: the run never validates, so it logs no "
-        "val/loss and keeps no best checkpoint",
-    ]
+    ]  # not the validation interval (50): the last step is validated

@@ -163,9 +163,14 @@ class WaveNetModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        trainer = self.trainer
+        if 0 < trainer.max_steps <= trainer.global_step:
+            # Lightning validates every val_check_interval steps only: a last step between two would be in no
+            # checkpoint (last.ckpt included) and the run's final metric, a sweep's value, would come from before
+            # it. Asked to stop, it validates this step, and its checkpoint callbacks save after that.
+            trainer.should_stop = True
         # A NaN or infinite loss is the end of the run: its gradients make every weight NaN, and every step after
         # trains on nothing. Checked at the steps Lightning logs, which read the loss then anyway, on every rank.
-        trainer = self.trainer
         if trainer.global_step % trainer.log_every_n_steps:
             return
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs

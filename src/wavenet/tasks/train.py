@@ -157,19 +157,12 @@ def _warn_of_settings_that_waste_the_run(cfg: DictConfig) -> None:
     trainer, warmup = cfg.trainer, cfg.model.get("warmup_steps")
     if trainer.get("fast_dev_run"):  # a check that everything runs, of a batch or a few: no schedule to waste
         return
-    max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
+    max_steps = trainer.get("max_steps")
     if is_integer(warmup) and max_steps != -1 and warmup >= max_steps:
         log.warning(
             "model.warmup_steps=%d is not below trainer.max_steps=%d: the learning rate rises for the whole run, "
             "and never decays",
             warmup,
-            max_steps,
-        )
-    if is_integer(interval) and max_steps != -1 and interval > max_steps and trainer.get("limit_val_batches") != 0:
-        log.warning(
-            "trainer.val_check_interval=%d is more than trainer.max_steps=%d: the run never validates, so it "
-            "logs no val/loss and keeps no best checkpoint",
-            interval,
             max_steps,
         )
 
