@@ -4,6 +4,7 @@ sample logger's settings, when the gradient norm is taken, what a run prints as 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ import socket
 import struct
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -498,6 +500,29 @@ def test_progress_is_logged_in_lines_where_the_output_is_no_terminal(tmp_path, d
     # Three decimals each, also where they are zeros: "train/loss 5.000", never "train/loss 5".
     values = [pair.rsplit(" ", 1)[1] for line in lines for pair in line.split(": ", 1)[1].split(", ")]
     assert values and all(re.fullmatch(r"\d+\.\d{3}", value) for value in values), lines
+
+
+def test_on_a_terminal_each_validation_is_a_line_of_the_log_file_alone(tmp_path, monkeypatch, caplog):
+    # The bar shows the metrics on a terminal, and the run's log file held none of them.
+    caplog.set_level(logging.INFO, logger="wavenet.callbacks")
+    monkeypatch.setattr("wavenet.callbacks.get_console", lambda: SimpleNamespace(is_terminal=True))
+    console = io.StringIO()
+    handlers = [logging.FileHandler(tmp_path / "train.log"), logging.StreamHandler(console)]
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        module = WaveNetModule(**TINY_MODULE)
+        fit(module, sine_batch(module.receptive_field), max_steps=2, val_check_interval=1, num_sanity_val_steps=1,
+            enable_progress_bar=True, callbacks=[StepProgressBar(log_every_seconds=0)])  # fmt: skip
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if "Validated" in line]
+    assert [line.split(":")[0] for line in lines] == ["Validated at step 1/2", "Validated at step 2/2"], lines
+    assert "val/bits_per_sample" in lines[1]
+    assert "Validated" not in console.getvalue() and "Step " not in console.getvalue()
 
 
 def test_model_summary_of_a_mixed_precision_run_sizes_float32_weights_without_a_warning(recwarn, capsys):

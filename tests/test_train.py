@@ -61,6 +61,10 @@ def test_train_writes_checkpoints_logs_and_config(tmp_path, data_dir):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "WaveNetModule" in (run_dir / "config_tree.log").read_text()
+    # A batch job's log says where the run is, and which file resumes it.
+    log = (run_dir / "train.log").read_text()
+    assert f"Run folder: {run_dir}\n" in log
+    assert f"Last checkpoint, to resume from: {run_dir / 'checkpoints' / 'last.ckpt'}\n" in log
     # The printed config holds whole paths, also when the output is no terminal (rich's 80 columns cropped them).
     assert f"output_dir: {run_dir}" in result.stdout and len(f"        output_dir: {run_dir}") > 80
     rows = read_metrics(run_dir)

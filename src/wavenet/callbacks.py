@@ -55,14 +55,16 @@ class StepProgressBar(RichProgressBar):
     """Rich progress bar for training bounded by `max_steps` (max_epochs = -1): "Epoch 3", not "Epoch 3/-2".
 
     Such a run has one bar, over all its epochs, counting global steps to `max_steps` as the progress lines,
-    the checkpoints' names, the logged `step` and `trainer.max_steps` do: a run resumed at step 20 with
-    `trainer.max_steps=30` starts at 20/30, as Lightning's own bar starts a resumed epoch where it stopped.
+    the checkpoints' names and `trainer.max_steps` do (the loggers' `step` is Lightning's, one less: the index
+    of the step's batch, from 0): a run resumed at step 20 with `trainer.max_steps=30` starts at 20/30, as
+    Lightning's own bar starts a resumed epoch where it stopped.
     Lightning's counts the epoch's batches against the steps left to run (30/10 there), and starts over at
     every epoch.
 
     Where the output is no terminal (a batch job's log file, a pipe), a bar cannot redraw and rich shows it
     only at the end; there the progress is logged instead, as a line every `log_every_seconds` and after
-    every validation, also into the run's log file.
+    every validation, also into the run's log file. On a terminal the line after each validation goes to the
+    log file alone: the log holds the run's metrics however it was started.
 
     Args:
         log_every_seconds: Seconds between progress lines where the output is no terminal.
@@ -107,14 +109,20 @@ class StepProgressBar(RichProgressBar):
     def _logs_lines(self, trainer: L.Trainer) -> bool:
         return trainer.is_global_zero and not self.is_disabled and not get_console().is_terminal
 
-    def _log_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str) -> None:
+    def _log_progress(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, event: str, on_console: bool = True
+    ) -> None:
         metrics = self.get_metrics(trainer, pl_module)
         shown = ", ".join(
             f"{key} {_number(value)}" for key, value in metrics.items() if key.startswith(("train/", "val/"))
         )
         total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
-        log.info("%s %d%s: %s", event, trainer.global_step, total, shown)
-        self._logged_at = time.monotonic()
+        line = ("%s %d%s: %s", event, trainer.global_step, total, shown)
+        if on_console:
+            log.info(*line)
+            self._logged_at = time.monotonic()
+        else:
+            _log_to_files_only(log, *line)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -127,8 +135,18 @@ class StepProgressBar(RichProgressBar):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if self._logs_lines(trainer) and not trainer.sanity_checking:
-            self._log_progress(trainer, pl_module, "Validated at step")
+        if trainer.is_global_zero and not self.is_disabled and not trainer.sanity_checking:
+            self._log_progress(trainer, pl_module, "Validated at step", on_console=self._logs_lines(trainer))
+
+
+def _log_to_files_only(logger: logging.Logger, message: str, *args: object) -> None:
+    """Logs an INFO line to the log files (Hydra's `<task>.log`) and not to the console."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, args, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 def _number(value: object) -> str:

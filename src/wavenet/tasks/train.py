@@ -277,6 +277,7 @@ def _train(cfg: DictConfig) -> float | None:
             if EMA_STATE_KEY in read_checkpoint(Path(ckpt_path), map_location="cpu", mmap=True):
                 log.warning("ckpt_path=%s holds EMA weights, which this run drops: it has no callbacks.ema", ckpt_path)
         if trainer.is_global_zero:  # under trainer=ddp every rank runs this script
+            log.info("Run folder: %s", cfg.paths.output_dir)
             log.info(
                 "WaveNet: %s parameters, receptive field %d samples (%.0f ms)",
                 f"{sum(p.numel() for p in module.parameters()):,}",
@@ -305,11 +306,14 @@ def _train(cfg: DictConfig) -> float | None:
                     raise SystemExit(128 + signal.SIGINT) from None
                 raise
             checkpoints = trainer.checkpoint_callback
-            if trainer.is_global_zero and checkpoints is not None and checkpoints.best_model_path:
-                # Without a monitored metric (Lightning's own checkpointing: +trainer.enable_checkpointing=true
-                # with callbacks=none) it is the latest.
-                kind = "Best checkpoint" if checkpoints.monitor else "Checkpoint"
-                log.info("%s: %s", kind, checkpoints.best_model_path)
+            if trainer.is_global_zero and checkpoints is not None:
+                if checkpoints.best_model_path:
+                    # Without a monitored metric (Lightning's own checkpointing: +trainer.enable_checkpointing=true
+                    # with callbacks=none) it is the latest.
+                    kind = "Best checkpoint" if checkpoints.monitor else "Checkpoint"
+                    log.info("%s: %s", kind, checkpoints.best_model_path)
+                if checkpoints.last_model_path:
+                    log.info("Last checkpoint, to resume from: %s", checkpoints.last_model_path)
         else:
             # A check of the data too, and a way to prepare a corpus on a CPU machine before the GPU job.
             datamodule.prepare_data()
