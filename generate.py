@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from wavenet.config import discard_refused_run
 from wavenet.errors import Terminated, UserError, report_config_errors_in_one_line
-from wavenet.process import end_without_collecting_everything
+from wavenet.process import carry_on_past_a_closed_stdout, end_without_collecting_everything
 from wavenet.tasks.generate_settings import check_settings
 
 
@@ -33,6 +33,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     end_without_collecting_everything()
+    carry_on_past_a_closed_stdout()
     report_config_errors_in_one_line()
     try:
         main()

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from wavenet.config import SweepSummary, discard_refused_run
 from wavenet.errors import FailedJob, UserError, first_line, report_config_errors_in_one_line
-from wavenet.process import end_without_collecting_everything
+from wavenet.process import carry_on_past_a_closed_stdout, end_without_collecting_everything
 
 # What a job's exit status says stopped it: the task exits as a shell reports a command ended by the signal.
 _STOPPED_BY = {130: "stopped by Ctrl-C", 143: "stopped by SIGTERM"}
@@ -58,6 +58,7 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
 
 if __name__ == "__main__":
     end_without_collecting_everything()
+    carry_on_past_a_closed_stdout()
     if not sys.stderr.isatty():
         # Optuna's log lines are coloured whatever the stream: no escape codes in a batch job's log file.
         os.environ.setdefault("NO_COLOR", "1")

@@ -167,6 +167,25 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
     assert checkpoint["global_step"] == stopped_at + 2  # two steps trained after the stop, to max_steps
 
 
+def test_a_stop_after_the_output_pipe_closed_still_saves_and_ends_with_the_stops_status(tmp_path, data_dir):
+    # `python train.py | tee log` stopped by a Ctrl-C, which ends tee too: the progress bar's write to the closed
+    # pipe raised SystemExit(1) in its hook, before the stop's checkpoint was saved, and the run exited 1.
+    run_dir = tmp_path / "run"
+    with_bar = [setting for setting in TINY if setting != "callbacks.progress_bar=null"]
+    args = [sys.executable, "train.py", *with_bar, *BUILTIN_SMALL, "trainer.max_steps=100000",
+            "trainer.val_check_interval=10", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    with (tmp_path / "stderr").open("w") as stderr:
+        process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
+                                   env={**STOP_ENV, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        process.stdout.close()  # the reader, gone
+        wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "stderr").read_text()[-3000:]
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert "resume with ckpt_path=" in (run_dir / "train.log").read_text()
+    assert "Error" not in (tmp_path / "stderr").read_text()  # logging's "--- Logging error ---" at every line
+
+
 CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 
 

@@ -40,6 +40,7 @@ from wavenet.errors import UserError
 from wavenet.generation import generate
 from wavenet.kernels.cpu_step import cpu_kernel_available
 from wavenet.launch import leave_ranks_to_stop
+from wavenet.process import carry_on_past_a_closed_stdout
 from wavenet.signals import set_handler
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ class StepProgressBar(RichProgressBar):
         super().__init__()
         self.log_every_seconds = log_every_seconds
         self._logged_at = 0.0
+
+    def _init_progress(self, trainer: L.Trainer) -> None:
+        super()._init_progress(trainer)
+        if self._console is not None:
+            carry_on_past_a_closed_stdout(self._console)  # Lightning's reconfigure() replaced the console's state
 
     def _counts_steps(self) -> bool:
         return self.trainer.max_epochs == -1 and self.trainer.max_steps > 0

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from wavenet.errors import FailedJob, UserError, exit_with_error, first_line
+from wavenet.process import carry_on_past_a_closed_stdout
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
     console = rich.get_console()
     if not console.is_terminal:  # a file or a pipe, for which rich assumes 80 columns and would crop long paths
         console = Console(file=console.file, width=1000, color_system=None)
+        carry_on_past_a_closed_stdout(console)
     console.print(tree)
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)
