@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,7 +33,7 @@ from wavenet.data import (
     write_wav,
 )
 from wavenet.data.audio import resampled_length
-from wavenet.data.datasets import ChunkSampler
+from wavenet.data.datasets import ChunkSampler, SignalSafeLoader
 from wavenet.errors import UserError
 
 RATE = 16000
@@ -620,6 +621,27 @@ def test_bad_settings_are_user_errors(folder: Path) -> None:
     for root in (None, ""):  # `data.root=null`, or empty: not the current folder
         with pytest.raises(UserError, match="data.root must be the folder of your audio"):
             AudioFolderDataModule(root, receptive_field=RECEPTIVE_FIELD)
+
+
+class _BlockedSignals(torch.utils.data.Dataset):
+    """One item: the signals blocked in the process that loads it."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> list[int]:
+        return sorted(int(number) for number in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_loader_workers_start_with_stops_blocked_and_the_owner_keeps_its_own(folder: Path) -> None:
+    # A Ctrl-C or SIGTERM to the job while a worker started, before its worker_init_fn took them, killed it: the
+    # run ended in "DataLoader worker (pid N) exited unexpectedly" instead of stopping.
+    (in_worker,) = SignalSafeLoader(_BlockedSignals(), batch_size=None, num_workers=1)
+    assert {signal.SIGINT, signal.SIGTERM} <= set(in_worker)
+    assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    module = ready(folder, num_workers=1)
+    assert isinstance(module.train_dataloader(), SignalSafeLoader)
+    assert isinstance(module.val_dataloader(), SignalSafeLoader)
 
 
 class _Refuses(torch.utils.data.Dataset):

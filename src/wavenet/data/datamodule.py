@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
-from wavenet.data.datasets import ChunkLoader, ChunkSampler, FixedChunks, RandomChunks, ShardReader
+from wavenet.data.datasets import ChunkLoader, ChunkSampler, FixedChunks, RandomChunks, ShardReader, SignalSafeLoader
 from wavenet.data.prepare import (
     MANIFEST,
     Manifest,
@@ -158,7 +158,7 @@ class ChunkDataModule(L.LightningDataModule):
         shuffle: bool = False,
         drop_last: bool = False,
         sampler: Sampler | None = None,
-        loader_class: Callable[..., DataLoader] = DataLoader,
+        loader_class: Callable[..., DataLoader] = SignalSafeLoader,
     ) -> DataLoader[tuple[Tensor, Tensor]]:
         return loader_class(
             dataset,

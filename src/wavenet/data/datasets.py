@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -24,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from wavenet.data.prepare import PreparedFile
+from wavenet.signals import Handling
 
 Track = TypeVar("Track")
 # (track, first sample, number of samples) -> (length,) uint8 mu-law classes
@@ -197,7 +199,29 @@ class ChunkSampler(DistributedSampler):
         return self.num_samples
 
 
-class ChunkLoader(DataLoader):
+class SignalSafeLoader(DataLoader):
+    """A DataLoader whose worker processes start with Ctrl-C and SIGTERM blocked (a fork keeps the mask) until
+    their `worker_init_fn` (`leave_stops_to`) takes them: a job's signal that came while a worker was still
+    starting killed it, and the run ended in "DataLoader worker (pid N) exited unexpectedly", status 1, rather than
+    stop as it does a moment later. This process's own handlers wait for the workers' start (milliseconds) too: a
+    KeyboardInterrupt inside it left a half-made iterator, whose clean-up printed a traceback."""
+
+    def _get_iterator(self) -> Any:
+        stops = (signal.SIGINT, signal.SIGTERM)
+        held: list[int] = []
+        try:
+            with Handling(lambda signum, frame: held.append(signum), *stops):
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+                try:
+                    return super()._get_iterator()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        finally:
+            for signum in dict.fromkeys(held):
+                signal.raise_signal(signum)
+
+
+class ChunkLoader(SignalSafeLoader):
     """The training DataLoader of a `ChunkSampler`, which resumes mid-epoch where a checkpoint left off.
 
     Lightning saves a loader's `state_dict()` in every checkpoint and passes it back to `load_state_dict`

@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wavenet.data.datamodule import ChunkDataModule, split_files
-from wavenet.data.datasets import FixedChunks
+from wavenet.data.datasets import FixedChunks, SignalSafeLoader
 from wavenet.data.prepare import MANIFEST, Manifest, PreparedFile, available_cpus, default_data_dir, wait_for_exit
 from wavenet.data.settings import check_data_settings
 from wavenet.errors import UserError, first_line
@@ -448,7 +448,7 @@ class StreamedChunks(IterableDataset[tuple[Tensor, Tensor]]):
         return classes[:-1], classes[1:]
 
 
-class StreamLoader(DataLoader):
+class StreamLoader(SignalSafeLoader):
     """The training DataLoader of a `StreamedChunks`: a resumed run streams a new epoch, not its start again.
 
     Lightning saves a loader's `state_dict()` in every checkpoint and passes it back to `load_state_dict`
