@@ -141,6 +141,29 @@ def test_a_run_resumes_only_from_a_checkpoint_of_the_same_network_with_steps_lef
         check_resumable(tmp_path / "missing.ckpt", module.hparams)
 
 
+def test_a_resume_that_stretches_the_decay_says_how_the_rate_jumps_where_it_resumes(tmp_path, caplog):
+    # A run that ended its cosine decay at step 30, resumed with trainer.max_steps=60: from 1e-4 back up to 6.6e-4.
+    from wavenet.module import check_resumable, lr_factor
+
+    module = WaveNetModule(**TINY, warmup_steps=10)
+    hparams = dict(module.hparams)
+    ended = 1e-3 * lr_factor(hparams, 30, 30)
+    scheduler = {"base_lrs": [1e-3, 1e-3], "_last_lr": [ended, ended], "last_epoch": 30}
+    path = tmp_path / "ended.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "global_step": 30,
+                "optimizer_states": [{"state": {}}], "lr_schedulers": [scheduler]}, path)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="wavenet.module"):
+        check_resumable(path, hparams, max_steps=60)
+        check_resumable(path, {**hparams, "decay": "constant"}, max_steps=60)
+    stretched, constant = (record.getMessage() for record in caplog.records)
+    assert stretched == (
+        "The learning-rate schedule changes from step 30 on, where the rate goes from 0.0001 (the checkpoint's) to "
+        "0.000662: trainer.max_steps=60 moves the end of its decay"
+    )
+    assert constant.startswith("The learning-rate schedule changes from step 30 on, where the rate goes from 0.0001 "
+                               "(the checkpoint's) to 0.001: model.decay=constant (was cosine)")  # fmt: skip
+
+
 def test_a_run_whose_loss_diverges_stops_with_one_error_line(tmp_path, data_dir):
     from tests.conftest import BUILTIN_SMALL, compose_config
     from tests.conftest import TINY as TINY_RUN

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -210,19 +211,22 @@ class WaveNetModule(L.LightningModule):
                     f"{self.trainer.max_steps}): set trainer.max_steps, or model.decay=constant"
                 )
             total_steps = hp.warmup_steps
-        total_steps = max(int(total_steps), 1)
-        warmup_steps = min(hp.warmup_steps, total_steps)
-
-        def lr_factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            if hp.decay == "constant":
-                return 1.0
-            progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, hp, int(total_steps)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(hparams: Mapping[str, Any], total_steps: int, step: int) -> float:
+    """The learning rate at `step` of a run of `total_steps`, as a multiple of `hparams.lr`: a linear warm-up over
+    `warmup_steps`, then constant or a cosine decay to `min_lr_ratio` at the end of the run."""
+    total_steps = max(total_steps, 1)
+    warmup_steps = min(hparams["warmup_steps"], total_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if hparams["decay"] == "constant":
+        return 1.0
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    min_ratio = hparams["min_lr_ratio"]
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # What the config a run resumes under must share with its checkpoint, by config key: the network's shape and
@@ -292,8 +296,36 @@ def check_resumable(path: Path, hparams: Mapping[str, Any], max_steps: int = -1)
         for name in _SCHEDULE_SETTINGS
         if name in saved and hparams.get(name) != saved.get(name)
     ]
-    if reshaped:
+    rates = _resumed_rates(checkpoint, hparams, max_steps)
+    if rates is not None and not math.isclose(*rates, rel_tol=1e-3):
+        # A longer run stretches the decay, so the rate rises at the resumed step: a jump in the curve, which
+        # says why here.
+        reshaped = reshaped or [f"trainer.max_steps={max_steps} moves the end of its decay"]
+        log.info(
+            "The learning-rate schedule changes from step %d on, where the rate goes from %.3g (the checkpoint's) "
+            "to %.3g: %s",
+            step,
+            *rates,
+            ", ".join(reshaped),
+        )
+    elif reshaped:
         log.info("The learning-rate schedule changes from step %d on: %s", step, ", ".join(reshaped))
+
+
+def _resumed_rates(
+    checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], max_steps: int
+) -> tuple[float, float] | None:
+    """(the checkpoint's learning rate, the resumed run's after its first step), for runs that end at `max_steps`;
+    None where that is not known (no end, a checkpoint of another kind of schedule, another decay's settings)."""
+    schedulers = checkpoint.get("lr_schedulers") or [{}]
+    state = schedulers[0]
+    if max_steps == -1 or not {"base_lrs", "_last_lr", "last_epoch"} <= set(state):
+        return None
+    if any(hparams.get(name) is None for name in _SCHEDULE_SETTINGS):
+        return None
+    # The first resumed step runs at the checkpoint's rate, which the optimiser's state restores; the schedule sets
+    # the next.
+    return state["_last_lr"][0], state["base_lrs"][0] * lr_factor(hparams, max_steps, state["last_epoch"] + 1)
 
 
 def _as_saved(value: Any) -> Any:
