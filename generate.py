@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from wavenet.config import discard_refused_run
+from wavenet.config import end_refused_run
 from wavenet.errors import Terminated, UserError, report_config_errors_in_one_line
 from wavenet.process import carry_on_past_a_closed_stdout, end_without_collecting_everything
 from wavenet.tasks.generate_settings import check_settings
@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        discard_refused_run()
+        end_refused_run(f"error: {error}")
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from wavenet.config import SweepSummary, discard_refused_run
+from wavenet.config import SweepSummary, end_refused_run
 from wavenet.errors import FailedJob, UserError, first_line, report_config_errors_in_one_line
 from wavenet.process import carry_on_past_a_closed_stdout, end_without_collecting_everything
 
@@ -31,11 +31,11 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
         return run(cfg)
     except UserError as error:
         print(f"error: {job}{error}", file=sys.stderr)
+        end_refused_run(f"error: {job}{error}")
         if multirun:
             # One job of a sweep: the others still run; the sweep's summary lists this one as failed, with the
             # reason, and the sweep exits non-zero at its end.
             return FailedJob(str(error))
-        discard_refused_run()
         sys.exit(1)
     except Exception as error:
         if not multirun:

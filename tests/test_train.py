@@ -583,6 +583,7 @@ def test_a_job_of_a_sweep_with_bad_input_fails_alone_and_the_sweep_says_so(tmp_p
     summary = yaml.safe_load((sweep_dir / "multirun_summary.yaml").read_text())
     assert [trial["failed"] for trial in summary["trials"]] == [False, True, False]  # the others ran
     assert (sweep_dir / "2" / "checkpoints" / "last.ckpt").is_file()
+    assert errors[0] in (sweep_dir / "1" / "train.log").read_text()  # the job's own log says why it failed
 
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, data_dir):
@@ -693,6 +694,8 @@ def test_a_run_refused_before_writing_leaves_nothing_so_the_mended_command_runs_
                         f"hydra.run.dir={run_dir}")  # fmt: skip
     assert result.returncode == 1 and "no usable audio" in result.stderr, result.stderr[-2000:]
     assert {".hydra", "config_tree.log", "train.log"} <= {path.name for path in run_dir.iterdir()}
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert (run_dir / "train.log").read_text().rstrip().endswith(f"[ERROR] - {error}")  # why the run ended
 
 
 def test_a_setting_refused_on_the_spawned_ranks_is_one_error_line(tmp_path, data_dir):

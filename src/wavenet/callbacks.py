@@ -40,7 +40,7 @@ from wavenet.errors import UserError
 from wavenet.generation import generate
 from wavenet.kernels.cpu_step import cpu_kernel_available
 from wavenet.launch import leave_ranks_to_stop
-from wavenet.process import carry_on_past_a_closed_stdout
+from wavenet.process import carry_on_past_a_closed_stdout, log_to_files_only
 from wavenet.signals import set_handler
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class StepProgressBar(RichProgressBar):
             log.info(*line)
             self._logged_at = time.monotonic()
         else:
-            _log_to_files_only(log, *line)
+            log_to_files_only(log, logging.INFO, *line)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -143,16 +143,6 @@ class StepProgressBar(RichProgressBar):
         super().on_validation_end(trainer, pl_module)
         if trainer.is_global_zero and not self.is_disabled and not trainer.sanity_checking:
             self._log_progress(trainer, pl_module, "Validated at step", on_console=self._logs_lines(trainer))
-
-
-def _log_to_files_only(logger: logging.Logger, message: str, *args: object) -> None:
-    """Logs an INFO line to the log files (Hydra's `<task>.log`) and not to the console."""
-    if not logger.isEnabledFor(logging.INFO):
-        return
-    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, args, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
-            handler.handle(record)
 
 
 def _number(value: object) -> str:

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from wavenet.errors import FailedJob, UserError, exit_with_error, first_line
-from wavenet.process import carry_on_past_a_closed_stdout
+from wavenet.process import carry_on_past_a_closed_stdout, log_to_files_only
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +176,26 @@ class FreshRunFolder(Callback):
 _HYDRA_RECORD = {"config.yaml", "hydra.yaml", "overrides.yaml"}
 
 
-def discard_refused_run() -> None:
+def end_refused_run(line: str) -> None:
+    """For a run that was refused (`line`, the `error: ...` on the console): its folder goes where the run had
+    written nothing itself (`discard_refused_run`); else the line goes into its log file, which would not say
+    why the run ended (a corpus found unusable once the run had started, a refused job of a sweep)."""
+    if not discard_refused_run():
+        log_to_files_only(log, logging.ERROR, "%s", line)
+
+
+def discard_refused_run() -> bool:
     """Removes what Hydra wrote for a single run refused before it wrote anything itself: the run's record
     (`.hydra/`, which `FreshRunFolder` found absent), its empty log, and the folders this run made. So
     the same command, mended, runs in the same `hydra.run.dir` (rather than being refused as a second run
     there), and refused runs leave no empty folders in outputs/. A run that wrote anything more is left as it is.
+
+    Returns:
+        Whether the run's record was removed.
     """
     hydra = HydraConfig.get()
     if hydra.mode == RunMode.MULTIRUN or hydra.output_subdir is None:  # a job of a sweep lists its folder; a rank
-        return
+        return False
     folder = Path(hydra.runtime.output_dir)
     record = folder / hydra.output_subdir
     files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
@@ -192,10 +203,10 @@ def discard_refused_run() -> None:
         logs = {Path(handler.baseFilename) for handler in files}
         logs = {path for path in logs if path.parent == folder and path.is_file() and path.stat().st_size == 0}
         if not record.is_dir() or {path.name for path in record.iterdir()} - _HYDRA_RECORD:
-            return
+            return False
         found = FreshRunFolder.found
         if {path.name for path in folder.iterdir()} - found - {record.name} - {path.name for path in logs}:
-            return
+            return False
         for path in record.iterdir():
             path.unlink()
         record.rmdir()
@@ -208,7 +219,8 @@ def discard_refused_run() -> None:
                 if made == FreshRunFolder.made:
                     break
     except OSError:  # another process writing there, a folder made read-only: then it stays
-        return
+        return False
+    return True
 
 
 class SweepSummary(Callback):

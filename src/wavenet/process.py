@@ -59,3 +59,13 @@ class ConsoleLogHandler(logging.StreamHandler):
             send_stdout_nowhere()
             return
         super().handleError(record)
+
+
+def log_to_files_only(logger: logging.Logger, level: int, message: str, *args: object) -> None:
+    """Logs a line to the log files (Hydra's `<task>.log`) and not to the console, which shows it otherwise."""
+    if not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, args, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
