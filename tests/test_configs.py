@@ -226,3 +226,24 @@ def test_a_path_that_is_not_there_or_a_bad_setting_is_refused_before_torch_loads
     imports = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")]
     assert "torch" not in imports
     assert not (tmp_path / "run" / "config_tree.log").exists()  # no config shown, no logger made
+
+
+def test_machine_settings_in_conf_local_override_the_defaults_and_are_not_committed(tmp_path):
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "local").mkdir(exist_ok=True)
+    (conf / "local" / "default.yaml").write_text("seed: 7\ntrainer:\n  devices: 4\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+        local = compose("train")
+        overridden = compose("train", overrides=["seed=9"])
+    GlobalHydra.instance().clear()
+    assert (local.seed, local.trainer.devices, "local" in local) == (7, 4, False)
+    assert overridden.seed == 9  # the command line over the machine's file
+    ignored = subprocess.run(["git", "check-ignore", "-q", "conf/local/default.yaml"], cwd=REPO)
+    assert ignored.returncode == 0
