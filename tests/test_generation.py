@@ -381,7 +381,7 @@ def test_generate_task_uses_the_ema_weights_when_the_checkpoint_has_them(tmp_pat
     assert np.abs(with_ema - greedy(False)).max() > 0.01
 
 
-def test_load_for_generation_takes_the_ema_weights_as_asked(tmp_path, checkpoint):
+def test_load_for_generation_takes_the_ema_weights_as_asked(tmp_path, checkpoint, caplog):
     from wavenet.checkpoint import load_wavenet
     from wavenet.ema import EMA_STATE_KEY
     from wavenet.errors import UserError
@@ -409,6 +409,14 @@ def test_load_for_generation_takes_the_ema_weights_as_asked(tmp_path, checkpoint
         WaveNetModule.load_for_generation(checkpoint, use_ema=1)
     with pytest.raises(UserError, match=f"use_ema=true but checkpoint {checkpoint} has no EMA weights"):
         load_wavenet(checkpoint, use_ema=True)
+    # Which weights, said either way.
+    with caplog.at_level(logging.INFO, logger="wavenet.checkpoint"):
+        load_wavenet(with_ema)
+        load_wavenet(checkpoint)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Using the EMA weights of {with_ema}",
+        f"Using the training weights of {checkpoint}: it holds no EMA weights (trained without callbacks.ema)",
+    ]
 
 
 def test_generate_task_names_the_method_that_cannot_run_here(tmp_path, checkpoint):

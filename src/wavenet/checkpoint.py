@@ -95,6 +95,8 @@ def read_for_generation(
         )
     if averaged:
         log.info("Using the EMA weights of %s", path)
+    elif use_ema == "auto":
+        log.info("Using the training weights of %s: it holds no EMA weights (trained without callbacks.ema)", path)
     import torch  # loaded by read_checkpoint already
 
     weights = averaged or checkpoint["state_dict"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from wavenet.checkpoint import EMA_STATE_KEY
+
+log = logging.getLogger(__name__)
 
 
 class EMA(L.Callback):
@@ -89,10 +92,10 @@ class EMA(L.Callback):
     ) -> None:
         self.averaged = {k: v.float() for k, v in checkpoint.get(EMA_STATE_KEY, {}).items()}
         if not self.averaged:
-            rank_zero_warn(
+            # A log line, not a warning: the run's log file keeps it.
+            rank_zero_only(log.warning)(
                 "The checkpoint resumed from has no EMA weights (trained without callbacks.ema): the average starts "
-                "from its weights, at this step",
-                category=UserWarning,
+                "from its weights, at this step"
             )
 
     def state_dict(self) -> dict[str, Any]:
