@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -82,11 +81,10 @@ def test_a_resumed_run_shows_its_steps_and_no_best_checkpoint_of_another_run(tmp
         "callbacks.progress_bar.log_every_seconds=0", f"hydra.run.dir={resumed}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    # Where the output is no terminal, rich draws the bar once, at the end.
-    bars = [re.search(r" (\d+)/(\d+) ", line) for line in result.stdout.splitlines() if line.startswith("Epoch 0")]
-    assert [match.groups() for match in bars if match] == [("14", "14")], result.stdout[-2000:]
+    # Where the output is no terminal, lines stand for the bar, which rich drew once, at the end, cut at 80 columns.
+    assert not [line for line in result.stdout.splitlines() if line.startswith("Epoch ")], result.stdout[-2000:]
     log = (resumed / "train.log").read_text()
-    steps = [line.split(" - ", 1)[1].split(":")[0] for line in log.splitlines() if " - Step " in line]
+    steps = [line.split(" - ", 1)[1].split(" (")[0] for line in log.splitlines() if " - Step " in line]
     assert steps == ["Step 11/14", "Step 12/14", "Step 13/14", "Step 14/14"]
     # Its own file, whatever the first run's best scored; a further resume carries it, not the first run's.
     best = resumed / "checkpoints" / "step0000014-bps"

@@ -74,12 +74,17 @@ class StepProgressBar(RichProgressBar):
     def __init__(self, log_every_seconds: float = 60.0) -> None:
         super().__init__()
         self.log_every_seconds = log_every_seconds
-        self._logged_at = 0.0
+        self._logged_at = self._started_at = 0.0
+        self._started_at_step = 0
 
     def _init_progress(self, trainer: L.Trainer) -> None:
         super()._init_progress(trainer)
         if self._console is not None:
             carry_on_past_a_closed_stdout(self._console)  # Lightning's reconfigure() replaced the console's state
+        if self.progress is not None and self._logs_lines(trainer):
+            # Where the lines stand for it, the bar is not drawn at the end either (rich's last frame, for files:
+            # cut at 80 columns, and again at a stop).
+            self.progress.live.transient = True
 
     def _counts_steps(self) -> bool:
         return self.trainer.max_epochs == -1 and self.trainer.max_steps > 0
@@ -123,16 +128,26 @@ class StepProgressBar(RichProgressBar):
             f"{key} {_number(value)}" for key, value in metrics.items() if key.startswith(("train/", "val/"))
         )
         total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
-        line = ("%s %d%s: %s", event, trainer.global_step, total, shown)
+        line = ("%s %d%s%s: %s", event, trainer.global_step, total, self._pace(trainer), shown)
         if on_console:
             log.info(*line)
             self._logged_at = time.monotonic()
         else:
             log_to_files_only(log, logging.INFO, *line)
 
+    def _pace(self, trainer: L.Trainer) -> str:
+        """` (2.41 steps/s, 3 min left)`: over the steps of this run so far, validations included; "" before any."""
+        steps, seconds = trainer.global_step - self._started_at_step, time.monotonic() - self._started_at
+        if steps <= 0 or seconds <= 0:
+            return ""
+        rate = steps / seconds
+        left = f", {_duration((trainer.max_steps - trainer.global_step) / rate)} left" if trainer.max_steps > 0 else ""
+        return f" ({rate:.3g} steps/s{left})"
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._logged_at = time.monotonic()
+        self._logged_at = self._started_at = time.monotonic()
+        self._started_at_step = trainer.global_step  # a resumed run's rate counts its own steps
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
@@ -143,6 +158,14 @@ class StepProgressBar(RichProgressBar):
         super().on_validation_end(trainer, pl_module)
         if trainer.is_global_zero and not self.is_disabled and not trainer.sanity_checking:
             self._log_progress(trainer, pl_module, "Validated at step", on_console=self._logs_lines(trainer))
+
+
+def _duration(seconds: float) -> str:
+    """`45 s`, `12 min`, `3 h 05 min`: as precise as a time left to train needs to be."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _number(value: object) -> str:
