@@ -23,6 +23,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import AUDIO, IMAGES, EventAccumulator
+from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from wandb.proto import wandb_internal_pb2
@@ -155,9 +156,27 @@ def test_tensorboard_hparams_table_and_hparams_yaml_hold_the_whole_config(logged
                     for key, value in session.hparams.items()}  # fmt: skip
         assert settings["seed"] == seed and settings["model.layers"] == 6 and settings["data.chunk_length"] == 256
         assert settings["trainer.precision"] == "32-true" and not any("_target_" in key for key in settings)
+        (end,) = [data.session_end_info for data in content if data.HasField("session_end_info")]
+        assert end.status == api_pb2.STATUS_SUCCESS
         for logger in ("tensorboard", "csv"):
             saved = yaml.safe_load((logged_sweep / job / logger / "hparams.yaml").read_text())
             assert saved["seed"] == seed and saved["data"]["chunk_length"] == 256 and saved["layers"] == 6
+
+
+def test_a_run_that_did_not_finish_ends_its_tensorboard_session_as_failed(tmp_path):
+    # Written at the start, "success" stood in the HPARAMS table's Status column for runs stopped or failed too.
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from wavenet.tasks.train import _end_tensorboard_sessions
+
+    for finished, status in ((True, api_pb2.STATUS_SUCCESS), (False, api_pb2.STATUS_FAILURE)):
+        logger = TensorBoardLogger(tmp_path / str(finished), name="", version="")
+        logger.log_metrics({"train/loss": 1.0}, step=0)
+        _end_tensorboard_sessions([logger], finished)
+        events = EventAccumulator(logger.log_dir)
+        events.Reload()
+        (content,) = events.PluginTagToContent("hparams").values()
+        assert HParamsPluginData.FromString(content).session_end_info.status == status
 
 
 class Tiles(Dataset):

@@ -186,9 +186,33 @@ def _log_config(loggers: list, cfg: DictConfig) -> None:
 
             names = sorted({cfg.get("optimized_metric"), *_HPARAMS_TABLE_METRICS} - {None})
             writer = logger.experiment._get_file_writer()
-            # The table's metric values are not these zeros but the scalars' own, which the run logs.
-            for summary in hparams(_table_values(config), dict.fromkeys(names, 0.0)):
-                writer.add_summary(summary)
+            # The table's metric values are not these zeros but the scalars' own, which the run logs. The session's
+            # end, which says "success", is written when the run ends, as it ends (`_end_tensorboard_sessions`).
+            experiment, session_start, _ = hparams(_table_values(config), dict.fromkeys(names, 0.0))
+            writer.add_summary(experiment)
+            writer.add_summary(session_start)
+
+
+def _end_tensorboard_sessions(loggers: list, finished: bool) -> None:
+    """Ends each TensorBoard logger's HPARAMS session as the run ended: its Status column said "success" for a run
+    stopped or failed too."""
+    if rank_zero_only.rank != 0 or not any(isinstance(logger, TensorBoardLogger) for logger in loggers):
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    status = api_pb2.Status.Value("STATUS_SUCCESS" if finished else "STATUS_FAILURE")
+    content = plugin_data_pb2.HParamsPluginData(
+        session_end_info=plugin_data_pb2.SessionEndInfo(status=status), version=metadata.PLUGIN_DATA_VERSION
+    )
+    plugin_data = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
+    summary = Summary(
+        value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=SummaryMetadata(plugin_data=plugin_data))]
+    )
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger) and logger._experiment is not None:  # None: it logged nothing
+            logger.experiment._get_file_writer().add_summary(summary)
+            logger.experiment.flush()
 
 
 def _table_values(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
@@ -321,6 +345,7 @@ def _train(cfg: DictConfig) -> float | None:
             log.info("train=false: config, model and data are ready; nothing trained")
         finished = True
     finally:
+        _end_tensorboard_sessions(loggers, finished)
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
 
