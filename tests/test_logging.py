@@ -217,6 +217,27 @@ def test_wandb_runs_are_named_after_their_run_folders(tmp_path, monkeypatch):
     assert (cfg.logger.wandb.name, cfg.logger.wandb.group) == ("mine", "ours")
 
 
+def test_a_chain_of_resumed_runs_is_one_wandb_group_named_after_its_first_run(tmp_path, monkeypatch):
+    # A preempted job resumed again and again was as many unrelated W&B runs.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    runs = tmp_path / "runs"
+
+    def ran(name: str, *settings: str) -> Path:
+        (runs / name / ".hydra").mkdir(parents=True)
+        (runs / name / ".hydra" / "config.yaml").write_text("\n".join(settings) + "\n")
+        return runs / name / "checkpoints" / "last.ckpt"
+
+    first = ran("2026-01-31_12-00-00", "ckpt_path: null")
+    second = ran("2026-02-01_08-00-00", f"ckpt_path: {first}")
+    named = ran("2026-02-02_08-00-00", "ckpt_path: null", "logger:", "  wandb:", "    group: baselines")
+    groups = []
+    for ckpt_path in (second, first, named, tmp_path / "elsewhere.ckpt"):
+        cfg = compose_config("train", ["logger=wandb", f"ckpt_path={ckpt_path}"], runs / "2026-03-01_08-00-00")
+        resolve_auto_settings(cfg)
+        groups.append(cfg.logger.wandb.group)
+    assert groups == ["2026-01-31_12-00-00", "2026-01-31_12-00-00", "baselines", None]
+
+
 def test_start_of_training_shows_no_advert_and_no_flops(tmp_path, data_dir, capfd, caplog):
     with_summary = [override for override in TINY if override != "callbacks.model_summary=null"]
     overrides = [*with_summary, *BUILTIN_SMALL, f"paths.data_dir={data_dir}", "trainer.max_steps=1"]

@@ -109,15 +109,40 @@ def wandb_offline(setting: bool | str) -> bool:
     return False
 
 
-def wandb_run_names(output_dir: Path) -> tuple[str, str | None]:
+def wandb_run_names(output_dir: Path, ckpt_path: str | None = None) -> tuple[str, str | None]:
     """W&B's name and group for the run of this job, after its run folder: `<time>` for a single run; under
     multirun `<sweep time>/<job>`, grouped as `<sweep time>`, so that a sweep's runs are told apart and seen together.
+    A single run resumed from a checkpoint of another run joins that run's group, or makes one named after the run
+    its chain of resumes began with: a job preempted and resumed again and again is one group, not unrelated runs.
     """
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return output_dir.name, None
+        return output_dir.name, None if ckpt_path is None else _first_run_resumed(Path(ckpt_path).expanduser())
     sweep = Path(hydra_cfg.sweep.dir).name
     return f"{sweep}/{output_dir.name}", sweep
+
+
+def _first_run_resumed(ckpt_path: Path) -> str | None:
+    """The name of the run folder (`<run>/checkpoints/<file>`) that the chain of runs resumed one from another up
+    to `ckpt_path` began with, as each run's `.hydra/config.yaml` records its `ckpt_path`; None for a checkpoint
+    outside a run folder."""
+    folder, seen = ckpt_path.parent.parent, set()
+    first = None
+    while folder not in seen and (folder / ".hydra" / "config.yaml").is_file():
+        seen.add(folder)
+        first = folder.name
+        try:
+            config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+            group = OmegaConf.select(config, "logger.wandb.group")
+            if group is not None and group != "auto":  # resolved when it ran: its group is the chain's
+                return str(group)
+            resumed = config.get("ckpt_path")
+        except Exception:  # noqa: BLE001 (a config edited by hand, or half-written: the chain ends here)
+            break
+        if resumed is None:
+            break
+        folder = Path(str(resumed)).expanduser().parent.parent
+    return first
 
 
 def resolve_auto_settings(cfg: DictConfig) -> None:
@@ -128,7 +153,7 @@ def resolve_auto_settings(cfg: DictConfig) -> None:
         wandb_cfg = (cfg.get("logger") or {}).get("wandb")
         if wandb_cfg is None:
             return
-        name, group = wandb_run_names(Path(cfg.paths.output_dir))
+        name, group = wandb_run_names(Path(cfg.paths.output_dir), cfg.get("ckpt_path"))
         if wandb_cfg.get("name") == "auto":
             wandb_cfg.name = name
         if wandb_cfg.get("group") == "auto":
