@@ -167,12 +167,14 @@ def test_a_run_that_did_not_finish_ends_its_tensorboard_session_as_failed(tmp_pa
     # Written at the start, "success" stood in the HPARAMS table's Status column for runs stopped or failed too.
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from wavenet.tasks.train import _end_tensorboard_sessions
+    from wavenet.tasks.train import end_session_as_it_ends
 
-    for finished, status in ((True, api_pb2.STATUS_SUCCESS), (False, api_pb2.STATUS_FAILURE)):
-        logger = TensorBoardLogger(tmp_path / str(finished), name="", version="")
+    for ended, status in (("success", api_pb2.STATUS_SUCCESS), ("failed", api_pb2.STATUS_FAILURE)):
+        logger = TensorBoardLogger(tmp_path / ended, name="", version="")
         logger.log_metrics({"train/loss": 1.0}, step=0)
-        _end_tensorboard_sessions([logger], finished)
+        end_session_as_it_ends(logger)
+        logger.finalize(ended)  # as Lightning ends a run
+        assert len(list(Path(logger.log_dir).glob("events.out.tfevents.*"))) == 1  # written before it closed
         events = EventAccumulator(logger.log_dir)
         events.Reload()
         (content,) = events.PluginTagToContent("hparams").values()

@@ -212,32 +212,34 @@ def _log_config(loggers: list, cfg: DictConfig) -> None:
             names = sorted({cfg.get("optimized_metric"), *_HPARAMS_TABLE_METRICS} - {None})
             writer = logger.experiment._get_file_writer()
             # The table's metric values are not these zeros but the scalars' own, which the run logs. The session's
-            # end, which says "success", is written when the run ends, as it ends (`_end_tensorboard_sessions`).
+            # end, which says "success", is written as the run ends.
             experiment, session_start, _ = hparams(_table_values(config), dict.fromkeys(names, 0.0))
             writer.add_summary(experiment)
             writer.add_summary(session_start)
+            end_session_as_it_ends(logger)
 
 
-def _end_tensorboard_sessions(loggers: list, finished: bool) -> None:
-    """Ends each TensorBoard logger's HPARAMS session as the run ended: its Status column said "success" for a run
-    stopped or failed too."""
-    if rank_zero_only.rank != 0 or not any(isinstance(logger, TensorBoardLogger) for logger in loggers):
-        return
+def end_session_as_it_ends(logger: TensorBoardLogger) -> None:
+    """Has `logger` end its HPARAMS session as Lightning ends the logger, with the run's status ("success" or
+    "failed": a run stopped by Ctrl-C or SIGTERM too), before it closes its event file: the table's Status column
+    said "success" for every run."""
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-    status = api_pb2.Status.Value("STATUS_SUCCESS" if finished else "STATUS_FAILURE")
-    content = plugin_data_pb2.HParamsPluginData(
-        session_end_info=plugin_data_pb2.SessionEndInfo(status=status), version=metadata.PLUGIN_DATA_VERSION
-    )
-    plugin_data = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
-    summary = Summary(
-        value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=SummaryMetadata(plugin_data=plugin_data))]
-    )
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger) and logger._experiment is not None:  # None: it logged nothing
-            logger.experiment._get_file_writer().add_summary(summary)
-            logger.experiment.flush()
+    finalize = logger.finalize
+
+    def end_session_and_finalize(status: str) -> None:
+        if logger._experiment is not None:  # None: it never wrote an event file
+            ended = api_pb2.Status.Value("STATUS_SUCCESS" if status == "success" else "STATUS_FAILURE")
+            content = plugin_data_pb2.HParamsPluginData(
+                session_end_info=plugin_data_pb2.SessionEndInfo(status=ended), version=metadata.PLUGIN_DATA_VERSION
+            )
+            data = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
+            tagged = Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=SummaryMetadata(plugin_data=data))
+            logger.experiment._get_file_writer().add_summary(Summary(value=[tagged]))
+        finalize(status)
+
+    logger.finalize = end_session_and_finalize
 
 
 def _table_values(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
@@ -370,7 +372,6 @@ def _train(cfg: DictConfig) -> float | None:
             log.info("train=false: config, model and data are ready; nothing trained")
         finished = True
     finally:
-        _end_tensorboard_sessions(loggers, finished)
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
 
