@@ -142,7 +142,10 @@ def test_a_stopped_run_saves_a_checkpoint_to_resume_from(tmp_path, data_dir, sto
     assert process.returncode == 128 + stop, f"{stdout[-2000:]}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr
     interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
-    assert f"resume with ckpt_path={interrupted}" in stdout + stderr
+    # With the command to type: the run's own settings, which a resumed run takes the defaults of otherwise.
+    assert f"resume with ckpt_path={interrupted}, as in: python train.py model=tiny " in stdout + stderr
+    assert f" trainer.max_steps=100000 trainer.val_check_interval=10 paths.data_dir={data_dir} " in stdout + stderr
+    assert "hydra.run.dir" not in (stdout + stderr).split(", as in: ")[1].splitlines()[0]
     # Said as where it came: in a step, or in a validation (every 10 steps here), which it ends.
     said = ("Ctrl-C: stopping at the end of this step", "Ctrl-C: ending this validation")
     assert any(line in stdout + stderr for line in said) == (stop == signal.SIGINT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shlex
 import signal
 import threading
 import time
@@ -382,12 +383,27 @@ class InterruptCheckpoint(L.Callback):
             rank_zero_info(f"Stopped; resume from the latest checkpoint in {self.path.parent} (last.ckpt), if any")
             return
         trainer.save_checkpoint(self.path, weights_only=False)
-        rank_zero_info(f"Stopped at step {trainer.global_step}; resume with ckpt_path={self.path}")
+        command = _resume_command(self.path)
+        as_in = f", as in: {command}" if command else ""
+        rank_zero_info(f"Stopped at step {trainer.global_step}; resume with ckpt_path={self.path}{as_in}")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_ctrl_c()
         self._training = False
         self._agrees_on_stops = False
+
+
+def _resume_command(path: Path) -> str | None:
+    """The command line that resumes this run from `path`: its own settings (a resumed run checks them against
+    the checkpoint's, but takes the defaults for the rest: the corpus, the number of steps), `ckpt_path` replaced;
+    None outside a Hydra script (a Trainer of one's own)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    kept = [setting for setting in hydra.overrides.task if setting.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
+    return shlex.join(["python", f"{hydra.job.name}.py", *kept, f"ckpt_path={path}"])
 
 
 class LearningRateMonitor(LightningLearningRateMonitor):
