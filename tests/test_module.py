@@ -164,6 +164,22 @@ def test_a_resume_that_stretches_the_decay_says_how_the_rate_jumps_where_it_resu
                                "(the checkpoint's) to 0.001: model.decay=constant (was cosine)")  # fmt: skip
 
 
+def test_a_run_starts_from_a_checkpoints_ema_weights_of_the_same_network(tmp_path):
+    from tests.conftest import save_checkpoint
+    from wavenet.ema import EMA_STATE_KEY
+    from wavenet.errors import UserError
+    from wavenet.module import init_from_checkpoint
+
+    trained = WaveNetModule(**TINY)
+    averaged = {name: torch.randn_like(value) for name, value in trained.state_dict().items()}
+    path = save_checkpoint(trained, tmp_path / "trained.ckpt", **{EMA_STATE_KEY: averaged})
+    fresh = WaveNetModule(**TINY, lr=5e-4)  # another optimiser's settings: taken as given
+    init_from_checkpoint(fresh, path)
+    torch.testing.assert_close(fresh.state_dict(), averaged, rtol=0, atol=0)
+    with pytest.raises(UserError, match=r"holds another network: model.residual_channels=4 \(the checkpoint's: 16\)"):
+        init_from_checkpoint(WaveNetModule(**{**TINY, "residual_channels": 4}), path)
+
+
 def test_a_run_whose_loss_diverges_stops_with_one_error_line(tmp_path, data_dir):
     from tests.conftest import BUILTIN_SMALL, compose_config
     from tests.conftest import TINY as TINY_RUN

@@ -117,6 +117,13 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir
     assert check.returncode == 0, check.stderr[-2000:]
     assert "holds EMA weights, which this run drops: it has no callbacks.ema" in check.stdout + check.stderr
 
+    # Fine-tuned: the checkpoint's EMA weights, with a new optimiser, schedule and step count.
+    tuned = tmp_path / "tuned"
+    train(tuned, data_dir, f"init_from={last}", "model.lr=0.002", "trainer.max_steps=2")
+    assert f"Using the EMA weights of {last}" in (tuned / "train.log").read_text()
+    started = torch.load(tuned / "checkpoints" / "last.ckpt", weights_only=False)
+    assert started["global_step"] == 2 and started["lr_schedulers"][0]["base_lrs"][0] == 0.002
+
 
 # A stopped run died of a heap corruption that glibc found at its exit ("corrupted size vs. prev_size while
 # consolidating", status -6) once, in CI; not in 62 runs since: a crash then prints every thread's Python stack.
@@ -516,6 +523,10 @@ def test_a_preempted_sweep_writes_the_summary_of_its_jobs_so_far(tmp_path, data_
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available here"),
         ),
         (["ckpt_path={tmp}/missing.ckpt"], "checkpoint not found: {tmp}/missing.ckpt"),
+        (["init_from={tmp}/missing.ckpt"], "checkpoint not found: {tmp}/missing.ckpt"),
+        (["init_from={tiny}", "ckpt_path={tiny}"], "ckpt_path and init_from are both set"),
+        (["init_from={tiny}", "model.residual_channels=4"],
+         "init_from={tiny} holds another network: model.residual_channels=4 (the checkpoint's: 8)"),
         (["ckpt_path={tmp}"], "checkpoint {tmp} is a folder"),
         (["ckpt_path="], "ckpt_path must be the path of a checkpoint to resume from, or null, got empty"),
         (["ckpt_path={tiny}", "model=small"], "trained with other settings: model.layers=20 (the checkpoint's: 6)"),

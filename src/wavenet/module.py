@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wavenet.checkpoint import read_checkpoint, read_for_generation
+from wavenet.checkpoint import load_wavenet, read_checkpoint, read_for_generation
 from wavenet.errors import UserError, first_line
 from wavenet.hyperparameters import check_training
 from wavenet.models.wavenet import WaveNet
@@ -326,6 +326,28 @@ def _resumed_rates(
     # The first resumed step runs at the checkpoint's rate, which the optimiser's state restores; the schedule sets
     # the next.
     return state["_last_lr"][0], state["base_lrs"][0] * lr_factor(hparams, max_steps, state["last_epoch"] + 1)
+
+
+def init_from_checkpoint(module: WaveNetModule, path: Path) -> None:
+    """Loads the weights of checkpoint `path` (its EMA average where it holds one, as generation takes them) into
+    `module`, for a run that starts from them with its own optimiser, schedule and steps: fine-tuning.
+
+    Raises:
+        UserError: Saying why `path` is no checkpoint, holds NaN weights, or holds another network (naming each
+            setting that differs, as a resume does).
+    """
+    network, saved = load_wavenet(path, use_ema="auto")
+    differ = [
+        f"{key}={module.hparams.get(name)} (the checkpoint's: {saved.get(name)})"
+        for name, key in _RESUMED_AS_SAVED.items()
+        if module.hparams.get(name) != saved.get(name)
+    ]
+    if differ:
+        raise UserError(
+            f"init_from={path} holds another network: {', '.join(differ)}; start from it with its settings (e.g. "
+            "its model= option)"
+        )
+    module.model.load_state_dict(network.state_dict())
 
 
 def _as_saved(value: Any) -> Any:

@@ -29,7 +29,7 @@ from wavenet.config import instantiate_checked, instantiate_group, print_config_
 from wavenet.ema import EMA
 from wavenet.errors import UserError, is_integer, user_error_message
 from wavenet.launch import RankStopped, StopsBeforeTraining, ddp_job, quiet_lightning
-from wavenet.module import check_resumable
+from wavenet.module import check_resumable, init_from_checkpoint
 from wavenet.tasks.train_settings import check_settings
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,8 @@ def _train(cfg: DictConfig) -> float | None:
     with _held_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero")):
         # It logs the devices it found before it checks the debugging settings (fast_dev_run, limit_*_batches).
         trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
+    if cfg.get("init_from") is not None:  # its refusal, too, before anything is written
+        init_from_checkpoint(module, Path(str(cfg.init_from)).expanduser())
     rank_zero_info(f"Seed set to {cfg.seed}")
     print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
     _warn_of_settings_that_waste_the_run(cfg)

@@ -47,16 +47,24 @@ def check_settings(cfg: DictConfig) -> None:
     if not isinstance(cfg.train, bool):
         raise UserError(f"train must be true or false, got {cfg.train!r}")
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and (not isinstance(ckpt_path, str) or not ckpt_path.strip()):
-        got = "empty" if isinstance(ckpt_path, str) else repr(ckpt_path)
-        raise UserError(f"ckpt_path must be the path of a checkpoint to resume from, or null, got {got}")
+    for key, use in (("ckpt_path", "to resume from"), ("init_from", "to start from")):
+        path = cfg.get(key)
+        if path is not None and (not isinstance(path, str) or not path.strip()):
+            got = "empty" if isinstance(path, str) else repr(path)
+            raise UserError(f"{key} must be the path of a checkpoint {use}, or null, got {got}")
     if ckpt_path in _LIGHTNING_CHECKPOINT_NAMES:
         raise UserError(
             f"ckpt_path={ckpt_path} would look in this run's folder, which is new: give the checkpoint's path, "
             "e.g. ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt"
         )
-    if ckpt_path is not None:
-        check_checkpoint_file(Path(ckpt_path).expanduser())  # its contents are checked once torch is loaded
+    if ckpt_path is not None and cfg.get("init_from") is not None:
+        raise UserError(
+            "ckpt_path and init_from are both set: ckpt_path resumes a run (its optimiser, schedule and step), "
+            "init_from starts a new one from a checkpoint's weights; give one of them"
+        )
+    for path in (ckpt_path, cfg.get("init_from")):
+        if path is not None:
+            check_checkpoint_file(Path(path).expanduser())  # its contents are checked once torch is loaded
     if cfg.model.get("_target_") in _MODULES:  # ours: made once torch has loaded
         settings = {key: value for key, value in cfg.model.items() if not str(key).startswith("_")}
         try:
