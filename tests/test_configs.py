@@ -119,7 +119,7 @@ def test_config_tree_lists_every_group(tmp_path):
     [
         ("train.py", "model=huge", "Could not find 'model/huge'; options in 'model': large, medium, small, tiny"),
         ("train.py", "+experiment=nope", "Could not find 'experiment/nope'; options in 'experiment': music_medium"),
-        ("train.py", "foo=1", "Could not override 'foo'; Key 'foo' is not in struct; To append to your config use +foo"),
+        ("train.py", "foo=1", "foo is neither a setting nor a config group of train.py"),
         ("train.py", "seed=[", "seed=[: no viable alternative at input '['"),
         ("train.py", "logger=null", "logger=null: logger is a config group: give the name of one of its options"),
         ("generate.py", "num_samples=1,2", "Ambiguous value for argument 'num_samples=1,2'; 1. To use it as a list"),
@@ -133,6 +133,40 @@ def test_a_config_hydra_cannot_compose_is_one_line(tmp_path, script, override, e
     # Hydra's way to the whole traceback still works.
     full = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}", env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr, full.stderr
+
+
+THE_SETTING_MEANT = [
+    ("train.py", ["trainer.max_step=20"],
+     "trainer.max_step is not a setting of lightning.Trainer; did you mean trainer.max_steps?"),
+    ("train.py", ["model.layer=10"],
+     "model.layer is not a setting of wavenet.WaveNetModule; did you mean model.layers?"),
+    ("train.py", ["callbacks.ema.decy=0.9"],
+     "callbacks.ema.decy is not a setting of wavenet.ema.EMA; did you mean callbacks.ema.decay?"),
+    ("train.py", ["modle=tiny"], "modle is neither a setting nor a config group of train.py; did you mean model?"),
+    # An argument of lightning.Trainer that the config does not list, misspelt.
+    ("train.py", ["trainer.enable_progres_bar=false"],
+     "trainer.enable_progres_bar is not a setting of lightning.Trainer; did you mean +trainer.enable_progress_bar?"),
+    ("generate.py", ["ckpt=x.ckpt"],
+     "ckpt is neither a setting nor a config group of generate.py; did you mean ckpt_path?"),
+    # A group of train.py's.
+    ("generate.py", ["ckpt_path=x.ckpt", "model=tiny"], "model is neither a setting nor a config group of generate.py"),
+    # The `+` is the way to pass an argument of the target that the config does not list.
+    ("train.py", ["trainer.enable_progress_bar=false"],
+     ("trainer.enable_progress_bar is not in the config, and lightning.Trainer takes it: add it with "
+      "+trainer.enable_progress_bar=false")),
+    ("train.py", ["logger=wandb", "logger.wandb.entity=me"],  # WandbLogger takes **kwargs, for wandb.init
+     ("logger.wandb.entity is not in the config: if lightning.pytorch.loggers.WandbLogger takes entity, add it with "
+      "+logger.wandb.entity=me")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script,overrides,expected", THE_SETTING_MEANT)
+def test_a_key_the_config_lacks_is_named_with_the_setting_meant_not_a_plus_that_is_refused(
+    tmp_path, script, overrides, expected
+):
+    result = run_script(script, *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1 and result.stderr.splitlines() == [f"error: {expected}"], result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

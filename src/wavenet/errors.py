@@ -1,11 +1,14 @@
 """Errors a user can cause and fix: bad paths, unreadable audio, wrong overrides."""
 
+import difflib
 import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+from wavenet.target_arguments import keyword_arguments
 
 # How torch's `ExceptionWrapper` puts a worker's traceback into the message of the exception it re-raises.
 _WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
@@ -62,7 +65,7 @@ def report_config_errors_in_one_line() -> None:
             except (ConfigCompositionException, OverrideParseException) as error:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                exit_with_error(config_error_line(error))
+                exit_with_error(_unknown_key_line(error) or config_error_line(error))
             except ValueError as error:
                 line = _group_value_error_line(error)
                 if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -88,15 +91,69 @@ def config_error_line(error: Exception) -> str:
     return (f"{override}: " if override else "") + "; ".join(pieces)
 
 
+def _unknown_key_line(error: Exception) -> str | None:
+    """One line for an override of a key the config does not have (`trainer.max_step=20`, `modle=tiny`); None for
+    any other error.
+
+    Hydra's own message advises appending the key with `+`, which for a misspelt key only leads to a second error
+    (`check_added_keys`, `instantiate_checked`): the `+` is advised here only where the key's config is built by a
+    `_target_` that takes it, or that cannot be read without importing it.
+    """
+    script = Path(sys.argv[0]).name or "this script"
+    message = str(error)
+    unused_group = re.match(r"Could not override '([^']+)'\. No match in the defaults list", message)
+    if unused_group:  # a config group that exists (for another script: `generate.py model=tiny`) but is not used
+        return f"{unused_group[1]} is neither a setting nor a config group of {script}"
+    cause = error.__cause__
+    node = getattr(cause, "parent_node", None)
+    name = getattr(cause, "key", None)
+    if not message.startswith("Could not override '") or node is None or not isinstance(name, str):
+        return None
+    from omegaconf import DictConfig
+
+    if not isinstance(node, DictConfig):
+        return None
+    prefix = node._get_full_key(None)
+    key = f"{prefix}.{name}" if prefix else name
+    override = getattr(_local_of_raising_frames(error, "override"), "input_line", None) or f"{key}=..."
+    known = [str(setting) for setting in node if not str(setting).startswith("_")]
+    if not prefix:  # the top level, where a misspelt group (`modle=tiny`) is missed too
+        defaults = _local_of_raising_frames(error, "defaults_list")
+        groups = getattr(getattr(defaults, "overrides", None), "known_choices", {})
+        known += [group for group in groups if "/" not in group and group not in known]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{key} is neither a setting nor a config group of {script}{hint}"
+    target = node.get("_target_") if "_target_" in node else None
+    parameters = keyword_arguments(target) if isinstance(target, str) else None
+    if parameters is not None and name in parameters:
+        return f"{key} is not in the config, and {target} takes it: add it with +{override.lstrip('+')}"
+    close = difflib.get_close_matches(name, [*known, *(parameters or ())], n=1)
+    unknown_parameters = target is not None and parameters is None
+    fault = f"{key} is not in the config" if unknown_parameters else f"{key} is not a setting of {target or prefix}"
+    if close:
+        plus = "" if close[0] in known else "+"
+        return f"{fault}; did you mean {plus}{prefix}.{close[0]}?"
+    if unknown_parameters:
+        return f"{fault}: if {target} takes {name}, add it with +{override.lstrip('+')}"
+    return fault
+
+
+def _local_of_raising_frames(error: BaseException, name: str) -> Any:
+    """The value of local variable `name` in the innermost frame of `error`'s traceback that has one, else None."""
+    frame, value = error.__traceback__, None
+    while frame is not None:
+        value = frame.tb_frame.f_locals.get(name, value)
+        frame = frame.tb_next
+    return value
+
+
 def _group_value_error_line(error: ValueError) -> str | None:
     """One line for the ValueError Hydra raises, with a traceback, at a config group set to what is no option name
     (`logger=null`, as `callbacks.ema=null` turns a callback off; `model=1`); None for any other error."""
     if not str(error).startswith("Config group override must be a string or a list"):
         return None
-    frame, override = error.__traceback__, None
-    while frame is not None:  # the override Hydra was reading, where it raised: its message does not name it
-        override = frame.tb_frame.f_locals.get("override", override)
-        frame = frame.tb_next
+    override = _local_of_raising_frames(error, "override")  # the override Hydra was reading: its message omits it
     if override is None or not hasattr(override, "key_or_group"):
         return f"{error}: a config group takes the name of one of its options"
     group = override.key_or_group
