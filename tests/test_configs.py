@@ -135,6 +135,41 @@ def test_a_config_hydra_cannot_compose_is_one_line(tmp_path, script, override, e
     assert full.returncode == 1 and "Traceback" in full.stderr, full.stderr
 
 
+@pytest.mark.parametrize(
+    "script,override,expected",
+    [
+        ("train.py", "data.root=~/wavs",
+         ("data.root=~/wavs: Hydra's override grammar takes ~ only quoted: write data.root=$HOME/wavs (the shell "
+          "expands it) or quote it: \"data.root='~/wavs'\"")),
+        # Quoted, Hydra's folders would be named ~.
+        ("train.py", "hydra.run.dir=~/runs",
+         ("hydra.run.dir=~/runs: Hydra's override grammar takes ~ only quoted: write hydra.run.dir=$HOME/runs (the "
+          "shell expands it)")),
+        ("generate.py", "ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt",
+         ("ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt: <time> looks like a placeholder: replace it "
+          "with the value it stands for")),
+        ("train.py", "data.root=a&b",
+         ("data.root=a&b: LexerNoViableAltException: data.root=a&b; ^; See "
+          "https://hydra.cc/docs/1.3/advanced/override_grammar/basic for details")),
+    ],
+)  # fmt: skip
+def test_a_value_hydra_takes_only_quoted_is_answered_with_what_to_type(tmp_path, script, override, expected):
+    result = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1 and result.stderr.splitlines() == [f"error: {expected}"], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_both_ways_to_give_a_home_folder_that_the_error_advises_reach_it(tmp_path, monkeypatch):
+    from wavenet.errors import UserError
+    from wavenet.tasks.train_settings import check_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for root in ["'~/wavs'", f"{tmp_path}/wavs"]:  # quoted for Hydra; as the shell expands $HOME/wavs
+        cfg = compose_config("train", ["data=folder", f"data.root={root}"], tmp_path / "run")
+        with pytest.raises(UserError, match=f"data root {tmp_path}/wavs does not exist"):
+            check_settings(cfg)
+
+
 THE_SETTING_MEANT = [
     ("train.py", ["trainer.max_step=20"],
      "trainer.max_step is not a setting of lightning.Trainer; did you mean trainer.max_steps?"),

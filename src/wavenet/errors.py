@@ -65,7 +65,7 @@ def report_config_errors_in_one_line() -> None:
             except (ConfigCompositionException, OverrideParseException) as error:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                exit_with_error(_unknown_key_line(error) or config_error_line(error))
+                exit_with_error(_unknown_key_line(error) or _unquoted_value_line(error) or config_error_line(error))
             except ValueError as error:
                 line = _group_value_error_line(error)
                 if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -81,6 +81,8 @@ def config_error_line(error: Exception) -> str:
     """Hydra's message for a config it cannot compose, in one line: without its config search path, a list of
     options on one line, and the reason of the OmegaConf error behind it (without its key and type lines)."""
     text = str(error).split("\nConfig search path:")[0]
+    # Hydra 1.3's own messages link its 1.2 documentation.
+    text = re.sub(r"https://hydra\.cc/docs/1\.\d+/", f"https://hydra.cc/docs/{_hydra_release()}/", text)
     options = re.compile(r"Available options in (.*?):\n((?:\t.*(?:\n|$))+)")
     text = options.sub(lambda match: f"options in {match[1]}: {', '.join(match[2].split())}", text)
     pieces = [line.strip().rstrip(".") for line in text.splitlines() if line.strip()]
@@ -89,6 +91,41 @@ def config_error_line(error: Exception) -> str:
         pieces.insert(1, str(reason).strip().splitlines()[0].rstrip("."))
     override = getattr(error, "override", None)
     return (f"{override}: " if override else "") + "; ".join(pieces)
+
+
+def _hydra_release() -> str:
+    from hydra import __version__
+
+    return ".".join(__version__.split(".")[:2])
+
+
+def _unquoted_value_line(error: Exception) -> str | None:
+    """One line, with what to type instead, for an override whose value has a character that Hydra's grammar takes
+    only quoted: `~` (`data.root=~/wavs`, which the shell does not expand after `=`), `<` or `>` (a placeholder
+    such as `<time>` copied as it is); None for any other error."""
+    override = getattr(error, "override", None)
+    if not isinstance(override, str) or not str(error).startswith("LexerNoViableAltException"):
+        return None
+    key, _, value = override.partition("=")
+    # Shell quotes around the whole override (`'data.root=~/wavs'`) reach Hydra as the same text; its own quotes
+    # around the value give the text as it is.
+    quoted = f"\"{key}='{value}'\""
+    placeholder = re.search(r"<[^<>=]*>", value)
+    if placeholder:
+        return f"{override}: {placeholder[0]} looks like a placeholder: replace it with the value it stands for"
+    if "<" in value or ">" in value:
+        return f"{override}: Hydra's override grammar takes < and > only quoted: {quoted}"
+    if "~" not in value:
+        return None
+    if not value.startswith("~"):  # in a name, where it stays as it is once quoted
+        return f"{override}: Hydra's override grammar takes ~ only quoted: {quoted}"
+    # Quoted, Hydra gives `~` as it is: a path setting of this project's expands it, a folder of Hydra's does not.
+    ways = [f"write {key}=$HOME{value[1:]} (the shell expands it)"] if value == "~" or value.startswith("~/") else []
+    if not key.lstrip("+~").startswith(("hydra.", "paths.")):
+        ways.append(f"quote it: {quoted}")
+    return f"{override}: Hydra's override grammar takes ~ only quoted: " + (
+        " or ".join(ways) or f"write the folder {value.split('/')[0]} stands for"
+    )
 
 
 def _unknown_key_line(error: Exception) -> str | None:
