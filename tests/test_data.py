@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -290,7 +291,7 @@ def test_setup_lists_every_left_out_file_in_one_warning(folder: Path, caplog) ->
     manifest = dataclasses.replace(module.manifest, skipped=[*module.manifest.skipped, locked])
     caplog.clear()
     module._warn_left_out(manifest, [])
-    assert f"Leaving out 2 of 7 audio files and 1 folder(s) under {folder}:" in caplog.text
+    assert f"Leaving out 2 of 7 audio files and 1 folder under {folder}:" in caplog.text
 
 
 def test_examples_are_windows_of_the_mu_law_audio_with_targets_shifted_by_one(folder: Path) -> None:
@@ -578,12 +579,25 @@ def test_missing_empty_or_unusable_roots_are_user_errors_naming_the_path(tmp_pat
         (tmp_path / "missing", "does not exist"),
         (tmp_path / "a_file.wav", "not a directory"),
         (tmp_path / "empty", "no audio files"),
-        (bad, "0 are unusable and 2 are shorter than one window"),
+        (bad, "of 2 audio files, 2 are shorter than one window"),
         (one, "validation needs a file of its own"),
     ]:
         with pytest.raises(UserError, match=reason) as error:
             ready(root)
         assert str(root) in str(error.value)
+
+
+def test_the_counts_of_files_left_out_agree_with_their_words(tmp_path: Path) -> None:
+    mixed, single = tmp_path / "mixed", tmp_path / "single"
+    write(mixed / "short.wav", chirp(0.01, RATE), RATE)
+    (mixed / "corrupt.wav").write_bytes(b"not audio at all")
+    write(single / "short.wav", chirp(0.01, RATE), RATE)
+    for root, counts in [
+        (mixed, "of 2 audio files, 1 is unusable and 1 is shorter than one window"),
+        (single, "of 1 audio file, 1 is shorter than one window"),
+    ]:
+        with pytest.raises(UserError, match=f"^no usable audio under data root {re.escape(str(root))}: {counts} "):
+            ready(root)
 
 
 def test_too_little_training_audio_for_one_batch_per_rank_is_a_user_error(folder: Path) -> None:

@@ -259,6 +259,15 @@ def test_files_go_to_a_new_shard_past_the_shard_size(tmp_path: Path, monkeypatch
         np.testing.assert_array_equal(shard_samples(manifest, file.relative), expected)
 
 
+def test_a_corpus_of_one_unusable_file_is_told_so_in_the_singular(tmp_path: Path) -> None:
+    root = tmp_path / "bad"
+    write(root / "silent.wav", np.zeros((800, 1), np.float32), RATE)
+    with pytest.raises(UserError) as error:
+        prepare(root)
+    expected = f"no usable audio under data root {root}: its one file was left out: silent.wav: silent"
+    assert str(error.value).startswith(expected), str(error.value)
+
+
 def test_a_corpus_with_nothing_usable_is_one_error_and_leaves_no_cache(tmp_path: Path) -> None:
     root = tmp_path / "bad"
     write(root / "silent.wav", np.zeros((800, 1), np.float32), RATE)

@@ -97,7 +97,7 @@ def test_an_output_folder_that_cannot_take_the_files_is_refused_before_the_check
         run(cfg)
     cfg.paths.output_dir = str(tmp_path / "run")
     monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=2**20))
-    with pytest.raises(UserError, match=r"^2 file\(s\) of 0.6 MiB do not fit the 1.0 MiB free in "):
+    with pytest.raises(UserError, match=r"^2 files of 0.6 MiB do not fit the 1.0 MiB free in "):
         run(cfg)
 
 

@@ -201,7 +201,7 @@ def test_optuna_study_continued_from_storage_gets_new_trials_in_a_new_folder(tmp
     assert "Traceback" not in first.stderr + second.stderr, second.stderr[-3000:]
     # The sampler is seeded from ${seed}: continued as it was, it drew the first search's trials again.
     lrs = [re.search(r"#0 : model\.lr=(\S+)", result.stdout)[1] for result in (first, second)]
-    assert lrs[0] != lrs[1] and "Continuing study wavenet after its 1 trials" in second.stdout, lrs
+    assert lrs[0] != lrs[1] and "Continuing study wavenet after its 1 trial," in second.stdout, lrs
     for folder in ("first", "second"):
         assert yaml.safe_load((tmp_path / folder / "multirun.yaml").read_text())["hydra"]["sweeper"]["storage"]
         (trial,) = yaml.safe_load((tmp_path / folder / "multirun_summary.yaml").read_text())["trials"]

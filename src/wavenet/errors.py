@@ -246,6 +246,11 @@ def check_can_write_in(key: str, folder: Path) -> Path:
     return existing
 
 
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """`1 file`, `2 files`, `0 files`; `1 is`, `2 are` with `plural`: a count and the word that agrees with it."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 def first_line(error: BaseException) -> str:
     """`KeyError: 'state_dict'`: an exception in one line, its type first, as a `UserError` can quote it."""
     lines = str(error).strip().splitlines()

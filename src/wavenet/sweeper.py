@@ -35,7 +35,7 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginOptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
-from wavenet.errors import FailedJob, exit_with_error, first_line
+from wavenet.errors import FailedJob, counted, exit_with_error, first_line
 
 if TYPE_CHECKING:
     import optuna
@@ -104,7 +104,8 @@ class OptunaSweeper(PluginOptunaSweeper):
         if trials and sampler is not None and sampler.get("seed") is not None:
             seed = (int(sampler.seed) + trials) % 2**32
             impl.sampler = instantiate(sampler, seed=seed)
-            log.info("Continuing study %s after its %d trials, with sampler seed %d", study.study_name, trials, seed)
+            continued = counted(trials, "trial")
+            log.info("Continuing study %s after its %s, with sampler seed %d", study.study_name, continued, seed)
 
 
 def _remember_asked_trials(impl: Any) -> list[optuna.trial.Trial]:

@@ -39,7 +39,7 @@ from wavenet.data.prepare import (
 )
 from wavenet.data.settings import check_data_settings, check_no_root, check_synthesis_settings
 from wavenet.data.synthetic import SYNTHESIS_VERSION, synthesize_dataset
-from wavenet.errors import UserError
+from wavenet.errors import UserError, counted
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +287,13 @@ class AudioFolderDataModule(ChunkDataModule):
         total = len(manifest.files) + len(manifest.skipped)
         self._warn_left_out(manifest, short)
         if not usable:
+            reasons = [
+                *([f"{counted(len(manifest.skipped), 'is', 'are')} unusable"] if manifest.skipped else []),
+                f"{counted(len(short), 'is', 'are')} shorter than one window ({self._window_text()})",
+            ]
             raise UserError(
-                f"no usable audio under data root {self.root}: of {total} "
-                f"audio files, {len(manifest.skipped)} are unusable and {len(short)} are shorter than one "
-                f"window ({self._window_text()}): add longer audio, or lower data.chunk_length"
+                f"no usable audio under data root {self.root}: of {counted(total, 'audio file')}, "
+                f"{' and '.join(reasons)}: add longer audio, or lower data.chunk_length"
             )
         if len(usable) == 1:
             raise UserError(
@@ -358,7 +361,8 @@ class AudioFolderDataModule(ChunkDataModule):
         # A folder that cannot be listed is a source left out, but no audio file.
         folders = sum(path.endswith("/") for path, _ in manifest.skipped)
         total = len(manifest.files) + len(manifest.skipped) - folders
-        what = f"{len(left_out) - folders} of {total} audio files" + f" and {folders} folder(s)" * bool(folders)
+        folder_note = f" and {counted(folders, 'folder')}" if folders else ""
+        what = f"{len(left_out) - folders} of {counted(total, 'audio file')}{folder_note}"
         _log(logging.WARNING, f"Leaving out {what} under {self.root}:\n  " + "\n  ".join(lines))
 
     def _window_text(self) -> str:

@@ -548,10 +548,8 @@ def _prepare_into(
     if not files:
         listed = [f"{entry['path']}: {entry['reason']}" for entry in skipped[:_LISTED_IN_ERROR]]
         more = f"; and {len(skipped) - _LISTED_IN_ERROR} more" if len(skipped) > _LISTED_IN_ERROR else ""
-        raise UserError(
-            f"no usable audio under data root {root}: all {len(skipped)} files were left out: "
-            f"{'; '.join(listed)}{more}"
-        )
+        every_file = "its one file was" if len(skipped) == 1 else f"all {len(skipped)} files were"
+        raise UserError(f"no usable audio under data root {root}: {every_file} left out: {'; '.join(listed)}{more}")
     seconds = total / settings.sample_rate
     manifest = {
         "format": PREPARE_VERSION,

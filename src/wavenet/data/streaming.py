@@ -55,7 +55,7 @@ from wavenet.data.datamodule import ChunkDataModule, split_files
 from wavenet.data.datasets import FixedChunks, SignalSafeLoader
 from wavenet.data.prepare import MANIFEST, Manifest, PreparedFile, available_cpus, default_data_dir, wait_for_exit
 from wavenet.data.settings import check_data_settings
-from wavenet.errors import UserError, first_line
+from wavenet.errors import UserError, counted, first_line
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def publish(
     segment = round(segment_seconds * manifest.sample_rate)
     if segment < 1 or not 0.0 < val_fraction < 1.0 or len(manifest.files) < 2:
         raise UserError(
-            f"cannot publish {prepared} with {len(manifest.files)} files, val_fraction={val_fraction} and "
+            f"cannot publish {prepared} with {counted(len(manifest.files), 'file')}, val_fraction={val_fraction} and "
             f"segment_seconds={segment_seconds}: needs two files, a fraction in (0, 1) and a positive length"
         )
     settings = {
@@ -346,7 +346,7 @@ def publish(
     for split, files, split_workers in (("train", train, workers), ("val", val, 1)):
         jobs = [(index[file.relative], file.shard, file.offset, file.frames) for file in files]
         output_dir = _output_dir(remote, split)
-        log.info("Publishing %d %s files of %s to %s", len(files), split, prepared.name, _join(remote, split))
+        log.info("Publishing %s of %s to %s", counted(len(files), f"{split} file"), prepared.name, _join(remote, split))
         _optimize(writer, jobs, output_dir, split_workers, scratch)
     published = {
         **data,

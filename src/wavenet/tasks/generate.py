@@ -21,7 +21,7 @@ from rich.text import Text
 from wavenet.checkpoint import load_wavenet
 from wavenet.data.audio import UnreadableAudioError, audio_info, peak_problem, read_audio, write_wav
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
-from wavenet.errors import Terminated, UserError, check_can_write_in
+from wavenet.errors import Terminated, UserError, check_can_write_in, counted
 from wavenet.generation import generate, resolve_method
 from wavenet.signals import Handling
 from wavenet.tasks.generate_settings import PRECISION_DTYPES, check_settings
@@ -212,7 +212,8 @@ def _check_output_dir(output_dir: Path, file_bytes: int, files: int) -> None:
         )
     if file_bytes * files > free:
         raise UserError(
-            f"{files} file(s) of {file_bytes / 2**20:,.1f} MiB do not fit the {free / 2**20:,.1f} MiB free in "
+            f"{counted(files, 'file')} of {file_bytes / 2**20:,.1f} MiB {'does' if files == 1 else 'do'} not fit the "
+            f"{free / 2**20:,.1f} MiB free in "
             f"{output_dir}; lower num_samples or batch_size, or set paths.output_dir elsewhere"
         )
 
