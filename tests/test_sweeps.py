@@ -221,6 +221,35 @@ def test_optuna_study_continued_from_storage_gets_new_trials_in_a_new_folder(tmp
     ]  # fmt: skip
 
 
+def test_a_study_continued_with_other_choices_is_refused_in_one_line_and_its_trial_failed(tmp_path, data_dir):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def search(folder: str, channels: str) -> subprocess.CompletedProcess:
+        return run_script(
+            "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, *BUILTIN_SMALL,
+            *FAST_TRIAL[1:], f"model.residual_channels={channels}", "train=false", f"paths.data_dir={data_dir}",
+            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / folder}",
+        )  # fmt: skip
+
+    first = search("first", "choice(4,8)")
+    assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr[-3000:]  # train=false: no value
+    changed = search("second", "choice(-1,4)")
+    assert changed.returncode == 1 and "Traceback" not in changed.stderr, changed.stderr[-3000:]
+    refusal = (
+        f"error: hydra.sweeper.storage={storage}: study wavenet has model.residual_channels as choice(4, 8), not "
+        "choice(-1, 4), and Optuna cannot change that within a study: give a new hydra.sweeper.study_name, or the "
+        "same choices"
+    )
+    assert [line for line in changed.stderr.splitlines() if line.startswith("error:")] == [refusal]
+    assert changed.stderr.splitlines()[-1].startswith("error:")
+    # The trial asked for is not left running in the study, and the folder is left for the search mended.
+    study = optuna.load_study(study_name="wavenet", storage=storage)
+    assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert not (tmp_path / "second").exists()
+
+
 def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage_and_writes_its_summary(tmp_path, data_dir):
     import optuna
 

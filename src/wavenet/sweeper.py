@@ -15,6 +15,9 @@ Hydra takes sweepers from). It differs from the plugin's own in these ways:
   plugin raised Optuna's "No trials are completed yet" when asking for the best trial, before them);
 - a search stopped before its end (Ctrl-C, preemption, an error) tells the study that its trials still running
   failed, as Optuna's own `optimize` does (the plugin left them running in a `storage` study forever);
+- a study continued from `storage` with other choices for a parameter (`choice(4,8)`, then `choice(-1,4)`), which
+  Optuna cannot do, is refused in one line naming the parameter and the study's choices, and leaves the sweep
+  folder as it found it (the plugin ended in a traceback naming neither);
 - a trial that failed (refused with a `UserError`, or raised: `train.py` returns a `FailedJob`), returned
   NaN (the plugin then crashed in Optuna 2.10) or no value is logged as `Trial <job> failed: <reason>`, in
   place of the plugin's lines about a return value that is not a number, and the search goes on.
@@ -35,7 +38,7 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginOptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
-from wavenet.errors import FailedJob, counted, exit_with_error, first_line
+from wavenet.errors import FailedJob, UserError, counted, exit_with_error, first_line
 
 if TYPE_CHECKING:
     import optuna
@@ -66,6 +69,7 @@ class OptunaSweeper(PluginOptunaSweeper):
         if impl.storage is not None:
             self._continue_study(impl)
         sweep_dir = Path(impl.config.hydra.sweep.dir)
+        made = [folder for folder in (sweep_dir, *sweep_dir.parents) if not folder.exists()]
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(impl.config, sweep_dir / "multirun.yaml")
         plugin_log = logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl")
@@ -77,6 +81,15 @@ class OptunaSweeper(PluginOptunaSweeper):
             except BaseException:
                 _fail_unfinished(asked)
                 raise
+        except _ChangedSearchSpace as error:
+            # Refused before any trial ran: the same command, mended, may sweep into the same folder.
+            (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:  # holds something else
+                    break
+            exit_with_error(f"hydra.sweeper.storage={impl.storage}: {error}")
         except ValueError as error:
             if str(error) not in _NO_COMPLETED_TRIAL:
                 raise
@@ -109,16 +122,60 @@ class OptunaSweeper(PluginOptunaSweeper):
 
 
 def _remember_asked_trials(impl: Any) -> list[optuna.trial.Trial]:
-    """The list that the trials `impl` asks its study for are added to, as it asks for them."""
+    """The list that the trials `impl` asks its study for are added to, as it asks for them.
+
+    A parameter whose distribution differs from the one the study drew it from before raises
+    `_ChangedSearchSpace` as its trial is given its parameters.
+    """
     asked: list[optuna.trial.Trial] = []
     configure = impl._configure_trials  # every trial asked for goes through it before its job is launched
 
-    def configure_and_remember(trials: list[optuna.trial.Trial], *args: Any) -> Any:
+    def configure_and_remember(
+        trials: list[optuna.trial.Trial], search_space: dict[str, optuna.distributions.BaseDistribution], *args: Any
+    ) -> Any:
         asked.extend(trials)
-        return configure(trials, *args)
+        try:
+            return configure(trials, search_space, *args)
+        except ValueError:  # Optuna's message names neither the parameter nor the study
+            _check_search_space(trials[0].study, search_space)
+            raise
 
     impl._configure_trials = configure_and_remember
     return asked
+
+
+class _ChangedSearchSpace(UserError):
+    """A search space that the study continued from `storage` cannot take."""
+
+
+def _check_search_space(study: optuna.Study, search_space: dict[str, optuna.distributions.BaseDistribution]) -> None:
+    """Raises `_ChangedSearchSpace` for the first parameter of `search_space` that the earlier trials of `study` drew
+    from a distribution that Optuna does not let it change to (other choices, or another kind of range)."""
+    from optuna.distributions import check_distribution_compatibility
+
+    trials = study.get_trials(deepcopy=False)
+    for name, distribution in search_space.items():
+        earlier = next((trial.distributions[name] for trial in trials if name in trial.distributions), None)
+        if earlier is None:
+            continue
+        try:
+            check_distribution_compatibility(earlier, distribution)
+        except ValueError:
+            # Of the same kind, they differ in their choices: a range may change its bounds.
+            same = "the same choices" if type(earlier) is type(distribution) else f"{name} as {_sweep_text(earlier)}"
+            raise _ChangedSearchSpace(
+                f"study {study.study_name} has {name} as {_sweep_text(earlier)}, not {_sweep_text(distribution)}, and "
+                f"Optuna cannot change that within a study: give a new hydra.sweeper.study_name, or {same}"
+            ) from None
+
+
+def _sweep_text(distribution: optuna.distributions.BaseDistribution) -> str:
+    """`choice(4, 8)`, as a sweep override gives it; Optuna's own text for a range."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return f"choice({', '.join(map(str, distribution.choices))})"
+    return repr(distribution)
 
 
 def _fail_unfinished(asked: Sequence[optuna.trial.Trial]) -> None:
