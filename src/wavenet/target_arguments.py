@@ -114,6 +114,6 @@ def _module_tree(module: str) -> ast.Module | None:
                 tree = ast.parse(path.read_text())
             except (OSError, SyntaxError, ValueError):
                 return None
-            tree.is_package = path.name == "__init__.py"  # type: ignore[attr-defined]  # where `from . import` starts
+            tree.is_package = path.name == "__init__.py"  # where `from . import` starts
             return tree
     return None
