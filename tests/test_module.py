@@ -142,7 +142,7 @@ def test_a_run_resumes_only_from_a_checkpoint_of_the_same_network_with_steps_lef
 
 
 def test_a_resume_that_stretches_the_decay_says_how_the_rate_jumps_where_it_resumes(tmp_path, caplog):
-    # A run that ended its cosine decay at step 30, resumed with trainer.max_steps=60: from 1e-4 back up to 6.6e-4.
+    # A run that ended its cosine decay at step 30, resumed with trainer.max_steps=60: from 1e-4 back up to 6.9e-4.
     from wavenet.module import check_resumable, lr_factor
 
     module = WaveNetModule(**TINY, warmup_steps=10)
@@ -152,13 +152,18 @@ def test_a_resume_that_stretches_the_decay_says_how_the_rate_jumps_where_it_resu
     path = tmp_path / "ended.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "global_step": 30,
                 "optimizer_states": [{"state": {}}], "lr_schedulers": [scheduler]}, path)  # fmt: skip
+    # Stopped mid-warm-up (step 5 of 10) and resumed as it was: nothing to say.
+    warming = {**scheduler, "_last_lr": [1e-3 * lr_factor(hparams, 60, 5)] * 2, "last_epoch": 5}
+    torch.save({**torch.load(path, weights_only=False), "global_step": 5, "lr_schedulers": [warming]},
+               tmp_path / "warming.ckpt")  # fmt: skip
     with caplog.at_level(logging.INFO, logger="wavenet.module"):
+        check_resumable(tmp_path / "warming.ckpt", hparams, max_steps=60)
         check_resumable(path, hparams, max_steps=60)
         check_resumable(path, {**hparams, "decay": "constant"}, max_steps=60)
     stretched, constant = (record.getMessage() for record in caplog.records)
     assert stretched == (
         "The learning-rate schedule changes from step 30 on, where the rate goes from 0.0001 (the checkpoint's) to "
-        "0.000662: trainer.max_steps=60 moves the end of its decay"
+        "0.000689: trainer.max_steps=60 moves the end of its decay"
     )
     assert constant.startswith("The learning-rate schedule changes from step 30 on, where the rate goes from 0.0001 "
                                "(the checkpoint's) to 0.001: model.decay=constant (was cosine)")  # fmt: skip

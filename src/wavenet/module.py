@@ -315,7 +315,7 @@ def check_resumable(path: Path, hparams: Mapping[str, Any], max_steps: int = -1)
 def _resumed_rates(
     checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], max_steps: int
 ) -> tuple[float, float] | None:
-    """(the checkpoint's learning rate, the resumed run's after its first step), for runs that end at `max_steps`;
+    """(the checkpoint's learning rate at its step, the resumed run's there), for runs that end at `max_steps`;
     None where that is not known (no end, a checkpoint of another kind of schedule, another decay's settings)."""
     schedulers = checkpoint.get("lr_schedulers") or [{}]
     state = schedulers[0]
@@ -323,9 +323,9 @@ def _resumed_rates(
         return None
     if any(hparams.get(name) is None for name in _SCHEDULE_SETTINGS):
         return None
-    # The first resumed step runs at the checkpoint's rate, which the optimiser's state restores; the schedule sets
-    # the next.
-    return state["_last_lr"][0], state["base_lrs"][0] * lr_factor(hparams, max_steps, state["last_epoch"] + 1)
+    # Both at the checkpoint's step: the first resumed step runs at its rate (the optimiser's state restores it),
+    # the schedule's rate follows from the next.
+    return state["_last_lr"][0], state["base_lrs"][0] * lr_factor(hparams, max_steps, state["last_epoch"])
 
 
 def init_from_checkpoint(module: WaveNetModule, path: Path) -> None:
