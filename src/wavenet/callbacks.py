@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import shlex
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -271,6 +272,8 @@ class InterruptCheckpoint(L.Callback):
 
     def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
         self.path = Path(dirpath) / filename
+        # Made here, in the process Hydra started: trainer=ddp_sim's ranks, which it sends this to, have no Hydra.
+        self.resume_command = _resume_command(self.path)
         self.stopped_by_ctrl_c = False
         self._ctrl_c_handler: Any = None  # SIGINT's handler before training started, while ours is installed
         self._training = False  # whether training has started: before, there is nothing to save
@@ -383,8 +386,7 @@ class InterruptCheckpoint(L.Callback):
             rank_zero_info(f"Stopped; resume from the latest checkpoint in {self.path.parent} (last.ckpt), if any")
             return
         trainer.save_checkpoint(self.path, weights_only=False)
-        command = _resume_command(self.path)
-        as_in = f", as in: {command}" if command else ""
+        as_in = f", as in: {self.resume_command}" if self.resume_command else ""
         rank_zero_info(f"Stopped at step {trainer.global_step}; resume with ckpt_path={self.path}{as_in}")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -401,9 +403,13 @@ def _resume_command(path: Path) -> str | None:
 
     if not HydraConfig.initialized():
         return None
-    hydra = HydraConfig.get()
-    kept = [setting for setting in hydra.overrides.task if setting.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
-    return shlex.join(["python", f"{hydra.job.name}.py", *kept, f"ckpt_path={path}"])
+    # init_from too: the resumed run has its weights already.
+    kept = [
+        setting
+        for setting in HydraConfig.get().overrides.task
+        if setting.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "init_from")
+    ]
+    return shlex.join(["python", sys.argv[0], *kept, f"ckpt_path={path}"])
 
 
 class LearningRateMonitor(LightningLearningRateMonitor):

@@ -261,15 +261,11 @@ def check_resumable(path: Path, hparams: Mapping[str, Any], max_steps: int = -1)
     """
     checkpoint = read_checkpoint(path, map_location="cpu", mmap=True)
     saved = checkpoint["hyper_parameters"]
-    differ = [
-        f"{key}={hparams.get(name)} (the checkpoint's: {saved.get(name)})"
-        for name, key in _RESUMED_AS_SAVED.items()
-        if hparams.get(name) != saved.get(name)
-    ]
+    differ = _network_settings_that_differ(hparams, saved)
     if differ:
         raise UserError(
-            f"ckpt_path={path} was trained with other settings: {', '.join(differ)}; resume with its settings "
-            "(e.g. its model= option)"
+            f"ckpt_path={path} was trained with other settings: {differ}; resume with its settings (e.g. its model= "
+            "option)"
         )
     if not checkpoint.get("optimizer_states"):
         raise UserError(
@@ -328,25 +324,41 @@ def _resumed_rates(
     return state["_last_lr"][0], state["base_lrs"][0] * lr_factor(hparams, max_steps, state["last_epoch"])
 
 
+def _network_settings_that_differ(hparams: Mapping[str, Any], saved: Mapping[str, Any]) -> str:
+    """`model.layers=4 (the checkpoint's: 6), ...` for each setting of the network or its audio that `hparams` (a
+    config's) and `saved` (a checkpoint's) disagree on; "" where they agree."""
+    return ", ".join(
+        f"{key}={hparams.get(name)} (the checkpoint's: {saved.get(name)})"
+        for name, key in _RESUMED_AS_SAVED.items()
+        if hparams.get(name) != saved.get(name)
+    )
+
+
+def check_starting_point(path: Path, hparams: Mapping[str, Any]) -> None:
+    """Checks, before anything is prepared or trained, that checkpoint `path` holds the network that `hparams` (the
+    config's `model`) describe, for `init_from_checkpoint`.
+
+    Raises:
+        UserError: Saying why `path` is no checkpoint (see `read_checkpoint`), or naming each setting that differs.
+    """
+    saved = read_checkpoint(path, map_location="cpu", mmap=True)["hyper_parameters"]
+    differ = _network_settings_that_differ(hparams, saved)
+    if differ:
+        raise UserError(
+            f"init_from={path} holds another network: {differ}; start from it with its settings (e.g. its model= "
+            "option)"
+        )
+
+
 def init_from_checkpoint(module: WaveNetModule, path: Path) -> None:
     """Loads the weights of checkpoint `path` (its EMA average where it holds one, as generation takes them) into
     `module`, for a run that starts from them with its own optimiser, schedule and steps: fine-tuning.
 
     Raises:
-        UserError: Saying why `path` is no checkpoint, holds NaN weights, or holds another network (naming each
-            setting that differs, as a resume does).
+        UserError: As `check_starting_point`, or for weights that hold NaN.
     """
-    network, saved = load_wavenet(path, use_ema="auto")
-    differ = [
-        f"{key}={module.hparams.get(name)} (the checkpoint's: {saved.get(name)})"
-        for name, key in _RESUMED_AS_SAVED.items()
-        if module.hparams.get(name) != saved.get(name)
-    ]
-    if differ:
-        raise UserError(
-            f"init_from={path} holds another network: {', '.join(differ)}; start from it with its settings (e.g. "
-            "its model= option)"
-        )
+    check_starting_point(path, module.hparams)
+    network, _ = load_wavenet(path, use_ema="auto")
     module.model.load_state_dict(network.state_dict())
 
 

@@ -29,7 +29,7 @@ from wavenet.config import instantiate_checked, instantiate_group, print_config_
 from wavenet.ema import EMA
 from wavenet.errors import UserError, is_integer, user_error_message
 from wavenet.launch import RankStopped, StopsBeforeTraining, ddp_job, quiet_lightning
-from wavenet.module import check_resumable, init_from_checkpoint
+from wavenet.module import check_resumable, check_starting_point, init_from_checkpoint
 from wavenet.tasks.train_settings import check_settings
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,14 @@ def _train(cfg: DictConfig) -> float | None:
         # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
         max_steps = cfg.trainer.get("max_steps", -1) if cfg.train else -1  # train=false trains nothing
         check_resumable(Path(ckpt_path), module.hparams, max_steps=max_steps)
+    init_from = cfg.get("init_from")
+    if init_from is not None:
+        init_from = Path(str(init_from)).expanduser()
+        if ckpt_path is not None:
+            # A requeued fine-tuning job's command keeps its init_from: the run it resumes started from it already.
+            init_from = None
+        else:
+            check_starting_point(init_from, module.hparams)
     datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
     loggers = instantiate_group(cfg.get("logger"))  # W&B's run starts when it is first logged to, not here
     callbacks = instantiate_group(cfg.get("callbacks"))
@@ -317,8 +325,10 @@ def _train(cfg: DictConfig) -> float | None:
     with _held_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero")):
         # It logs the devices it found before it checks the debugging settings (fast_dev_run, limit_*_batches).
         trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
-    if cfg.get("init_from") is not None:  # its refusal, too, before anything is written
-        init_from_checkpoint(module, Path(str(cfg.init_from)).expanduser())
+    if init_from is not None:  # loaded here, as it logs which weights it takes: after every refusal
+        init_from_checkpoint(module, init_from)
+    elif cfg.get("init_from") is not None:
+        log.info("init_from is not used: ckpt_path=%s resumes a run, weights and all", ckpt_path)
     rank_zero_info(f"Seed set to {cfg.seed}")
     print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
     _warn_of_settings_that_waste_the_run(cfg)

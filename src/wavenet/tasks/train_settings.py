@@ -57,11 +57,6 @@ def check_settings(cfg: DictConfig) -> None:
             f"ckpt_path={ckpt_path} would look in this run's folder, which is new: give the checkpoint's path, "
             "e.g. ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt"
         )
-    if ckpt_path is not None and cfg.get("init_from") is not None:
-        raise UserError(
-            "ckpt_path and init_from are both set: ckpt_path resumes a run (its optimiser, schedule and step), "
-            "init_from starts a new one from a checkpoint's weights; give one of them"
-        )
     for path in (ckpt_path, cfg.get("init_from")):
         if path is not None:
             check_checkpoint_file(Path(path).expanduser())  # its contents are checked once torch is loaded
