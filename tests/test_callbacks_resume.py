@@ -84,7 +84,7 @@ def test_a_resumed_run_shows_its_steps_and_no_best_checkpoint_of_another_run(tmp
     # Where the output is no terminal, lines stand for the bar, which rich drew once, at the end, cut at 80 columns.
     assert not [line for line in result.stdout.splitlines() if line.startswith("Epoch ")], result.stdout[-2000:]
     log = (resumed / "train.log").read_text()
-    steps = [line.split(" - ", 1)[1].split(" (")[0] for line in log.splitlines() if " - Step " in line]
+    steps = [line.split(" - ", 1)[1].split(":")[0].split(" (")[0] for line in log.splitlines() if " - Step " in line]
     assert steps == ["Step 11/14", "Step 12/14", "Step 13/14", "Step 14/14"]
     # Its own file, whatever the first run's best scored; a further resume carries it, not the first run's.
     best = resumed / "checkpoints" / "step0000014-bps"

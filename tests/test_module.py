@@ -185,6 +185,23 @@ def test_a_run_starts_from_a_checkpoints_ema_weights_of_the_same_network(tmp_pat
         init_from_checkpoint(WaveNetModule(**{**TINY, "residual_channels": 4}), path)
 
 
+class _ValidatedSteps(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize("length", [dict(max_steps=5), dict(max_steps=-1, max_epochs=5)])
+def test_the_last_step_is_validated_between_two_validations(length):
+    # Lightning validates every val_check_interval steps only: the steps after the last were in no checkpoint.
+    module, validated = WaveNetModule(**TINY), _ValidatedSteps()
+    fit(module, sine_batch(module.receptive_field), val_check_interval=3, callbacks=[validated], **length)
+    assert validated.steps == [3, 5]  # one batch an epoch: 5 epochs are 5 steps
+
+
 def test_a_run_whose_loss_diverges_stops_with_one_error_line(tmp_path, data_dir):
     from tests.conftest import BUILTIN_SMALL, compose_config
     from tests.conftest import TINY as TINY_RUN

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import shlex
@@ -76,7 +77,8 @@ class StepProgressBar(RichProgressBar):
     def __init__(self, log_every_seconds: float = 60.0) -> None:
         super().__init__()
         self.log_every_seconds = log_every_seconds
-        self._logged_at = self._started_at = 0.0
+        self._logged_at = 0.0
+        self._started_at: float | None = None  # when this run's first step ended
         self._started_at_step = 0
 
     def _init_progress(self, trainer: L.Trainer) -> None:
@@ -138,21 +140,27 @@ class StepProgressBar(RichProgressBar):
             log_to_files_only(log, logging.INFO, *line)
 
     def _pace(self, trainer: L.Trainer) -> str:
-        """` (2.41 steps/s, 3 min left)`: over the steps of this run so far, validations included; "" before any."""
+        """` (2.41 steps/s, 3 min left)`: over this run's steps since its first (which waited for the loader's
+        workers to start), validations included; "" before there are any."""
+        if self._started_at is None:
+            return ""
         steps, seconds = trainer.global_step - self._started_at_step, time.monotonic() - self._started_at
         if steps <= 0 or seconds <= 0:
             return ""
         rate = steps / seconds
-        left = f", {_duration((trainer.max_steps - trainer.global_step) / rate)} left" if trainer.max_steps > 0 else ""
+        last = trainer.estimated_stepping_batches  # max_steps, or where max_epochs end; inf for neither
+        left = f", {_duration((last - trainer.global_step) / rate)} left" if math.isfinite(last) else ""
         return f" ({rate:.3g} steps/s{left})"
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._logged_at = self._started_at = time.monotonic()
-        self._started_at_step = trainer.global_step  # a resumed run's rate counts its own steps
+        self._logged_at = time.monotonic()
+        self._started_at = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
+        if self._started_at is None:  # a resumed run's pace counts its own steps
+            self._started_at, self._started_at_step = time.monotonic(), trainer.global_step
         if self._logs_lines(trainer) and time.monotonic() - self._logged_at >= self.log_every_seconds:
             self._log_progress(trainer, pl_module, "Step")
 

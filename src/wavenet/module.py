@@ -87,6 +87,7 @@ class WaveNetModule(L.LightningModule):
             checkpoint_activations=checkpoint_activations,
         )
         self._compiled = False
+        self._last_step = math.inf  # set when training starts
 
     @classmethod
     def load_for_generation(
@@ -163,9 +164,13 @@ class WaveNetModule(L.LightningModule):
         self.log("train/bits_per_sample", loss / math.log(2))
         return loss
 
+    def on_train_start(self) -> None:
+        # The run's last step: max_steps, or where its epochs (max_epochs) end; inf for a run without an end.
+        self._last_step = self.trainer.estimated_stepping_batches
+
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         trainer = self.trainer
-        if 0 < trainer.max_steps <= trainer.global_step:
+        if trainer.global_step >= self._last_step:
             # Lightning validates every val_check_interval steps only: a last step between two would be in no
             # checkpoint (last.ckpt included) and the run's final metric, a sweep's value, would come from before
             # it. Asked to stop, it validates this step, and its checkpoint callbacks save after that.
