@@ -210,7 +210,7 @@ def test_wandb_runs_are_named_after_their_run_folders(tmp_path, monkeypatch):
         runs.append((experiment.name, experiment.group))
         wandb.finish()
     assert runs == [
-        ("2026-01-31_12-00-00", ""),  # no group
+        ("2026-01-31_12-00-00", "2026-01-31_12-00-00"),  # a group of its own, which resumed runs join
         ("2026-01-31_12-00-00/0", "2026-01-31_12-00-00"),
         ("2026-01-31_12-00-00/1", "2026-01-31_12-00-00"),
     ]
@@ -222,22 +222,26 @@ def test_wandb_runs_are_named_after_their_run_folders(tmp_path, monkeypatch):
 def test_a_chain_of_resumed_runs_is_one_wandb_group_named_after_its_first_run(tmp_path, monkeypatch):
     # A preempted job resumed again and again was as many unrelated W&B runs.
     monkeypatch.setenv("WANDB_MODE", "offline")
-    runs = tmp_path / "runs"
 
-    def ran(name: str, *settings: str) -> Path:
-        (runs / name / ".hydra").mkdir(parents=True)
-        (runs / name / ".hydra" / "config.yaml").write_text("\n".join(settings) + "\n")
-        return runs / name / "checkpoints" / "last.ckpt"
+    def ran(folder: Path, *settings: str) -> Path:
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "config.yaml").write_text("\n".join(settings) + "\n")
+        return folder / "checkpoints" / "last.ckpt"
 
-    first = ran("2026-01-31_12-00-00", "ckpt_path: null")
-    second = ran("2026-02-01_08-00-00", f"ckpt_path: {first}")
-    named = ran("2026-02-02_08-00-00", "ckpt_path: null", "logger:", "  wandb:", "    group: baselines")
+    runs, sweep = tmp_path / "runs", tmp_path / "sweep"
+    first = ran(runs / "2026-01-31_12-00-00", "ckpt_path: null")
+    second = ran(runs / "2026-02-01_08-00-00", f"ckpt_path: {first}")
+    named = ran(runs / "2026-02-02_08-00-00", "ckpt_path: null", "logger:", "  wandb:", "    group: baselines")
+    job = ran(sweep / "3", "ckpt_path: null")
+    (sweep / "multirun.yaml").write_text("")
+    resumed = runs / "2026-03-01_08-00-00"
     groups = []
-    for ckpt_path in (second, first, named, tmp_path / "elsewhere.ckpt"):
-        cfg = compose_config("train", ["logger=wandb", f"ckpt_path={ckpt_path}"], runs / "2026-03-01_08-00-00")
+    for ckpt_path in (second, first, named, job, tmp_path / "elsewhere.ckpt"):
+        cfg = compose_config("train", ["logger=wandb", f"ckpt_path={ckpt_path}"], resumed)
         resolve_auto_settings(cfg)
         groups.append(cfg.logger.wandb.group)
-    assert groups == ["2026-01-31_12-00-00", "2026-01-31_12-00-00", "baselines", None]
+    # A sweep's job: the sweep's group, not its number; a checkpoint outside a run folder: a group of its own.
+    assert groups == ["2026-01-31_12-00-00", "2026-01-31_12-00-00", "baselines", "sweep", resumed.name]
 
 
 def test_start_of_training_shows_no_advert_and_no_flops(tmp_path, data_dir, capfd, caplog):

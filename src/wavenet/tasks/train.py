@@ -110,39 +110,43 @@ def wandb_offline(setting: bool | str) -> bool:
 
 
 def wandb_run_names(output_dir: Path, ckpt_path: str | None = None) -> tuple[str, str | None]:
-    """W&B's name and group for the run of this job, after its run folder: `<time>` for a single run; under
-    multirun `<sweep time>/<job>`, grouped as `<sweep time>`, so that a sweep's runs are told apart and seen together.
-    A single run resumed from a checkpoint of another run joins that run's group, or makes one named after the run
-    its chain of resumes began with: a job preempted and resumed again and again is one group, not unrelated runs.
+    """W&B's name and group for the run of this job, after its run folder: `<time>` for a single run, in a group of
+    its own name; under multirun `<sweep time>/<job>`, grouped as `<sweep time>`, so that a sweep's runs are told
+    apart and seen together. A single run resumed from a checkpoint of another run joins that run's group: a job
+    preempted and resumed again and again is one group, not unrelated runs.
     """
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return output_dir.name, None if ckpt_path is None else _first_run_resumed(Path(ckpt_path).expanduser())
+        resumed = None if ckpt_path is None else _group_resumed(Path(ckpt_path).expanduser())
+        return output_dir.name, resumed or output_dir.name
     sweep = Path(hydra_cfg.sweep.dir).name
     return f"{sweep}/{output_dir.name}", sweep
 
 
-def _first_run_resumed(ckpt_path: Path) -> str | None:
-    """The name of the run folder (`<run>/checkpoints/<file>`) that the chain of runs resumed one from another up
-    to `ckpt_path` began with, as each run's `.hydra/config.yaml` records its `ckpt_path`; None for a checkpoint
-    outside a run folder."""
+def _group_resumed(ckpt_path: Path) -> str | None:
+    """The W&B group of the run that saved `ckpt_path` (in `<run>/checkpoints/`), as `wandb_run_names` gave it: the
+    group the run was given, its sweep's, or that of the run it resumed in turn, back to the first of the chain
+    (each run's `.hydra/config.yaml` records its `ckpt_path`); None for a checkpoint outside a run folder."""
     folder, seen = ckpt_path.parent.parent, set()
-    first = None
+    group = None
     while folder not in seen and (folder / ".hydra" / "config.yaml").is_file():
         seen.add(folder)
-        first = folder.name
+        if (folder.parent / "multirun.yaml").is_file():  # a job of a sweep, whose group is the sweep's
+            return folder.parent.name
+        group = folder.name
         try:
             config = OmegaConf.load(folder / ".hydra" / "config.yaml")
-            group = OmegaConf.select(config, "logger.wandb.group")
-            if group is not None and group != "auto":  # resolved when it ran: its group is the chain's
-                return str(group)
+            given = OmegaConf.select(config, "logger.wandb.group")
             resumed = config.get("ckpt_path")
         except Exception:  # noqa: BLE001 (a config edited by hand, or half-written: the chain ends here)
             break
+        # Saved before `auto` is resolved: a group found there is one the command gave.
+        if given is not None and given != "auto":
+            return str(given)
         if resumed is None:
             break
         folder = Path(str(resumed)).expanduser().parent.parent
-    return first
+    return group
 
 
 def resolve_auto_settings(cfg: DictConfig) -> None:
