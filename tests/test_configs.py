@@ -314,5 +314,16 @@ def test_machine_settings_in_conf_local_override_the_defaults_and_are_not_commit
     GlobalHydra.instance().clear()
     assert (local.seed, local.trainer.devices, "local" in local) == (7, 4, False)
     assert overridden.seed == 9  # the command line over the machine's file
+    # A group's option set as a value (model: medium) replaced the group's settings by a string: a traceback.
+    from omegaconf import open_dict
+
+    from wavenet.errors import UserError
+    from wavenet.tasks.train_settings import check_settings
+
+    with open_dict(local):
+        local.model = "medium"
+    with pytest.raises(UserError, match=r"model must hold the settings of a model= option, got 'medium'; .*"
+                                        r"defaults: \[\{override /model: medium\}\]"):  # fmt: skip
+        check_settings(local)
     ignored = subprocess.run(["git", "check-ignore", "-q", "conf/local/default.yaml"], cwd=REPO)
     assert ignored.returncode == 0

@@ -40,6 +40,14 @@ def check_settings(cfg: DictConfig) -> None:
     """Raises `UserError` for a required value not set, a top-level key removed or added by mistake, a
     `ckpt_path` or corpus `data.root` that is not there, and top-level and trainer settings that would fail only
     later, naming the key."""
+    for group in ("model", "data", "trainer", "paths"):
+        chosen = cfg.get(group)
+        if isinstance(chosen, str):
+            # `model: medium` in conf/local/default.yaml, which sets the group's settings, not its option.
+            raise UserError(
+                f"{group} must hold the settings of a {group}= option, got {chosen!r}; to choose an option in a "
+                f"config file, list it under its defaults: `defaults: [{{override /{group}: {chosen}}}]`"
+            )
     check_required(cfg, keys=("model", "data", "trainer", "paths", "seed", "train"))
     check_added_keys(cfg, "train.py")
     if not is_integer(cfg.seed) or not 0 <= cfg.seed < 2**32:
