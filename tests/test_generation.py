@@ -415,7 +415,8 @@ def test_load_for_generation_takes_the_ema_weights_as_asked(tmp_path, checkpoint
         load_wavenet(checkpoint)
     assert [record.getMessage() for record in caplog.records] == [
         f"Using the EMA weights of {with_ema}",
-        f"Using the training weights of {checkpoint}: it holds no EMA weights (trained without callbacks.ema)",
+        f"Using the training weights of {checkpoint}: it holds no EMA weights (trained without callbacks.ema, or saved "
+        "with weights only)",
     ]
 
 

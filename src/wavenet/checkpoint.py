@@ -96,7 +96,11 @@ def read_for_generation(
     if averaged:
         log.info("Using the EMA weights of %s", path)
     elif use_ema == "auto":
-        log.info("Using the training weights of %s: it holds no EMA weights (trained without callbacks.ema)", path)
+        log.info(
+            "Using the training weights of %s: it holds no EMA weights (trained without callbacks.ema, or saved with "
+            "weights only)",
+            path,
+        )
     import torch  # loaded by read_checkpoint already
 
     weights = averaged or checkpoint["state_dict"]

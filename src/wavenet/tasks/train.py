@@ -233,6 +233,7 @@ def end_session_as_it_ends(logger: TensorBoardLogger) -> None:
     finalize = logger.finalize
 
     def end_session_and_finalize(status: str) -> None:
+        logger.finalize = finalize  # once: a second call only closes
         if logger._experiment is not None:  # None: it never wrote an event file
             ended = api_pb2.Status.Value("STATUS_SUCCESS" if status == "success" else "STATUS_FAILURE")
             content = plugin_data_pb2.HParamsPluginData(
