@@ -315,10 +315,7 @@ def _train(cfg: DictConfig) -> float | None:
     init_from = cfg.get("init_from")
     if init_from is not None:
         init_from = Path(str(init_from)).expanduser()
-        if ckpt_path is not None:
-            # A requeued fine-tuning job's command keeps its init_from: the run it resumes started from it already.
-            init_from = None
-        else:
+        if ckpt_path is None:
             check_starting_point(init_from, module.hparams)
     datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
     loggers = instantiate_group(cfg.get("logger"))  # W&B's run starts when it is first logged to, not here
@@ -330,9 +327,10 @@ def _train(cfg: DictConfig) -> float | None:
     with _held_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero")):
         # It logs the devices it found before it checks the debugging settings (fast_dev_run, limit_*_batches).
         trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
-    if init_from is not None:  # loaded here, as it logs which weights it takes: after every refusal
+    if init_from is not None and ckpt_path is None:  # loaded here, as it logs which weights it takes: after refusals
         init_from_checkpoint(module, init_from)
-    elif cfg.get("init_from") is not None:
+    elif init_from is not None:
+        # A requeued fine-tuning job's command keeps its init_from: the run it resumes started from it already.
         log.info("init_from is not used: ckpt_path=%s resumes a run, weights and all", ckpt_path)
     rank_zero_info(f"Seed set to {cfg.seed}")
     print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
