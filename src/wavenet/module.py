@@ -299,8 +299,7 @@ def check_resumable(path: Path, hparams: Mapping[str, Any], max_steps: int = -1)
     ]
     rates = _resumed_rates(checkpoint, hparams, max_steps)
     if rates is not None and not math.isclose(*rates, rel_tol=1e-3):
-        # A longer run stretches the decay, so the rate rises at the resumed step: a jump in the curve, which
-        # says why here.
+        # A raised max_steps stretches the decay: the rate jumps where the run resumes, a step in every curve.
         reshaped = reshaped or [f"trainer.max_steps={max_steps} moves the end of its decay"]
         log.info(
             "The learning-rate schedule changes from step %d on, where the rate goes from %.3g (the checkpoint's) "
@@ -317,7 +316,7 @@ def _resumed_rates(
     checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], max_steps: int
 ) -> tuple[float, float] | None:
     """(the checkpoint's learning rate at its step, the resumed run's there), for runs that end at `max_steps`;
-    None where that is not known (no end, a checkpoint of another kind of schedule, another decay's settings)."""
+    None where that is not known (a run without an end, a checkpoint without the scheduler's state)."""
     schedulers = checkpoint.get("lr_schedulers") or [{}]
     state = schedulers[0]
     if max_steps == -1 or not {"base_lrs", "_last_lr", "last_epoch"} <= set(state):
