@@ -269,6 +269,25 @@ def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage_and_w
     assert [(trial["job"], trial["reason"]) for trial in summary["trials"]] == [(0, "stopped by Ctrl-C")]
 
 
+def test_a_stopped_search_saves_the_best_of_the_trials_that_completed(tmp_path):
+    # Its optimization_results.yaml was missing: the plugin writes it at the end only.
+    import optuna
+
+    from wavenet.sweeper import _save_best_so_far
+
+    study = optuna.create_study(direction="minimize")
+    for value in (7.5, 7.25):
+        trial = study.ask()
+        trial.suggest_categorical("model.layers", [4, 6])
+        study.tell(trial, value)
+    running = study.ask()  # the trial the stop cut short
+    _save_best_so_far([running], tmp_path)
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert results == {"name": "optuna", "best_params": study.best_trial.params, "best_value": 7.25, "stopped": True}
+    _save_best_so_far([optuna.create_study().ask()], tmp_path / "none")  # no trial completed: nothing
+    assert not (tmp_path / "none").exists()
+
+
 def test_the_summary_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     # A stopped sweep writes it on the way out, where a second Ctrl-C may cut the writing short.
     from wavenet import config

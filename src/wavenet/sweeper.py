@@ -80,6 +80,7 @@ class OptunaSweeper(PluginOptunaSweeper):
                 super().sweep(arguments)
             except BaseException:
                 _fail_unfinished(asked)
+                _save_best_so_far(asked, sweep_dir)
                 raise
         except _ChangedSearchSpace as error:
             # Refused before any trial ran: the same command, mended, may sweep into the same folder.
@@ -193,6 +194,20 @@ def _fail_unfinished(asked: Sequence[optuna.trial.Trial]) -> None:
             log.warning("Optuna trial %d stays running in the study: %s", trial.number, first_line(error))
         else:
             log.warning("Optuna trial %d failed: the search stopped before it ended", trial.number)
+
+
+def _save_best_so_far(asked: Sequence[optuna.trial.Trial], sweep_dir: Path) -> None:
+    """For a search stopped before its end (Ctrl-C, preemption): `optimization_results.yaml`, as the plugin writes
+    it at the end, from the trials that completed, marked `stopped: true`; nothing where none did."""
+    if not asked or len(asked[0].study.directions) > 1:  # a Pareto front: the plugin's own end only
+        return
+    try:
+        best = asked[0].study.best_trial
+    except Exception:  # noqa: BLE001 (no trial completed; a database error must not hide why the search stopped)
+        return
+    results = {"name": "optuna", "best_params": best.params, "best_value": best.value, "stopped": True}
+    OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+    log.info("Best parameters of the trials that completed: %s (value %s)", best.params, best.value)
 
 
 class _FailedTrials(logging.Filter):
