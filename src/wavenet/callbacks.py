@@ -121,8 +121,12 @@ class StepProgressBar(RichProgressBar):
         metrics.pop("v_num", None)  # the logger's version (a W&B run's id): the run folder names the run
         return metrics
 
+    def _logs(self, trainer: L.Trainer) -> bool:
+        return trainer.is_global_zero and not self.is_disabled
+
     def _logs_lines(self, trainer: L.Trainer) -> bool:
-        return trainer.is_global_zero and not self.is_disabled and not get_console().is_terminal
+        """Whether progress is logged in lines, to the console too: where a bar cannot redraw."""
+        return self._logs(trainer) and not get_console().is_terminal
 
     def _log_progress(
         self, trainer: L.Trainer, pl_module: L.LightningModule, event: str, on_console: bool = True
@@ -166,7 +170,7 @@ class StepProgressBar(RichProgressBar):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if trainer.is_global_zero and not self.is_disabled and not trainer.sanity_checking:
+        if self._logs(trainer) and not trainer.sanity_checking:
             self._log_progress(trainer, pl_module, "Validated at step", on_console=self._logs_lines(trainer))
 
 

@@ -345,13 +345,7 @@ def check_starting_point(path: Path, hparams: Mapping[str, Any]) -> None:
     Raises:
         UserError: Saying why `path` is no checkpoint (see `read_checkpoint`), or naming each setting that differs.
     """
-    saved = read_checkpoint(path, map_location="cpu", mmap=True)["hyper_parameters"]
-    differ = _network_settings_that_differ(hparams, saved)
-    if differ:
-        raise UserError(
-            f"init_from={path} holds another network: {differ}; start from it with its settings (e.g. its model= "
-            "option)"
-        )
+    _refuse_another_network(path, hparams, read_checkpoint(path, map_location="cpu", mmap=True)["hyper_parameters"])
 
 
 def init_from_checkpoint(module: WaveNetModule, path: Path) -> None:
@@ -361,9 +355,18 @@ def init_from_checkpoint(module: WaveNetModule, path: Path) -> None:
     Raises:
         UserError: As `check_starting_point`, or for weights that hold NaN.
     """
-    check_starting_point(path, module.hparams)
-    network, _ = load_wavenet(path, use_ema="auto")
+    network, saved = load_wavenet(path, use_ema="auto")  # the checkpoint's settings too: read once
+    _refuse_another_network(path, module.hparams, saved)
     module.model.load_state_dict(network.state_dict())
+
+
+def _refuse_another_network(path: Path, hparams: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    differ = _network_settings_that_differ(hparams, saved)
+    if differ:
+        raise UserError(
+            f"init_from={path} holds another network: {differ}; start from it with its settings (e.g. its model= "
+            "option)"
+        )
 
 
 def _as_saved(value: Any) -> Any:
