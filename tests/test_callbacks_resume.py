@@ -92,3 +92,25 @@ def test_a_resumed_run_shows_its_steps_and_no_best_checkpoint_of_another_run(tmp
     last = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
     (state,) = [state for key, state in last["callbacks"].items() if key.startswith("ModelCheckpoint")]
     assert state["best_model_path"].startswith(str(best))
+
+
+def test_a_stop_says_how_to_resume_and_a_requeued_job_that_the_same_command_does(tmp_path, monkeypatch):
+    from tests.conftest import compose_config
+    from wavenet.callbacks import InterruptCheckpoint
+
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    chain, elsewhere = tmp_path / "chain", tmp_path / "runs"
+    chain.mkdir()
+    stopped = chain / "2026-02-03_08-00-00" / "checkpoints"
+    compose_config("train", ["model=tiny", f"ckpt_path={chain}", "init_from=base.ckpt"], stopped.parent)
+    # Its ckpt_path folder holds the checkpoint, and it finds it there again: the same command resumes.
+    assert InterruptCheckpoint(str(stopped)).resume_advice == (
+        f"resume with the same command, whose ckpt_path={chain} finds this checkpoint: python train.py model=tiny "
+        f"ckpt_path={chain} init_from=base.ckpt"
+    )
+    # A run folder resumed by a run written elsewhere: the same command would resume from it again.
+    compose_config("train", ["model=tiny", f"ckpt_path={chain}"], elsewhere)
+    assert InterruptCheckpoint(str(elsewhere / "checkpoints")).resume_advice == (
+        f"resume with ckpt_path={elsewhere}/checkpoints/interrupted.ckpt, as in: python train.py model=tiny "
+        f"ckpt_path={elsewhere}/checkpoints/interrupted.ckpt"
+    )

@@ -250,10 +250,14 @@ def test_what_runs_before_training_or_generating_leaves_the_slow_imports_out(mod
 
 REFUSED_BEFORE_TORCH = [
     (script, [f"ckpt_path={{tmp}}/{name}"], expected)
-    for script in ("train.py", "generate.py")
+    for script, folder_refused in [
+        # A folder resumes from the checkpoint furthest on under it: one without any is a mistyped path.
+        ("train.py", "ckpt_path={tmp}/folder is a folder with no checkpoint (*.ckpt) in it or below"),
+        ("generate.py", "checkpoint {tmp}/folder is a folder"),
+    ]
     for name, expected in [
         ("missing.ckpt", "checkpoint not found: {tmp}/missing.ckpt"),
-        ("folder", "checkpoint {tmp}/folder is a folder"),
+        ("folder", folder_refused),
         ("notes.txt", "{tmp}/notes.txt is not a PyTorch checkpoint"),
         ("pipe", "checkpoint {tmp}/pipe is not a regular file"),  # reading it would wait for a writer
     ]

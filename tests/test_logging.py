@@ -234,14 +234,21 @@ def test_a_chain_of_resumed_runs_is_one_wandb_group_named_after_its_first_run(tm
     named = ran(runs / "2026-02-02_08-00-00", "ckpt_path: null", "logger:", "  wandb:", "    group: baselines")
     job = ran(sweep / "3", "ckpt_path: null")
     (sweep / "multirun.yaml").write_text("")
+    # A requeued job's chain, each resuming from the folder of the chain's runs: its first run has no checkpoint.
+    requeued = ran(tmp_path / "chain" / "2026-02-03_08-00-00", f"ckpt_path: {tmp_path / 'chain'}")
     resumed = runs / "2026-03-01_08-00-00"
     groups = []
-    for ckpt_path in (second, first, named, job, tmp_path / "elsewhere.ckpt"):
+    for ckpt_path in (second, first, named, job, tmp_path / "elsewhere.ckpt", requeued, tmp_path / "chain", runs):
         cfg = compose_config("train", ["logger=wandb", f"ckpt_path={ckpt_path}"], resumed)
         resolve_auto_settings(cfg)
         groups.append(cfg.logger.wandb.group)
     # A sweep's job: the sweep's group, not its number; a checkpoint outside a run folder: a group of its own.
-    assert groups == ["2026-01-31_12-00-00", "2026-01-31_12-00-00", "baselines", "sweep", resumed.name]
+    assert groups[:5] == ["2026-01-31_12-00-00", "2026-01-31_12-00-00", "baselines", "sweep", resumed.name]
+    # The chain's folder names it; a run folder given as ckpt_path is its run's.
+    assert groups[5:] == ["chain", "chain", "runs"]
+    cfg = compose_config("train", ["logger=wandb", f"ckpt_path={second.parent.parent}"], resumed)
+    resolve_auto_settings(cfg)
+    assert cfg.logger.wandb.group == "2026-01-31_12-00-00"
 
 
 def test_start_of_training_shows_no_advert_and_no_flops(tmp_path, data_dir, capfd, caplog):

@@ -37,10 +37,11 @@ pytestmark = pytest.mark.slow
 TINY_WITH_SUMMARY = [override for override in TINY if override != "callbacks.model_summary=null"]
 
 
-def train(run_dir: Path, data_dir: Path, *overrides: str):
+def train(run_dir: Path | None, data_dir: Path, *overrides: str):
+    """Runs train.py in `run_dir` (or where `overrides` say)."""
+    run_dir_setting = [] if run_dir is None else [f"hydra.run.dir={run_dir}"]
     result = run_script(
-        "train.py", *TINY_WITH_SUMMARY, *BUILTIN_SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
-        *overrides,
+        "train.py", *TINY_WITH_SUMMARY, *BUILTIN_SMALL, f"paths.data_dir={data_dir}", *run_dir_setting, *overrides,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -130,6 +131,25 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, data_dir
           f"ckpt_path={tuned / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
     assert "init_from is not used: ckpt_path=" in (again / "train.log").read_text()
     assert torch.load(again / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_a_requeued_job_resumes_from_the_furthest_checkpoint_of_its_folder(tmp_path, data_dir):
+    # A scheduler requeues a job with its own command line: ckpt_path names the chain's folder, not a file that a
+    # stopped run wrote. Its first job finds no checkpoint there and starts; each later one takes the furthest on.
+    chain = tmp_path / "chain"
+    job = [f"ckpt_path={chain}", f"hydra.run.dir={chain}/${{now:%H-%M-%S.%f}}"]
+    first = train(None, data_dir, *job, "trainer.max_steps=3")
+    assert f"ckpt_path={chain} holds no checkpoint yet: this run starts from step 0" in first.stdout + first.stderr
+    (chain / "copy_cut_short.ckpt").write_bytes(b"PK\x03\x04")  # passed over, not taken for the furthest on
+    for max_steps in (6, 8):
+        result = train(None, data_dir, *job, f"trainer.max_steps={max_steps}")
+        assert "Passed over 1 checkpoint under" in result.stdout + result.stderr
+    runs = sorted(folder for folder in chain.iterdir() if folder.is_dir())
+    assert len(runs) == 3
+    log = (runs[2] / "train.log").read_text()
+    # Beside step 3's checkpoints of the first run, and the best of the second's (step 6 too, written before it).
+    assert re.search(f"resuming from {runs[1] / 'checkpoints'}/\\S+ \\(step 6\\)", log), log
+    assert torch.load(runs[2] / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
 
 
 # A stopped run died of a heap corruption that glibc found at its exit ("corrupted size vs. prev_size while
@@ -534,7 +554,8 @@ def test_a_preempted_sweep_writes_the_summary_of_its_jobs_so_far(tmp_path, data_
         (["init_from={tmp}/missing.ckpt"], "checkpoint not found: {tmp}/missing.ckpt"),
         (["init_from={tiny}", "model.residual_channels=4"],
          "init_from={tiny} holds another network: model.residual_channels=4 (the checkpoint's: 8)"),
-        (["ckpt_path={tmp}"], "checkpoint {tmp} is a folder"),
+        # A folder holding the run's (a requeued job's), with one checkpoint, saved without an optimiser.
+        (["ckpt_path={tmp}"], "ckpt_path={tmp}: no checkpoint under it can resume training (1 checkpoint, each "),
         (["ckpt_path="], "ckpt_path must be the path of a checkpoint to resume from, or null, got empty"),
         (["ckpt_path={tiny}", "model=small"], "trained with other settings: model.layers=20 (the checkpoint's: 6)"),
     ],

@@ -285,7 +285,7 @@ class InterruptCheckpoint(L.Callback):
     def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
         self.path = Path(dirpath) / filename
         # Made here, in the process Hydra started: trainer=ddp_sim's ranks, which it sends this to, have no Hydra.
-        self.resume_command = _resume_command(self.path)
+        self.resume_advice = _resume_advice(self.path)
         self.stopped_by_ctrl_c = False
         self._ctrl_c_handler: Any = None  # SIGINT's handler before training started, while ours is installed
         self._training = False  # whether training has started: before, there is nothing to save
@@ -398,8 +398,7 @@ class InterruptCheckpoint(L.Callback):
             rank_zero_info(f"Stopped; resume from the latest checkpoint in {self.path.parent} (last.ckpt), if any")
             return
         trainer.save_checkpoint(self.path, weights_only=False)
-        as_in = f", as in: {self.resume_command}" if self.resume_command else ""
-        rank_zero_info(f"Stopped at step {trainer.global_step}; resume with ckpt_path={self.path}{as_in}")
+        rank_zero_info(f"Stopped at step {trainer.global_step}; {self.resume_advice}")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_ctrl_c()
@@ -407,21 +406,26 @@ class InterruptCheckpoint(L.Callback):
         self._agrees_on_stops = False
 
 
-def _resume_command(path: Path) -> str | None:
-    """The command line that resumes this run from `path`: its own settings (a resumed run checks them against
-    the checkpoint's, but takes the defaults for the rest: the corpus, the number of steps), `ckpt_path` replaced;
-    None outside a Hydra script (a Trainer of one's own)."""
+def _resume_advice(path: Path) -> str:
+    """How to resume this run from `path`: with `ckpt_path` that file, and the command line that does it, this run's
+    own settings (a resumed run checks them against the checkpoint's, but takes the defaults for the rest: the
+    corpus, the number of steps); that line alone where this run's `ckpt_path` is a folder that holds `path` (a
+    requeued job's, which finds it there)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return None
+    advice = f"resume with ckpt_path={path}"
+    if not HydraConfig.initialized():  # a Trainer of one's own
+        return advice
+    overrides = list(HydraConfig.get().overrides.task)
+    given = [setting.split("=", 1)[1] for setting in overrides if setting.split("=", 1)[0].lstrip("+") == "ckpt_path"]
+    folder = Path(given[-1]).expanduser() if given else None
+    if folder is not None and folder.is_dir() and path.resolve().is_relative_to(folder.resolve()):
+        return f"resume with the same command, whose ckpt_path={folder} finds this checkpoint: " + shlex.join(
+            ["python", sys.argv[0], *overrides]
+        )
     # init_from too: the resumed run has its weights already.
-    kept = [
-        setting
-        for setting in HydraConfig.get().overrides.task
-        if setting.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "init_from")
-    ]
-    return shlex.join(["python", sys.argv[0], *kept, f"ckpt_path={path}"])
+    kept = [setting for setting in overrides if setting.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "init_from")]
+    return f"{advice}, as in: " + shlex.join(["python", sys.argv[0], *kept, f"ckpt_path={path}"])
 
 
 class LearningRateMonitor(LightningLearningRateMonitor):

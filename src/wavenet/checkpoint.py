@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wavenet.errors import UserError, first_line
+from wavenet.errors import UserError, counted, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +70,45 @@ def read_checkpoint(path: Path, map_location: str | torch.device | None = None, 
     if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint of a WaveNet model (no hyper_parameters and state_dict)")
     return checkpoint
+
+
+def checkpoints_under(folder: Path) -> list[Path]:
+    """The checkpoint files (`*.ckpt`) in `folder` and the folders below it, in order of their paths."""
+    return sorted(path for path in folder.rglob("*.ckpt") if path.is_file())
+
+
+def latest_resumable(folder: Path) -> tuple[Path, int] | None:
+    """The checkpoint under `folder` that a run can resume from and that is furthest on, with its step; None if
+    `folder` holds no checkpoint at all.
+
+    Furthest on is the highest step, then the latest written: a stopped run's `interrupted.ckpt` over the
+    `last.ckpt` of its validation before, and the runs of a chain of resumes over the ones they resumed. Files
+    that cannot be read (a copy cut short) are passed over with a warning; weights-only ones, quietly.
+
+    Raises:
+        UserError: If `folder` holds checkpoints, but none a run can resume from.
+    """
+    found = checkpoints_under(folder)
+    if not found:
+        return None
+    candidates, unreadable = [], []
+    for path in found:
+        try:
+            checkpoint = read_checkpoint(path, map_location="cpu", mmap=True)
+        except UserError as error:
+            unreadable.append(f"{error}")
+            continue
+        if checkpoint.get("optimizer_states"):
+            candidates.append((int(checkpoint.get("global_step", 0)), path.stat().st_mtime, path))
+    if unreadable:
+        log.warning("Passed over %s under %s: %s", counted(len(unreadable), "checkpoint"), folder, "; ".join(unreadable))
+    if not candidates:
+        raise UserError(
+            f"ckpt_path={folder}: no checkpoint under it can resume training ({counted(len(found), 'checkpoint')}, "
+            "each unreadable or saved with weights only)"
+        )
+    step, _, path = max(candidates)
+    return path, step
 
 
 def read_for_generation(

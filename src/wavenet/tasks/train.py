@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.multiprocessing import ProcessRaisedException
 
-from wavenet.checkpoint import EMA_STATE_KEY, read_checkpoint
+from wavenet.checkpoint import EMA_STATE_KEY, latest_resumable, read_checkpoint
 from wavenet.config import instantiate_checked, instantiate_group, print_config_tree
 from wavenet.ema import EMA
 from wavenet.errors import UserError, is_integer, user_error_message
@@ -126,10 +126,19 @@ def wandb_run_names(output_dir: Path, ckpt_path: str | None = None) -> tuple[str
 def _group_resumed(ckpt_path: Path) -> str | None:
     """The W&B group of the run that saved `ckpt_path` (in `<run>/checkpoints/`), as `wandb_run_names` gave it: the
     group the run was given, its sweep's, or that of the run it resumed in turn, back to the first of the chain
-    (each run's `.hydra/config.yaml` records its `ckpt_path`); None for a checkpoint outside a run folder."""
-    folder, seen = ckpt_path.parent.parent, set()
-    group = None
-    while folder not in seen and (folder / ".hydra" / "config.yaml").is_file():
+    (each run's `.hydra/config.yaml` records its `ckpt_path`); None for a checkpoint outside a run folder.
+
+    A folder to resume from (a requeued job's `ckpt_path`) is a run folder, taken as its checkpoints are, or the
+    folder of a chain's runs, whose name is the group of every run of it, the first (with no checkpoint yet)
+    included.
+    """
+    group, seen, resumed = None, set(), ckpt_path
+    while True:
+        if resumed.is_dir() and not _is_run_folder(resumed):
+            return resumed.name
+        folder = resumed if resumed.is_dir() else resumed.parent.parent
+        if folder in seen or not _is_run_folder(folder):
+            return group
         seen.add(folder)
         if (folder.parent / "multirun.yaml").is_file():  # a job of a sweep, whose group is the sweep's
             return folder.parent.name
@@ -139,14 +148,17 @@ def _group_resumed(ckpt_path: Path) -> str | None:
             given = OmegaConf.select(config, "logger.wandb.group")
             resumed = config.get("ckpt_path")
         except Exception:  # noqa: BLE001 (a config edited by hand, or half-written: the chain ends here)
-            break
+            return group
         # Saved before `auto` is resolved: a group found there is one the command gave.
         if given is not None and given != "auto":
             return str(given)
         if resumed is None:
-            break
-        folder = Path(str(resumed)).expanduser().parent.parent
-    return group
+            return group
+        resumed = Path(str(resumed)).expanduser()
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / ".hydra" / "config.yaml").is_file()
 
 
 def resolve_auto_settings(cfg: DictConfig) -> None:
@@ -279,6 +291,18 @@ def _held_lines(logger: logging.Logger) -> Iterator[None]:
         logger.handle(record)
 
 
+def _resume_path_in(folder: Path) -> Path | None:
+    """The checkpoint that `ckpt_path=<folder>` resumes from: the furthest on under it; None for the first run of a
+    chain, whose folder holds none yet (`check_resume_folder` refused any other folder without checkpoints)."""
+    found = latest_resumable(folder)
+    if found is None:
+        log.info("ckpt_path=%s holds no checkpoint yet: this run starts from step 0", folder)
+        return None
+    path, step = found
+    log.info("ckpt_path=%s: resuming from %s (step %d), the furthest on of its checkpoints", folder, path, step)
+    return path
+
+
 def _stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
     return any(getattr(callback, "stopped_by_ctrl_c", False) for callback in trainer.callbacks)
 
@@ -307,6 +331,8 @@ def _train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = instantiate_checked(cfg.model)
     ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and Path(str(ckpt_path)).expanduser().is_dir():
+        ckpt_path = _resume_path_in(Path(str(ckpt_path)).expanduser())
     if ckpt_path is not None:
         ckpt_path = str(Path(str(ckpt_path)).expanduser())
         # Before the data is prepared: a wrong path or another network is found in a second, not after hours.

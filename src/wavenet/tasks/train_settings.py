@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from wavenet.checkpoint import check_checkpoint_file
+from wavenet.checkpoint import check_checkpoint_file, checkpoints_under
 from wavenet.config import check_added_keys, check_required
 from wavenet.data.layouts import check_root
 from wavenet.data.settings import check_data_settings, check_no_root, check_synthesis_settings
@@ -65,9 +65,12 @@ def check_settings(cfg: DictConfig) -> None:
             f"ckpt_path={ckpt_path} would look in this run's folder, which is new: give the checkpoint's path, "
             "e.g. ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt"
         )
-    for path in (ckpt_path, cfg.get("init_from")):
-        if path is not None:
-            check_checkpoint_file(Path(path).expanduser())  # its contents are checked once torch is loaded
+    if ckpt_path is not None and Path(ckpt_path).expanduser().is_dir():
+        check_resume_folder(Path(ckpt_path).expanduser(), Path(cfg.paths.output_dir))
+    elif ckpt_path is not None:
+        check_checkpoint_file(Path(ckpt_path).expanduser())  # its contents are checked once torch is loaded
+    if cfg.get("init_from") is not None:
+        check_checkpoint_file(Path(cfg.init_from).expanduser())
     if cfg.model.get("_target_") in _MODULES:  # ours: made once torch has loaded
         settings = {key: value for key, value in cfg.model.items() if not str(key).startswith("_")}
         try:
@@ -131,6 +134,21 @@ def check_settings(cfg: DictConfig) -> None:
             f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use trainer=cpu, or trainer=default "
             "(the GPU when there is one)"
         )
+
+
+def check_resume_folder(folder: Path, output_dir: Path) -> None:
+    """Raises `UserError` if `folder`, given as `ckpt_path`, holds no checkpoint and is not where this run writes.
+
+    A folder that holds this run's own folder is a chain's: a job requeued with the same command (`hydra.run.dir`
+    under it) resumes from its newest checkpoint, and the first job of the chain, finding none, starts training.
+    Anywhere else, a folder without checkpoints is a mistyped path, which must not start a run from scratch.
+    """
+    if checkpoints_under(folder) or output_dir.resolve().is_relative_to(folder.resolve()):
+        return
+    raise UserError(
+        f"ckpt_path={folder} is a folder with no checkpoint (*.ckpt) in it or below: give a checkpoint, or the "
+        "folder of the runs to resume from"
+    )
 
 
 def _cuda_available() -> bool:
