@@ -479,7 +479,8 @@ def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], s
         "fractional batch": (["batch_size=2.5"], "batch_size must be a positive integer, got 2.5"),
         "text seed": (["seed=abc"], "seed must be an integer or null"),
         "use_ema no": (["use_ema=no"], "use_ema must be auto, true or false, got 'no'"),
-        "folder checkpoint": ([f"ckpt_path={tmp_path}"], f"checkpoint {tmp_path} is a folder"),
+        # Naming a file to give instead: the folder holds this test's broken checkpoints.
+        "folder checkpoint": ([f"ckpt_path={tmp_path}"], f"checkpoint {tmp_path} is a folder, not a file; it holds "),
         "text checkpoint": ([f"ckpt_path={text}"], f"{text} is not a PyTorch checkpoint"),
         "cut checkpoint": ([f"ckpt_path={cut}"], f"{cut} is not a PyTorch checkpoint"),
         "folder prime": ([f"prime={tmp_path}"], f"prime {tmp_path} is a folder"),

@@ -35,7 +35,14 @@ _PREFIX = "model."
 def check_checkpoint_file(path: Path) -> None:
     """Raises `UserError` if `path` is a folder, missing, or not a `torch.save` archive (or one cut short)."""
     if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder, not a file (a run's are in checkpoints/, e.g. last.ckpt)")
+        found = checkpoints_under(path)
+        if not found:
+            raise UserError(f"checkpoint {path} is a folder, not a file (a run's are in checkpoints/, e.g. last.ckpt)")
+        latest = max(found, key=lambda checkpoint: checkpoint.stat().st_mtime)
+        raise UserError(
+            f"checkpoint {path} is a folder, not a file; it holds {counted(len(found), 'checkpoint')}, the latest "
+            f"written {latest}"
+        )
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
     if not path.is_file():  # a device, a pipe: torch.load would read it as a stream, never as a checkpoint
