@@ -83,6 +83,9 @@ def test_a_resumed_run_shows_its_steps_and_no_best_checkpoint_of_another_run(tmp
     assert result.returncode == 0, result.stderr[-2000:]
     # Where the output is no terminal, lines stand for the bar, which rich drew once, at the end, cut at 80 columns.
     assert not [line for line in result.stdout.splitlines() if line.startswith("Epoch ")], result.stdout[-2000:]
+    # Nor a blank line where it would have been, after the last line of training.
+    lines = result.stdout.splitlines()
+    assert lines[lines.index(next(line for line in lines if "Trainer.fit` stopped" in line)) + 1].strip()
     log = (resumed / "train.log").read_text()
     steps = [line.split(" - ", 1)[1].split(":")[0].split(" (")[0] for line in log.splitlines() if " - Step " in line]
     assert steps == ["Step 11/14", "Step 12/14", "Step 13/14", "Step 14/14"]

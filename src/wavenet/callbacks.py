@@ -90,6 +90,19 @@ class StepProgressBar(RichProgressBar):
             # cut at 80 columns, and again at a stop).
             self.progress.live.transient = True
 
+    def _stop_progress(self) -> None:
+        console = None if self.progress is None else self.progress.console
+        if console is None or console.is_interactive or not self.progress.live.transient:
+            super()._stop_progress()
+            return
+        # rich ends the bar's last frame with a newline where the output is no terminal, also when it drew none:
+        # a blank line in the log file.
+        console.quiet, quiet = True, console.quiet
+        try:
+            super()._stop_progress()
+        finally:
+            console.quiet = quiet
+
     def _counts_steps(self) -> bool:
         return self.trainer.max_epochs == -1 and self.trainer.max_steps > 0
 
