@@ -301,6 +301,21 @@ def test_a_path_that_is_not_there_or_a_bad_setting_is_refused_before_torch_loads
     assert not (tmp_path / "run" / "config_tree.log").exists()  # no config shown, no logger made
 
 
+def test_a_folder_to_resume_from_is_refused_in_a_sweep(tmp_path):
+    from wavenet.errors import UserError
+    from wavenet.tasks.train_settings import check_settings
+
+    chain = tmp_path / "chain"
+    (chain / "run").mkdir(parents=True)
+    checkpoint_lookalike(chain / "run" / "last.ckpt")
+    single = compose_config("train", [f"ckpt_path={chain}"], tmp_path / "new")
+    check_settings(single)  # one chain: resumed from its furthest checkpoint
+    # Every job would resume from the same checkpoint, whatever its settings.
+    sweep = compose_config("train", [f"ckpt_path={chain}", "hydra.mode=MULTIRUN"], tmp_path / "sweep" / "0")
+    with pytest.raises(UserError, match=f"ckpt_path={chain} is a folder, which resumes one chain of runs, not"):
+        check_settings(sweep)
+
+
 def test_machine_settings_in_conf_local_override_the_defaults_and_are_not_committed(tmp_path):
     import shutil
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from wavenet.checkpoint import check_checkpoint_file, checkpoints_under
@@ -143,6 +145,12 @@ def check_resume_folder(folder: Path, output_dir: Path) -> None:
     under it) resumes from its newest checkpoint, and the first job of the chain, finding none, starts training.
     Anywhere else, a folder without checkpoints is a mistyped path, which must not start a run from scratch.
     """
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # Every job of the sweep would take the same checkpoint, whatever its settings, unasked.
+        raise UserError(
+            f"ckpt_path={folder} is a folder, which resumes one chain of runs, not the jobs of a sweep: give each "
+            "job the checkpoint file to resume from"
+        )
     if checkpoints_under(folder) or output_dir.resolve().is_relative_to(folder.resolve()):
         return
     raise UserError(
