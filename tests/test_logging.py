@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import math
 import re
 import socket
 import struct
@@ -21,6 +22,7 @@ import torch
 import wandb
 import yaml
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import AUDIO, IMAGES, EventAccumulator
 from tensorboard.plugins.hparams import api_pb2
@@ -313,6 +315,47 @@ def test_grad_norm_is_taken_on_logged_steps_only_with_the_same_values(tmp_path, 
     assert len(taken) == 2 and len(every_step.norms) == 7
     for step, norm in logged.items():
         assert norm == pytest.approx(every_step.norms[step], rel=1e-5)
+
+
+class RecordLosses(L.Callback):
+    """This rank's loss at every step, as `{step: loss}` (the loggers' step: from 0)."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args) -> None:
+        self.losses[trainer.global_step - 1] = outputs["loss"].item()
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+def test_the_logged_training_loss_is_averaged_over_ranks_at_the_logged_steps_only(tmp_path, monkeypatch):
+    # Under DDP the loggers had rank 0's loss. Averaged at every step, it would cost an all-reduce at each.
+    reduced = []
+
+    def mean_with_a_rank_whose_loss_is_zero(strategy, tensor, group=None, reduce_op="mean"):
+        if reduce_op != "mean":  # Lightning's sum of the loaders' lengths
+            return tensor
+        reduced.append(strategy.lightning_module.trainer.global_step - 1)
+        return tensor / 2
+
+    monkeypatch.setattr(SingleDeviceStrategy, "reduce", mean_with_a_rank_whose_loss_is_zero)
+    L.seed_everything(0)
+    module, own = WaveNetModule(**TINY_MODULE), RecordLosses()
+    trainer = fit(
+        module, sine_batch(module.receptive_field), max_steps=7, log_every_n_steps=3, limit_val_batches=0,
+        logger=CSVLogger(tmp_path, name="", version=""), callbacks=[own],
+    )  # fmt: skip
+    assert reduced == [2, 5, 6]  # every 3rd step, and the last, which Lightning logs as it stops
+    with (tmp_path / "metrics.csv").open() as file:
+        rows = [row for row in csv.DictReader(file) if row["train/loss"]]
+    assert {int(row["step"]): float(row["train/loss"]) for row in rows} == pytest.approx(
+        {step: own.losses[step] / 2 for step in reduced}
+    )
+    assert [float(row["train/bits_per_sample"]) for row in rows] == pytest.approx(
+        [own.losses[step] / 2 / math.log(2) for step in reduced]
+    )
+    # The progress bar shows this rank's own loss, at every step.
+    assert trainer.progress_bar_metrics["train/loss"] == pytest.approx(own.losses[6])
 
 
 @pytest.mark.filterwarnings("ignore:The number of training batches", "ignore:You defined a `validation_step`")

@@ -5,6 +5,7 @@ import csv
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -471,6 +472,13 @@ def test_ddp_sim_trains_on_two_cpu_processes(tmp_path, data_dir):
     assert [len(record["windows"]) for record in records] == [24, 24]
     assert not set(records[0]["windows"]) & set(records[1]["windows"])
     assert records[0]["weights"] == records[1]["weights"]
+    # What the loggers get is the mean over both ranks: rank 0's alone was logged.
+    rows = [row for row in read_metrics(run_dir) if row["train/loss"]]
+    means = [(loss0 + loss1) / 2 for loss0, loss1 in zip(records[0]["losses"], records[1]["losses"])]
+    assert [float(row["train/loss"]) for row in rows] == pytest.approx(means, rel=1e-6)
+    assert [float(row["train/bits_per_sample"]) for row in rows] == pytest.approx(
+        [mean / math.log(2) for mean in means], rel=1e-6
+    )
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     # The spawned ranks log as the main process: in its format, into the run's log file, nothing bare on stderr.

@@ -158,11 +158,13 @@ class WaveNetModule(L.LightningModule):
         logits = self.model(inputs, causal_pad=False)  # (B, Q, T - receptive_field + 1)
         return F.cross_entropy(logits.float(), targets[:, self.receptive_field - 1 :])
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         loss = self._nll(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/bits_per_sample", loss / math.log(2))
-        return loss
+        # This rank's loss, for the progress bar at every step; the loggers get the mean over ranks, from
+        # on_train_batch_end, which knows which steps they get.
+        self.log("train/loss", loss, prog_bar=True, logger=False)
+        # Lightning hands "loss" on divided by accumulate_grad_batches; "nll" is the loss itself.
+        return {"loss": loss, "nll": loss.detach()}
 
     def on_train_start(self) -> None:
         # The run's last step: max_steps, or where its epochs (max_epochs) end; inf for a run without an end.
@@ -175,12 +177,17 @@ class WaveNetModule(L.LightningModule):
             # checkpoint (last.ckpt included) and the run's final metric, a sweep's value, would come from before
             # it. Asked to stop, it validates this step, and its checkpoint callbacks save after that.
             trainer.should_stop = True
-        # A NaN or infinite loss is the end of the run: its gradients make every weight NaN, and every step after
-        # trains on nothing. Checked at the steps Lightning logs, which read the loss then anyway, on every rank.
-        if trainer.global_step % trainer.log_every_n_steps:
+        # Lightning passes the step's metrics to the loggers after this hook, at the steps where this says so (the
+        # last one, stopped above, included). Only there is the loss averaged over the ranks: one all-reduce every
+        # log_every_n_steps, where `self.log(..., sync_dist=True)` would all-reduce at every step, once per name.
+        if not trainer._logger_connector.should_update_logs:
             return
-        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        if trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+        loss = trainer.strategy.reduce(outputs["nll"], reduce_op="mean")
+        self.log("train/loss", loss)
+        self.log("train/bits_per_sample", loss / math.log(2))
+        # A NaN or infinite loss is the end of the run: its gradients make every weight NaN, and every step after
+        # trains on nothing. Checked on the mean, which is finite only where every rank's loss is.
+        if torch.isfinite(loss):
             return
         raise UserError(
             f"train/loss is {loss.item()} at step {trainer.global_step}: training diverged; lower model.lr (or "
