@@ -165,6 +165,23 @@ def test_tensorboard_hparams_table_and_hparams_yaml_hold_the_whole_config(logged
             assert saved["seed"] == seed and saved["data"]["chunk_length"] == 256 and saved["layers"] == 6
 
 
+@pytest.fixture(scope="module")
+def tensorboard_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> EventAccumulator:
+    """The TensorBoard events of a tiny run: validation at steps 3 and 6, every step logged; no samples."""
+    run_dir = tmp_path_factory.mktemp("tensorboard_run")
+    overrides = [*TINY, *BUILTIN_SMALL, "logger=tensorboard", "callbacks.audio_samples=null", f"paths.data_dir={data_dir}"]
+    run(compose_config("train", overrides, run_dir))
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return events
+
+
+def test_tensorboard_has_one_epoch_point_per_step(tensorboard_run):
+    # Lightning adds `epoch` to the training step's metrics and to the validation's: two points at each validation.
+    steps = [event.step for event in tensorboard_run.Scalars("epoch")]
+    assert steps == [event.step for event in tensorboard_run.Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]
+
+
 def test_a_run_that_did_not_finish_ends_its_tensorboard_session_as_failed(tmp_path):
     # Written at the start, "success" stood in the HPARAMS table's Status column for runs stopped or failed too.
     from lightning.pytorch.loggers import TensorBoardLogger
