@@ -182,6 +182,19 @@ def test_tensorboard_has_one_epoch_point_per_step(tensorboard_run):
     assert steps == [event.step for event in tensorboard_run.Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]
 
 
+def test_tensorboard_hparams_table_shows_booleans_and_nulls_as_overrides_write_them(tensorboard_run):
+    # torch's `hparams` wrote true as the number 1.0 and left null settings out of the table.
+    content = [HParamsPluginData.FromString(data) for data in tensorboard_run.PluginTagToContent("hparams").values()]
+    (session,) = [data.session_start_info for data in content if data.HasField("session_start_info")]
+    settings = {key: getattr(value, value.WhichOneof("kind")) for key, value in session.hparams.items()}
+    assert settings["train"] == "true" and settings["model.compile"] == "false"
+    assert settings["ckpt_path"] == "null" and settings["callbacks.audio_samples"] == "null"
+    assert settings["model.layers"] == 6 and settings["trainer.precision"] == "32-true"
+    (experiment,) = [data.experiment for data in content if data.HasField("experiment")]
+    types = {info.name: info.type for info in experiment.hparam_infos}
+    assert types["model.compile"] == types["ckpt_path"] == api_pb2.DATA_TYPE_STRING
+
+
 def test_a_run_that_did_not_finish_ends_its_tensorboard_session_as_failed(tmp_path):
     # Written at the start, "success" stood in the HPARAMS table's Status column for runs stopped or failed too.
     from lightning.pytorch.loggers import TensorBoardLogger

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
@@ -259,17 +260,21 @@ def end_session_as_it_ends(logger: TensorBoardLogger) -> None:
     logger.finalize = end_session_and_finalize
 
 
-def _table_values(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
-    """`config` flattened to the dotted keys of command-line overrides, each value a number, string or bool;
-    without Hydra's `_target_`s, which name classes, not settings."""
+def _table_values(config: dict, prefix: str = "") -> dict[str, int | float | str]:
+    """`config` flattened to the dotted keys of command-line overrides, each value a number or a string; without
+    Hydra's `_target_`s, which name classes, not settings. Booleans and nulls are the strings an override writes,
+    `true`, `false` and `null`: torch's `hparams` makes a bool the number 1 or 0 (it asks whether it is an int
+    first) and leaves a None out of the table."""
     values = {}
     for key, value in config.items():
         if key.startswith("_"):
             continue
         if isinstance(value, dict):
             values |= _table_values(value, f"{prefix}{key}.")
-        elif value is not None:
-            values[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        elif value is None or isinstance(value, bool):
+            values[f"{prefix}{key}"] = json.dumps(value)
+        else:
+            values[f"{prefix}{key}"] = value if isinstance(value, (int, float, str)) else str(value)
     return values
 
 
