@@ -434,6 +434,38 @@ def test_samples_per_sec_leaves_out_the_first_batch(tmp_path):
     assert rate == pytest.approx(2 * per_batch / (slow.ends[2] - slow.ends[0]), rel=0.05)
 
 
+class SlowValidation(L.Callback):
+    """A second more in each validation; the time at the end of each training batch, in `ends`."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        time.sleep(1.0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self.ends.append(time.perf_counter())
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+def test_samples_per_sec_after_a_validation_is_measured_over_training_alone(tmp_path):
+    L.seed_everything(0)
+    module = WaveNetModule(**TINY_MODULE)
+    batch = sine_batch(module.receptive_field)
+    logger, slow = CSVLogger(tmp_path, name="", version=""), SlowValidation()
+    fit(module, batch, max_steps=4, log_every_n_steps=1, val_check_interval=2, num_sanity_val_steps=0,
+        logger=logger, callbacks=[TrainingMonitor(), slow])  # fmt: skip
+    with (tmp_path / "metrics.csv").open() as file:
+        rates = {int(row["step"]): float(row["train/samples_per_sec"]) for row in csv.DictReader(file)
+                 if row["train/samples_per_sec"]}  # fmt: skip
+    per_batch = batch[0].shape[0] * (batch[0].shape[1] - module.receptive_field + 1)
+    # Step 2 follows the validation after step 1: its own rate (the loggers had step 1's again), without the
+    # validation's second of sleep, which would make it a fraction of the others.
+    assert rates[2] != rates[1]
+    assert rates[2] > 0.5 * min(rates[1], rates[3])
+    assert rates[2] > 2 * per_batch / (slow.ends[2] - slow.ends[1])
+
+
 def test_sample_audio_is_contiguous_audio_of_one_file():
     files = [torch.arange(0, 100), torch.arange(1000, 1050)]  # 12 and 5 tiles of 8 after 4 samples of context
     tiles = Tiles(files, receptive_field=4, chunk=8)

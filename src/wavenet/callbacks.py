@@ -464,12 +464,13 @@ class TrainingMonitor(L.Callback):
       step was clipped.
     - `train/samples_per_sec`: scored audio samples (targets) per second over all processes, as
       `bench/train.py` counts them, measured over the last `log_every_n_steps` steps. Data loading is
-      included, validation and sample logging are not, nor the first batch after the start or a validation
-      (compiling, autotuning, the loader's workers starting: the first point would show them, not the rate).
+      included; validation, sample logging and checkpointing are not, nor the first batch (compiling,
+      autotuning, the loader's workers starting: the first point would show them, not the rate).
     """
 
     def __init__(self) -> None:
         self._marks: deque[tuple[float, int]] = deque()  # (time, samples so far) at the latest batch ends
+        self._paused_at: float | None = None  # when the latest validation started, until training goes on
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -496,8 +497,17 @@ class TrainingMonitor(L.Callback):
         (start, first), (end, last) = self._marks[0], self._marks[-1]
         pl_module.log("train/samples_per_sec", (last - first) / max(end - start, 1e-9))
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._marks.clear()  # the next window starts at the next training batch
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused_at = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # The window's marks move on by the time training waited (its validation, and the checkpoints and samples
+        # saved after it), so that they span training alone. Left out of the window instead, the first batch after
+        # a validation logged no rate, and the loggers got the one before again.
+        if self._paused_at is not None:
+            paused = time.perf_counter() - self._paused_at
+            self._marks = deque((at + paused, samples) for at, samples in self._marks)
+            self._paused_at = None
 
 
 class AudioSampleLogger(L.Callback):
