@@ -7,7 +7,12 @@ from omegaconf import DictConfig
 
 from wavenet.config import end_refused_run
 from wavenet.errors import Terminated, UserError, report_config_errors_in_one_line
-from wavenet.process import carry_on_past_a_closed_stdout, end_without_collecting_everything
+from wavenet.process import (
+    carry_on_past_a_closed_stdout,
+    end_without_collecting_everything,
+    stop_on_hangup,
+    stop_signal,
+)
 from wavenet.tasks.generate_settings import check_settings
 
 
@@ -26,14 +31,15 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Terminated:
-        print("stopped by SIGTERM", file=sys.stderr)
-        sys.exit(143)
+    except Terminated:  # a SIGTERM, or a SIGHUP (the terminal hung up; stderr goes to /dev/null then)
+        print(f"stopped by {stop_signal().name}", file=sys.stderr)
+        sys.exit(128 + stop_signal())
 
 
 if __name__ == "__main__":
     end_without_collecting_everything()
     carry_on_past_a_closed_stdout()
+    stop_on_hangup()
     report_config_errors_in_one_line()
     try:
         main()

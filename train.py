@@ -11,10 +11,10 @@ from omegaconf import DictConfig
 
 from wavenet.config import SweepSummary, end_refused_run
 from wavenet.errors import FailedJob, UserError, first_line, report_config_errors_in_one_line
-from wavenet.process import carry_on_past_a_closed_stdout, end_without_collecting_everything
+from wavenet.process import carry_on_past_a_closed_stdout, end_without_collecting_everything, stop_on_hangup
 
 # What a job's exit status says stopped it: the task exits as a shell reports a command ended by the signal.
-_STOPPED_BY = {130: "stopped by Ctrl-C", 143: "stopped by SIGTERM"}
+_STOPPED_BY = {130: "stopped by Ctrl-C", 143: "stopped by SIGTERM", 129: "stopped by SIGHUP (the terminal hung up)"}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
         # (Hydra's launcher would stop an Optuna search here, and end a grid with a traceback, no summary).
         logging.getLogger(__name__).exception("%s%s", job, first_line(error))
         return FailedJob(first_line(error))
-    except SystemExit as stop:  # Ctrl-C or SIGTERM stopped training: a sweep stops with it, its summary written
+    except SystemExit as stop:  # Ctrl-C, SIGTERM or SIGHUP stopped training: a sweep stops with it, its summary written
         if multirun and SweepSummary.running is not None and stop.code in _STOPPED_BY:
             SweepSummary.running.stopped(_STOPPED_BY[stop.code])
         raise
@@ -59,6 +59,7 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
 if __name__ == "__main__":
     end_without_collecting_everything()
     carry_on_past_a_closed_stdout()
+    stop_on_hangup()
     if not sys.stderr.isatty():
         # Optuna's log lines are coloured whatever the stream: no escape codes in a batch job's log file.
         os.environ.setdefault("NO_COLOR", "1")

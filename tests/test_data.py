@@ -648,11 +648,11 @@ class _BlockedSignals(torch.utils.data.Dataset):
 
 
 def test_loader_workers_start_with_stops_blocked_and_the_owner_keeps_its_own(folder: Path) -> None:
-    # A Ctrl-C or SIGTERM to the job while a worker started, before its worker_init_fn took them, killed it: the
-    # run ended in "DataLoader worker (pid N) exited unexpectedly" instead of stopping.
+    # A Ctrl-C, SIGTERM or SIGHUP to the job while a worker started, before its worker_init_fn took them, killed
+    # it: the run ended in "DataLoader worker (pid N) exited unexpectedly" instead of stopping.
     (in_worker,) = SignalSafeLoader(_BlockedSignals(), batch_size=None, num_workers=1)
-    assert {signal.SIGINT, signal.SIGTERM} <= set(in_worker)
-    assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} <= set(in_worker)
+    assert not {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
     module = ready(folder, num_workers=1)
     assert isinstance(module.train_dataloader(), SignalSafeLoader)
     assert isinstance(module.val_dataloader(), SignalSafeLoader)

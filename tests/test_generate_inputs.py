@@ -179,10 +179,11 @@ def test_progress_is_logged_per_file_and_in_all_where_the_output_is_no_terminal(
     assert [line for line in lines if line.startswith("Wrote 3 file(s) to ")]
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sighup"])
 def test_an_interrupted_run_writes_the_samples_made_so_far(tmp_path, checkpoint, monkeypatch, caplog, stop):
-    # A SIGTERM is how a scheduler preempts a batch job: by default it ended the run with nothing written.
-    from wavenet import generation
+    # A SIGTERM is how a scheduler preempts a batch job: by default it ended the run with nothing written. A SIGHUP
+    # (the terminal hung up: a dropped ssh session) ended it so too; generate.py has it stop as a SIGTERM does.
+    from wavenet import generation, process
 
     sample_steps, chunks = generation.sample_steps, []
 
@@ -191,18 +192,27 @@ def test_an_interrupted_run_writes_the_samples_made_so_far(tmp_path, checkpoint,
         if len(chunks) == 3:
             if stop == "ctrl-c":
                 raise KeyboardInterrupt
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGHUP if stop == "sighup" else signal.SIGTERM)
         sample_steps(*args)
 
     monkeypatch.setattr(generation, "sample_steps", interrupted_at_the_third_chunk)
     overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=1000", "batch_size=2", "method=eager"]
     sigterm = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else Terminated):
-        run(compose_config("generate", [*overrides, "seed=3"], tmp_path / "cut"))
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # whatever started pytest (nohup) has left there
+    try:
+        if stop == "sighup":
+            monkeypatch.setattr(process, "_hung_up", False)  # this process's stop, for this test only
+            monkeypatch.setattr(process, "_hangups_stop", None)
+            process.stop_on_hangup()  # as generate.py does
+        with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else Terminated):
+            run(compose_config("generate", [*overrides, "seed=3"], tmp_path / "cut"))
+        said = {"ctrl-c": "Interrupted", "sigterm": "Stopped by SIGTERM", "sighup": "Stopped by SIGHUP"}[stop]
+        assert process.stop_signal() == (signal.SIGHUP if stop == "sighup" else signal.SIGTERM)  # exits 128 + it
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
     assert signal.getsignal(signal.SIGTERM) == sigterm  # put back
     cut = sorted((tmp_path / "cut").glob("sample_*.wav"))
     assert [sf.info(path).frames for path in cut] == [128, 128]  # two chunks of 64 steps
-    said = "Interrupted" if stop == "ctrl-c" else "Stopped by SIGTERM"
     assert f"{said}: wrote 2 file(s) cut short, 128 of 1,000 samples" in caplog.text
     monkeypatch.undo()
     whole = run(compose_config("generate", [*overrides, "seed=3"], tmp_path / "whole"))

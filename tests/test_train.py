@@ -2,15 +2,18 @@
 
 import contextlib
 import csv
+import fcntl
 import functools
 import json
 import logging
 import math
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -224,6 +227,94 @@ def test_a_stop_after_the_output_pipe_closed_still_saves_and_ends_with_the_stops
     assert "Error" not in (tmp_path / "stderr").read_text()  # logging's "--- Logging error ---" at every line
 
 
+def _in_a_terminal(
+    run_dir: Path, data_dir: Path, *overrides: str, hangups: bool = True
+) -> tuple[subprocess.Popen, int]:
+    """Starts `python train.py` in a terminal of its own (a pseudo-terminal, its controlling terminal), with the
+    progress bar, and reads what it shows until it has validated at step 10; returns it and the terminal's end
+    to close. With `hangups` false, it starts with SIGHUP ignored, as `nohup` or `trap '' HUP` start it."""
+    with_bar = [setting for setting in TINY if not setting.startswith(("callbacks.progress_bar=", "data.num_workers="))]
+    args = [sys.executable, "train.py", *with_bar, *BUILTIN_SMALL, "data.num_workers=1", "trainer.max_steps=100000",
+            "trainer.val_check_interval=10", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides]
+
+    def take_the_terminal() -> None:
+        # In the child, after setsid (start_new_session) and after the terminal became its stdin: it becomes the
+        # session's controlling terminal, as a login shell's is of the commands typed into it.
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if not hangups:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    leader, terminal = os.openpty()
+    process = subprocess.Popen(args, cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal, env=STOP_ENV,
+                               start_new_session=True, preexec_fn=take_the_terminal)  # fmt: skip
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # read as a terminal does: a full one blocks the run
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"status {process.wait()} before step 10: {shown.decode(errors='replace')[-3000:]}")
+        if select.select([leader], [], [], 0.1)[0]:
+            shown += os.read(leader, 65536)
+    time.sleep(0.5)  # training goes on past step 10's checkpoint
+    return process, leader
+
+
+def _hang_up(process: subprocess.Popen, leader: int) -> None:
+    """Hangs up the terminal, as a dropped ssh session or a closed terminal window does."""
+    # The kernel sends SIGHUP to the session's leader as its terminal hangs up, here the run itself; a login
+    # shell, the leader of a real one, passes it on to every process of the job it runs in the foreground.
+    os.close(leader)
+    os.killpg(process.pid, signal.SIGHUP)
+
+
+@pytest.mark.parametrize("strategy", [[], ["trainer=ddp_sim"]], ids=["one process", "ddp_sim"])
+def test_a_hangup_of_the_terminal_saves_and_says_so_in_the_log(tmp_path, data_dir, strategy):
+    # An ssh session that drops, a terminal window closed: the terminal hangs up, and SIGHUP, whose default ended
+    # the run at once, reaches every process of the job. Nothing since the last validation was saved, and the
+    # run's log did not say why it ended. Every write to the console fails (EIO) from then on: what the run has
+    # to say goes to its log file alone.
+    run_dir = tmp_path / "run"
+    process, leader = _in_a_terminal(run_dir, data_dir, *strategy)
+    try:
+        _hang_up(process, leader)
+        status = process.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    logged = (run_dir / "train.log").read_text()
+    assert status == 128 + signal.SIGHUP, f"status {status}\n{logged[-3000:]}"
+    interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(interrupted, weights_only=False)["global_step"] > 10
+    assert "SIGHUP (the terminal hung up): stopping as for SIGTERM" in logged
+    assert f"resume with ckpt_path={interrupted}, as in: python " in logged
+    assert "Traceback" not in logged and "Logging error" not in logged
+
+
+def test_a_run_that_ignores_hangups_carries_on_past_its_gone_terminal(tmp_path, data_dir):
+    # `trap '' HUP; python train.py`, or nohup: SIGHUP stays ignored. The progress bar's next write to the terminal
+    # that hung up raised OSError (EIO) into training, which ended with status 1 and nothing saved.
+    run_dir = tmp_path / "run"
+    process, leader = _in_a_terminal(run_dir, data_dir, hangups=False)
+    try:
+        validated = (run_dir / "train.log").read_text().count("Validated at step")
+        _hang_up(process, leader)
+        deadline = time.monotonic() + 60
+        while (run_dir / "train.log").read_text().count("Validated at step") <= validated + 1:
+            assert process.poll() is None and time.monotonic() < deadline, (run_dir / "train.log").read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGTERM)
+        status = process.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    logged = (run_dir / "train.log").read_text()
+    assert status == 128 + signal.SIGTERM, f"status {status}\n{logged[-3000:]}"
+    assert "SIGHUP" not in logged
+    assert "resume with ckpt_path=" in logged and (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert "Traceback" not in logged and "Logging error" not in logged
+
+
 CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 
 
@@ -404,13 +495,15 @@ sys.meta_path.insert(0, SlowPreparation())
 
 
 @pytest.mark.parametrize(
-    ("settings", "to_whom"),
+    ("settings", "to_whom", "stop"),
     [
-        ([], "every process"),  # a pool of 2 workers prepares
-        (CPU_DDP, "the first process"),
+        ([], "every process", signal.SIGTERM),  # a pool of 2 workers prepares
+        (CPU_DDP, "the first process", signal.SIGTERM),
+        # A terminal's hangup, which multiprocessing's resource tracker (the pool's) died of, with tracebacks.
+        ([], "every process", signal.SIGHUP),
     ],
 )
-def test_a_sigterm_while_data_is_prepared_stops_the_run_and_keeps_nothing_half_made(tmp_path, settings, to_whom):
+def test_a_sigterm_while_data_is_prepared_stops_the_run_and_keeps_nothing_half_made(tmp_path, settings, to_whom, stop):
     # The first run on a big corpus spends its first hours preparing it. A SIGTERM then ended the run by the signal,
     # without a word; under ddp, sent to rank 0 alone (as Kubernetes sends it), rank 1 was left to fail at its
     # barrier. Now every process stops as it would in training, with status 143.
@@ -429,14 +522,14 @@ def test_a_sigterm_while_data_is_prepared_stops_the_run_and_keeps_nothing_half_m
             time.sleep(0.1)
         time.sleep(0.5)  # into the first file
         if to_whom == "every process":
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, stop)
         else:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # a rank left behind
-    assert process.returncode == 143, f"{stdout[-2000:]}\n{stderr[-3000:]}"
+    assert process.returncode == 128 + stop, f"{stdout[-2000:]}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "Stopped before training started: nothing to save" in stdout + stderr
     assert ("Preparing 6 files" in stdout + stderr) and ("in 2 processes" in stdout + stderr) == (not settings)

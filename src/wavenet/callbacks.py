@@ -278,7 +278,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
 
 class InterruptCheckpoint(L.Callback):
-    """Saves `<dirpath>/interrupted.ckpt` when training is stopped: Ctrl-C, or SIGTERM (a preempted job).
+    """Saves `<dirpath>/interrupted.ckpt` when training is stopped: Ctrl-C, or SIGTERM (a preempted job), or SIGHUP
+    (a terminal that hung up), which `wavenet.process.stop_on_hangup` hands to the SIGTERM handler.
 
     Without it, a stop loses everything since the last validation (up to `val_check_interval` steps). Both stop
     at the end of the step in progress (Ctrl-C through Lightning's SIGTERM handling), so the checkpoint resumes

@@ -30,7 +30,8 @@ class UserError(Exception):
 
 
 class Terminated(BaseException):
-    """A SIGTERM (a scheduler preempting the job) stopped the work in progress; the entry point exits 143.
+    """A SIGTERM (a scheduler preempting the job) stopped the work in progress; the entry point exits 143 (129 for a
+    SIGHUP, which stops it as a SIGTERM does: see `wavenet.process.stop_on_hangup`).
 
     A `BaseException`, as `KeyboardInterrupt` is: no `except Exception` on the way takes it for a failure.
     """

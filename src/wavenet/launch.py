@@ -39,8 +39,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from wavenet.process import end_without_collecting_everything
-from wavenet.signals import Handling
+from wavenet.process import end_without_collecting_everything, stop_on_hangup
+from wavenet.signals import Handling, start_resource_tracker_deaf_to_hangups
 
 _lightning_command = fabric_launcher._hydra_subprocess_cmd
 # What Lightning's launcher sets in the launching process's environment; left there, the next job would
@@ -115,7 +115,7 @@ def leave_ranks_to_stop() -> None:
     """Ends Lightning's watch over the ranks it started for this job (trainer=ddp), which `_end_ranks` waits for.
 
     For a run that every rank stops together (Ctrl-C, SIGTERM): the watch kills this process when a rank exits
-    with an error, as a stopped one does (130, 143), maybe before this one has ended too.
+    with an error, as a stopped one does (130, 143, 129), maybe before this one has ended too.
     """
     for thread in threading.enumerate():
         if isinstance(thread, fabric_launcher._ChildProcessObserver):
@@ -210,6 +210,8 @@ class SpawnStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         # Each rank's first step of `fit`, before the process group (which logs) and the data.
         end_without_collecting_everything()  # as the launching process does, which train.py set up
+        # A terminal's hangup reaches every rank (the job in its foreground), and their console is gone with it.
+        stop_on_hangup()
         if self._logging_config is not None:
             logging.config.dictConfig(self._logging_config)
         quiet_lightning()
@@ -263,6 +265,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         # and a refused setting end so too, and the warning read as a crash after their own last line.
         spawn_log = logging.getLogger("torch.multiprocessing.spawn")
         spawn_log.addFilter(_not_terminating_ranks)
+        start_resource_tracker_deaf_to_hangups()  # spawning the ranks would start it, and a hangup end it
         with Handling(pass_on, signal.SIGTERM, signal.SIGINT) as handling:
             try:
                 return super().launch(function, *args, trainer=trainer, **kwargs)

@@ -1,10 +1,12 @@
-"""Signal handlers that are put back: what the stops of training, of generation and of the launchers share."""
+"""Signal handlers that are put back, and signals kept from helper processes: what the stops of training, of
+generation, of the launchers and of the data preparation share."""
 
 from __future__ import annotations
 
 import signal
 import threading
 from collections.abc import Callable
+from multiprocessing import resource_tracker
 from types import FrameType
 from typing import Any
 
@@ -41,3 +43,21 @@ class Handling:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous = {}
+
+
+def start_resource_tracker_deaf_to_hangups() -> None:
+    """Starts multiprocessing's resource tracker, unless it runs already, with SIGHUP blocked for good.
+
+    The tracker (one process, which unlinks the semaphores and shared memory of processes that die) ignores Ctrl-C
+    and SIGTERM, but not a hangup: sent to the whole job, it died of it and was started anew, with a warning that
+    resources might leak and a traceback for each semaphore freed after ("KeyError: '/mp-...'"). Call it before
+    the first use of multiprocessing that a hangup may follow: starting processes (spawned DDP ranks, a pool) or
+    queues. A DataLoader starts it with SIGHUP blocked already (`SignalSafeLoader`).
+    """
+    if not hasattr(signal, "SIGHUP"):
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        resource_tracker.ensure_running()  # the tracker keeps the mask it starts with
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -60,7 +60,8 @@ def _collate(examples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 
 def _leave_stops_to_the_trainer(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: Ctrl-C, and SIGTERM from anyone but the process that owns the loader, are ignored.
+    """DataLoader `worker_init_fn`: Ctrl-C, SIGHUP, and SIGTERM from anyone but the process that owns the loader, are
+    ignored.
 
     Schedulers preempt a job by sending SIGTERM to every process in it (SLURM at the time limit, `timeout`, `kill`
     of a process group), workers included. PyTorch's workers die of it, and the trainer, told by SIGCHLD, raised

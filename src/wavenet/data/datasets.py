@@ -200,14 +200,14 @@ class ChunkSampler(DistributedSampler):
 
 
 class SignalSafeLoader(DataLoader):
-    """A DataLoader whose worker processes start with Ctrl-C and SIGTERM blocked (a fork keeps the mask) until
+    """A DataLoader whose worker processes start with Ctrl-C, SIGTERM and SIGHUP blocked (a fork keeps the mask) until
     their `worker_init_fn` (`leave_stops_to`) takes them: a job's signal that came while a worker was still
     starting killed it, and the run ended in "DataLoader worker (pid N) exited unexpectedly", status 1, rather than
     stop as it does a moment later. This process's own handlers wait for the workers' start (milliseconds) too: a
     KeyboardInterrupt inside it left a half-made iterator, whose clean-up printed a traceback."""
 
     def _get_iterator(self) -> Any:
-        stops = (signal.SIGINT, signal.SIGTERM)
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         held: list[int] = []
         try:
             with Handling(lambda signum, frame: held.append(signum), *stops):

@@ -49,6 +49,7 @@ from wavenet.data.audio import EMPTY_FILE, UnreadableAudioError, audio_info, pea
 from wavenet.data.layouts import Source, list_sources
 from wavenet.data.mulaw import mu_law_encode
 from wavenet.errors import UserError, first_line
+from wavenet.signals import start_resource_tracker_deaf_to_hangups
 
 log = logging.getLogger(__name__)
 
@@ -370,14 +371,17 @@ def _init_worker(preparing_pid: int) -> None:
 
 
 def leave_stops_to(owner_pid: int) -> None:
-    """For a worker process: ignores Ctrl-C, and a SIGTERM from anyone but process `owner_pid`, which it exits on.
+    """For a worker process: ignores Ctrl-C and SIGHUP, and a SIGTERM from anyone but process `owner_pid`, which it
+    exits on.
 
-    A terminal's Ctrl-C and a scheduler's SIGTERM (SLURM, `timeout`, `kill` of a process group) reach every process
-    of a job, workers included: the process that owns them decides what stops, and ends its workers itself. Its
-    SIGTERM (`Process.terminate`) still ends a worker at once, so the signal is taken by a thread that knows the
-    sender, rather than ignored outright. Where `sigwaitinfo` is missing (macOS, Windows), SIGTERM stays as it was.
+    A terminal's Ctrl-C and hangup (SIGHUP: a dropped ssh session) and a scheduler's SIGTERM (SLURM, `timeout`, `kill`
+    of a process group) reach every process of a job, workers included: the process that owns them decides what
+    stops, and ends its workers itself. Its SIGTERM (`Process.terminate`) still ends a worker at once, so the signal
+    is taken by a thread that knows the sender, rather than ignored outright. Where `sigwaitinfo` is missing (macOS,
+    Windows), SIGTERM stays as it was.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         return
     # Blocked here, it is blocked in every thread this worker starts later (its queue's feeder): only
@@ -419,6 +423,7 @@ def _encode_all(paths: list[Path], settings: PrepareSettings, workers: int) -> I
     if workers == 1 or len(jobs) <= 1:
         yield from map(_encode_job, jobs)
         return
+    start_resource_tracker_deaf_to_hangups()  # the pool's queues would start it, and a hangup end it
     # forkserver, not fork: the caller may be multi-threaded (loggers, Lightning), and fork copies locks.
     pool = ProcessPoolExecutor(
         min(workers, len(jobs)),
@@ -427,10 +432,10 @@ def _encode_all(paths: list[Path], settings: PrepareSettings, workers: int) -> I
         initargs=(os.getpid(),),
     )
     try:
-        # The workers start here, with Ctrl-C and SIGTERM blocked (the forkserver, started now too, keeps the mask,
-        # and so does every worker it forks) until `leave_stops_to` takes them: a job's signal that came while a
-        # worker was still starting (importing torch, a second or two) killed it, and broke the pool.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # The workers start here, with Ctrl-C, SIGTERM and SIGHUP blocked (the forkserver, started now too, keeps the
+        # mask, and so does every worker it forks) until `leave_stops_to` takes them: a job's signal that came while
+        # a worker was still starting (importing torch, a second or two) killed it, and broke the pool.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         try:
             # Results come back in order, so the shards are the same bytes whatever the number of workers. One file
             # per task: a stopped preparation ends once its workers have done the few files handed to them.

@@ -23,6 +23,7 @@ from wavenet.data.audio import UnreadableAudioError, audio_info, peak_problem, r
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.errors import Terminated, UserError, check_can_write_in, counted
 from wavenet.generation import generate, resolve_method
+from wavenet.process import stop_signal
 from wavenet.signals import Handling
 from wavenet.tasks.generate_settings import PRECISION_DTYPES, check_settings
 
@@ -33,8 +34,8 @@ def run(cfg: DictConfig) -> list[Path]:
     """Writes `cfg.batch_size` files `sample_000.wav`, ... of `cfg.num_samples` samples to the run folder.
 
     Every setting and the prime file are checked before the checkpoint is read, so that a mistake costs no
-    loading. Interrupted (Ctrl-C, or a SIGTERM: `Terminated`), it writes the samples made so far, as shorter
-    files, and re-raises; a Ctrl-C or a SIGTERM while files are written stops the run once they are.
+    loading. Interrupted (Ctrl-C, or a SIGTERM or SIGHUP: `Terminated`), it writes the samples made so far, as
+    shorter files, and re-raises; a Ctrl-C or a SIGTERM while files are written stops the run once they are.
 
     Returns:
         The paths of the files written.
@@ -113,9 +114,9 @@ def run(cfg: DictConfig) -> list[Path]:
             # A Ctrl-C stopped generating: the next one stops the writing too, at once.
             with _StopsAfterWriting(batch_size, stopping=isinstance(stop, KeyboardInterrupt)):
                 paths = _write_wavs(output_dir, classes[:, :made], levels, sample_rate)
+                how = "Interrupted" if isinstance(stop, KeyboardInterrupt) else f"Stopped by {stop_signal().name}"
                 log.warning("%s: wrote %d file(s) cut short, %s of %s samples, to %s",
-                            "Interrupted" if isinstance(stop, KeyboardInterrupt) else "Stopped by SIGTERM",
-                            len(paths), f"{made:,}", f"{num_samples:,}", output_dir)  # fmt: skip
+                            how, len(paths), f"{made:,}", f"{num_samples:,}", output_dir)  # fmt: skip
         raise
     with _StopsAfterWriting(batch_size):
         seconds = time.perf_counter() - started
@@ -127,7 +128,7 @@ def run(cfg: DictConfig) -> list[Path]:
 
 
 class _SigtermStops(Handling):
-    """Within it, a SIGTERM raises `Terminated`.
+    """Within it, a SIGTERM raises `Terminated` (and so does a SIGHUP, see `wavenet.process.stop_on_hangup`).
 
     A preempted batch job is sent SIGTERM, whose default ended generation at once: no file of hours of sampling.
     """
@@ -163,7 +164,7 @@ class _StopsAfterWriting(Handling):
             log.warning("Ctrl-C: writing the %d file(s) first (Ctrl-C again stops now, without the rest)", self.files)
         elif self.received is None:
             self.received = Terminated()
-            log.warning("SIGTERM: writing the %d file(s) first", self.files)
+            log.warning("%s: writing the %d file(s) first", stop_signal().name, self.files)
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
         super().__exit__(kind, error, traceback)

@@ -31,6 +31,7 @@ from wavenet.ema import EMA
 from wavenet.errors import UserError, is_integer, user_error_message
 from wavenet.launch import RankStopped, StopsBeforeTraining, ddp_job, quiet_lightning
 from wavenet.module import check_resumable, check_starting_point, init_from_checkpoint
+from wavenet.process import stop_signal
 from wavenet.tasks.train_settings import check_settings
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,8 @@ def run(cfg: DictConfig) -> float | None:
     """Trains as the config says and returns `cfg.optimized_metric` (for sweepers), if it was logged.
 
     A SIGTERM ends the run with status 143: from the first step of training on, once that step is done (see
-    `wavenet.callbacks.InterruptCheckpoint`); before, where it finds it (preparing the data, say).
+    `wavenet.callbacks.InterruptCheckpoint`); before, where it finds it (preparing the data, say). A SIGHUP (the
+    terminal hung up) does the same, with status 129 (see `wavenet.process.stop_on_hangup`).
     """
     # Before anything is written to the run folder: a refused setting leaves nothing to clean up.
     check_settings(cfg)
@@ -325,8 +327,8 @@ def run(cfg: DictConfig) -> float | None:
             return _train(cfg)
     except SIGTERMException:
         # Stopped outside `fit` (which ends with 143 itself, having said so): building the model, or train=false.
-        log.info("Stopped by SIGTERM: run the same command again")
-        raise SystemExit(128 + signal.SIGTERM) from None
+        log.info("Stopped by %s: run the same command again", stop_signal().name)
+        raise SystemExit(128 + stop_signal()) from None
 
 
 def _train(cfg: DictConfig) -> float | None:
@@ -388,7 +390,7 @@ def _train(cfg: DictConfig) -> float | None:
             except ProcessRaisedException as error:
                 if str(error).rstrip().endswith(RankStopped.__name__):  # stopped, its checkpoint saved
                     ctrl_c = getattr(trainer.strategy.launcher, "stopped_by_ctrl_c", False)
-                    raise SystemExit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)) from None
+                    raise SystemExit(128 + (signal.SIGINT if ctrl_c else stop_signal())) from None
                 # A spawned rank (trainer=ddp_sim) stopped by a UserError: torch passes on its traceback as text.
                 message = user_error_message(str(error))
                 if message is None:
@@ -396,7 +398,7 @@ def _train(cfg: DictConfig) -> float | None:
                 raise UserError(message) from None
             except SIGTERMException:
                 # Lightning's exits with status 0: a preempted job must not look finished to its scheduler.
-                raise SystemExit(128 + (signal.SIGINT if _stopped_by_ctrl_c(trainer) else signal.SIGTERM)) from None
+                raise SystemExit(128 + (signal.SIGINT if _stopped_by_ctrl_c(trainer) else stop_signal())) from None
             except SystemExit as stop:
                 # Lightning ends a run stopped at once by Ctrl-C (under DDP, or the second Ctrl-C) with status 1.
                 if stop.code == 1 and _stopped_by_ctrl_c(trainer):
