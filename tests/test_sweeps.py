@@ -321,6 +321,40 @@ def test_optuna_search_of_no_trials_is_refused_before_any(tmp_path, setting):
     assert not sweep_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "sweep",
+    [["model.layer=4,6"], ["hparams_search=optuna", "hydra.sweeper.n_trials=1", "model.layer=choice(4,6)"]],
+    ids=["grid", "optuna"],
+)
+def test_a_sweep_refused_before_any_job_ran_leaves_nothing_behind(tmp_path, sweep):
+    # The sweepers write multirun.yaml before they compose a job: it refused the mended command in the same folder.
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "notes.txt").write_text("the user's")
+    for folder in (tmp_path / "made" / "sweep", named):
+        result = run_script("train.py", "-m", *sweep, f"hydra.sweep.dir={folder}")
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1] == (
+            "error: model.layer is not a setting of wavenet.WaveNetModule; did you mean model.layers?"
+        )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["named"]
+    assert [path.name for path in named.iterdir()] == ["notes.txt"]
+
+
+def test_a_sweep_refused_after_a_job_ran_is_kept(tmp_path, monkeypatch):
+    from wavenet.config import FreshRunFolder, discard_refused_sweep
+
+    for name in ("found", "made", "sweep_dir"):  # what the callback notes, as it was before this test
+        monkeypatch.setattr(FreshRunFolder, name, getattr(FreshRunFolder, name))
+    sweep_dir = tmp_path / "sweep"
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
+    FreshRunFolder().on_multirun_start(config)
+    (sweep_dir / "0").mkdir(parents=True)  # the job that ran (model=tiny) before one was refused (model=huge)
+    (sweep_dir / "multirun.yaml").write_text("")
+    discard_refused_sweep()
+    assert sorted(path.name for path in sweep_dir.iterdir()) == ["0", "multirun.yaml"]
+
+
 def test_wandb_sweep_trials_are_train_py_overrides(tmp_path):
     sweep = yaml.safe_load((REPO / "conf" / "wandb_sweep.yaml").read_text())
     train_cfg = yaml.safe_load((REPO / "conf" / "train.yaml").read_text())

@@ -129,19 +129,39 @@ class FreshRunFolder(Callback):
     mix its logs, metrics and checkpoints with the earlier ones: refused at the start, nothing is touched.
 
     Attributes:
-        found: What the run folder held before the run (names; none where this process made it).
+        found: What the run (or sweep) folder held before the run (names; none where this process made it).
         made: The outermost folder this process made for the run (the run folder or one above it), or None.
+        sweep_dir: The sweep folder of the multirun in this process, if any.
     """
 
     found: set[str] = set()
     made: Path | None = None
+    sweep_dir: Path | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.output_subdir is None:  # a DDP rank, re-run into its job's folder (wavenet.launch)
             return
         folder = Path(config.hydra.run.dir)
         self._refuse_if_used(folder, config.hydra.output_subdir, "hydra.run.dir")
-        # Class attributes, for `discard_refused_run`: set for every run, as a process may run more than one.
+        self._note_before(folder)
+        try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            exit_with_error(
+                f"cannot create hydra.run.dir={folder}: {error.strerror or error}; set paths.log_dir to a writable "
+                "folder"
+            )
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.sweep.dir)
+        self._refuse_if_used(folder, "multirun.yaml", "hydra.sweep.dir")
+        self._note_before(folder)
+        FreshRunFolder.sweep_dir = folder
+
+    @staticmethod
+    def _note_before(folder: Path) -> None:
+        # Class attributes, for `discard_refused_run` and `discard_refused_sweep`: set for every run, as a process
+        # may run more than one.
         try:
             FreshRunFolder.found = {path.name for path in folder.iterdir()}
         except OSError:  # not there (made next), or not a folder (refused next)
@@ -152,16 +172,6 @@ class FreshRunFolder(Callback):
             while not made.parent.exists():
                 made = made.parent
         FreshRunFolder.made = made
-        try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            exit_with_error(
-                f"cannot create hydra.run.dir={folder}: {error.strerror or error}; set paths.log_dir to a writable "
-                "folder"
-            )
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._refuse_if_used(Path(config.hydra.sweep.dir), "multirun.yaml", "hydra.sweep.dir")
 
     @staticmethod
     def _refuse_if_used(folder: Path, record: str, key: str) -> None:
@@ -213,14 +223,40 @@ def discard_refused_run() -> bool:
         for path in logs:
             if path.name not in found:
                 path.unlink()
-        if FreshRunFolder.made is not None:  # and the folders made for it, such as outputs/train/runs/
-            for made in [folder.absolute(), *folder.absolute().parents]:
-                made.rmdir()
-                if made == FreshRunFolder.made:
-                    break
+        _remove_made_folders(folder)  # such as outputs/train/runs/
     except OSError:  # another process writing there, a folder made read-only: then it stays
         return False
     return True
+
+
+def discard_refused_sweep() -> None:
+    """Removes the `multirun.yaml` of a sweep refused before any job ran, and the folders made for it.
+
+    The sweepers write it before they compose the first job (where a misspelt key, `model.layer=4,6`, is refused),
+    and it would then refuse the same command, mended, in the same `hydra.sweep.dir`, and leave a folder in
+    outputs/ for every refused sweep. A sweep folder that holds anything new besides it (a job's folder, a
+    summary) is left as it is; so is what it held before the sweep.
+    """
+    folder = FreshRunFolder.sweep_dir
+    if folder is None:
+        return
+    try:
+        if {path.name for path in folder.iterdir()} - FreshRunFolder.found != {"multirun.yaml"}:
+            return
+        (folder / "multirun.yaml").unlink()
+        _remove_made_folders(folder)
+    except OSError:  # another process writing there, a folder made read-only: then it stays
+        return
+
+
+def _remove_made_folders(folder: Path) -> None:
+    """Removes `folder` and those above it, up to the outermost one that `FreshRunFolder` saw this process make."""
+    if FreshRunFolder.made is None:
+        return
+    for made in [folder.absolute(), *folder.absolute().parents]:
+        made.rmdir()
+        if made == FreshRunFolder.made:
+            break
 
 
 class SweepSummary(Callback):

@@ -53,6 +53,7 @@ def report_config_errors_in_one_line() -> None:
     An unknown option (`model=huge`) or key (`foo=1`), an override it cannot parse or merge: Hydra prints
     its message over several lines, then its config search path and a hint about HYDRA_FULL_ERROR, which
     still gives the whole traceback. Call before the `@hydra.main` function; other errors are left to Hydra.
+    A sweep refused in one line before any job ran leaves no folder (`wavenet.config.discard_refused_sweep`).
     """
     import hydra._internal.utils as hydra_utils
     from hydra.errors import ConfigCompositionException, OverrideParseException
@@ -73,7 +74,17 @@ def report_config_errors_in_one_line() -> None:
                     raise
                 exit_with_error(line)
 
-        return report(composed)
+        def composed_and_discarded_if_refused() -> Any:
+            try:
+                return composed()
+            except SystemExit as stop:
+                if stop.code == 1:
+                    from wavenet.config import discard_refused_sweep  # which imports this module
+
+                    discard_refused_sweep()
+                raise
+
+        return report(composed_and_discarded_if_refused)
 
     hydra_utils.run_and_report = run_and_report
 

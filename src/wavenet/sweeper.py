@@ -69,7 +69,6 @@ class OptunaSweeper(PluginOptunaSweeper):
         if impl.storage is not None:
             self._continue_study(impl)
         sweep_dir = Path(impl.config.hydra.sweep.dir)
-        made = [folder for folder in (sweep_dir, *sweep_dir.parents) if not folder.exists()]
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(impl.config, sweep_dir / "multirun.yaml")
         plugin_log = logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl")
@@ -83,13 +82,7 @@ class OptunaSweeper(PluginOptunaSweeper):
                 _save_best_so_far(asked, sweep_dir)
                 raise
         except _ChangedSearchSpace as error:
-            # Refused before any trial ran: the same command, mended, may sweep into the same folder.
-            (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
-            for folder in made:
-                try:
-                    folder.rmdir()
-                except OSError:  # holds something else
-                    break
+            # Refused before any trial ran, it leaves the sweep folder as it found it (discard_refused_sweep).
             exit_with_error(f"hydra.sweeper.storage={impl.storage}: {error}")
         except ValueError as error:
             if str(error) not in _NO_COMPLETED_TRIAL:
