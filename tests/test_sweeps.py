@@ -250,6 +250,37 @@ def test_a_study_continued_with_other_choices_is_refused_in_one_line_and_its_tri
     assert not (tmp_path / "second").exists()
 
 
+def test_a_study_continued_with_other_fixed_settings_is_refused_in_one_line(tmp_path, data_dir):
+    # Its trials and the earlier ones were ranked as one, though trained for other numbers of steps.
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def search(folder: str, *settings: str) -> subprocess.CompletedProcess:
+        return run_script(
+            "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, *BUILTIN_SMALL,
+            *FAST_TRIAL, "trainer.val_check_interval=2", f"paths.data_dir={data_dir}",
+            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / folder}", *settings,
+        )  # fmt: skip
+
+    first = search("first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    changed = search("second", "trainer.max_steps=3", "model.skip_channels=8")
+    assert changed.returncode == 1 and "Traceback" not in changed.stderr, changed.stderr[-3000:]
+    refusal = (
+        f"error: hydra.sweeper.storage={storage}: the trials of study wavenet ran with model.skip_channels=16 (this "
+        "search: 8), trainer.max_steps=2 (this search: 3), and a value compares only with those of the same "
+        "settings: give a new hydra.sweeper.study_name, or the study's settings"
+    )
+    assert [line for line in changed.stderr.splitlines() if line.startswith("error:")] == [refusal]
+    assert not (tmp_path / "second").exists()
+    assert len(optuna.load_study(study_name="wavenet", storage=storage).trials) == 1
+    # Where a trial writes and how it logs change nothing, nor does a check of the command (train=false).
+    same = search("third", "logger=tensorboard", "train=false")
+    assert "Continuing study wavenet after its 1 trial," in same.stdout, same.stderr[-3000:]
+    assert "error:" not in same.stderr
+
+
 def test_a_search_stopped_by_ctrl_c_leaves_no_trial_running_in_its_storage_and_writes_its_summary(tmp_path, data_dir):
     import optuna
 

@@ -386,7 +386,7 @@ class SweepSummary(Callback):
         lines = [f"Multirun summary ({self.metric}, {self.direction}), saved to {path}:"]
         for trial in trials:
             value = "failed" if trial["failed"] else "-" if trial["value"] is None else f"{trial['value']:.4f}"
-            params = " ".join(f"{key}={_override_text(setting)}" for key, setting in trial["params"].items())
+            params = " ".join(f"{key}={override_text(setting)}" for key, setting in trial["params"].items())
             reason = f"  ({trial['reason']})" if trial["failed"] else ""
             lines.append(f"  job {trial['job']:>3}  {value:>9}  {params}{reason}".rstrip())
         if best is not None:
@@ -416,12 +416,12 @@ def check_added_keys(cfg: DictConfig, script: str) -> None:
         raise UserError(f"{key} is not a setting of {script} (added with {override.split('=', 1)[0]}){hint}")
 
 
-def _override_text(value: Any) -> str:
-    """`value` as a command-line override would give it (`null`, `true`, `[1, 2]`), for the summary's table."""
+def override_text(value: Any) -> str:
+    """`value` as a command-line override would give it (`null`, `true`, `[1, 2]`), for tables and refusals."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     if isinstance(value, list):
-        return f"[{', '.join(map(_override_text, value))}]"
+        return f"[{', '.join(map(override_text, value))}]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{key}: {_override_text(item)}" for key, item in value.items()) + "}"
+        return "{" + ", ".join(f"{key}: {override_text(item)}" for key, item in value.items()) + "}"
     return str(value)

@@ -18,6 +18,8 @@ Hydra takes sweepers from). It differs from the plugin's own in these ways:
 - a study continued from `storage` with other choices for a parameter (`choice(4,8)`, then `choice(-1,4)`), which
   Optuna cannot do, is refused in one line naming the parameter and the study's choices, and leaves the sweep
   folder as it found it (the plugin ended in a traceback naming neither);
+- so is a study continued from `storage` with other fixed settings (`trainer.max_steps`, `model=`) than those its
+  completed trials ran with, naming them (the plugin ranked trials whose values do not compare as one study);
 - a trial that failed (refused with a `UserError`, or raised: `train.py` returns a `FailedJob`), returned
   NaN (the plugin then crashed in Optuna 2.10) or no value is logged as `Trial <job> failed: <reason>`, in
   place of the plugin's lines about a return value that is not a number, and the search goes on.
@@ -38,6 +40,7 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginOptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
+from wavenet.config import override_text
 from wavenet.errors import FailedJob, UserError, counted, exit_with_error, first_line
 
 if TYPE_CHECKING:
@@ -67,7 +70,7 @@ class OptunaSweeper(PluginOptunaSweeper):
     def sweep(self, arguments: list[str]) -> None:
         impl = self.sweeper
         if impl.storage is not None:
-            self._continue_study(impl)
+            self._continue_study(impl, arguments)
         sweep_dir = Path(impl.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(impl.config, sweep_dir / "multirun.yaml")
@@ -92,9 +95,10 @@ class OptunaSweeper(PluginOptunaSweeper):
             plugin_log.removeFilter(self.failures)
 
     @staticmethod
-    def _continue_study(impl: Any) -> None:
+    def _continue_study(impl: Any, arguments: list[str]) -> None:
         """Opens the study in `impl.storage` as the plugin will (one line for a storage or direction that does
-        not do), and reseeds the sampler where the study has trials already."""
+        not do), refuses it where its trials ran with other fixed settings (`_check_fixed_settings`), and reseeds
+        the sampler where the study has trials already."""
         import optuna  # Hydra imports this module at every start, to list its plugins: Optuna only for a search
 
         try:
@@ -106,6 +110,10 @@ class OptunaSweeper(PluginOptunaSweeper):
             )
         except Exception as error:  # noqa: BLE001 (SQLAlchemy's errors, of many types; Optuna's ValueError)
             exit_with_error(f"hydra.sweeper.storage={impl.storage}: {first_line(error)}")
+        try:
+            _check_fixed_settings(study, impl, arguments)
+        except _ChangedSettings as error:
+            exit_with_error(f"hydra.sweeper.storage={impl.storage}: {error}")
         trials = len(study.trials)
         sampler = impl.config.hydra.sweeper.get("sampler")
         if trials and sampler is not None and sampler.get("seed") is not None:
@@ -113,6 +121,102 @@ class OptunaSweeper(PluginOptunaSweeper):
             impl.sampler = instantiate(sampler, seed=seed)
             continued = counted(trials, "trial")
             log.info("Continuing study %s after its %s, with sampler seed %d", study.study_name, continued, seed)
+
+
+# What a trial's value does not depend on: where things are written, how a run is logged and shown, how many
+# processes read the data, and whether it trains at all (train=false, a check of the command: its trials fail).
+_NOT_COMPARED = (
+    "hydra", "paths", "logger", "tags", "task_name", "train", "data.num_workers", "data.prepare_workers",
+    "callbacks.progress_bar", "callbacks.model_summary", "callbacks.model_checkpoint", "callbacks.interrupt_checkpoint",
+    "callbacks.lr_monitor", "callbacks.training_monitor", "callbacks.audio_samples",
+)  # fmt: skip
+_UNSET = object()  # a setting the config does not have
+
+
+class _ChangedSettings(UserError):
+    """A search whose fixed settings differ from those the completed trials of its study ran with."""
+
+
+def _check_fixed_settings(study: optuna.Study, impl: Any, arguments: list[str]) -> None:
+    """Raises `_ChangedSettings` where `study` has completed trials and a setting that this search does not vary
+    (`trainer.max_steps`, the model's size) differs from the one they ran with: the study's best would rank values
+    that do not compare. Else records this search's settings in the study (as user attributes), for the next one.
+
+    A key searched in one search and fixed in another is no change; fixed at two values in two searches it is, even
+    with a search of it between them: so the study keeps each key's latest fixed value, and the keys ever searched.
+    """
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    from optuna.trial import TrialState
+
+    in_params = impl._parse_sweeper_params_config()  # `key=value` for each entry of hydra.sweeper.params
+    distributions, fixed = create_params_from_overrides([*in_params, *arguments])
+    searched = {name.lstrip("+~") for name in distributions if name not in fixed}  # a fixed value wins
+    _, fixed_in_params = create_params_from_overrides(in_params)  # set in each trial's overrides, not in the config
+    settings = {
+        key: value
+        for key, value in {**_settings(impl.config), **fixed_in_params}.items()
+        if not _under(key, (*_NOT_COMPARED, *searched))
+    }
+
+    stored, searched_before = study.user_attrs.get("settings"), set(study.user_attrs.get("searched", ()))
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if stored is None and completed:
+        log.warning("Study %s does not record the settings its trials ran with: this search's are taken for them",
+                    study.study_name)  # fmt: skip
+    elif stored is not None and completed:
+        changed = [
+            key
+            for key in sorted(stored.keys() | settings.keys())
+            if stored.get(key, _UNSET) != settings.get(key, _UNSET)
+            and not (key not in stored and _under(key, searched_before))
+            and not (key not in settings and _under(key, searched))
+        ]
+        if changed:
+            shown = [f"{key}={_text(stored, key)} (this search: {_text(settings, key)})" for key in changed[:3]]
+            more = f" and {counted(len(changed) - 3, 'more setting')}" if len(changed) > 3 else ""
+            raise _ChangedSettings(
+                f"the trials of study {study.study_name} ran with {', '.join(shown)}{more}, and a value compares only "
+                "with those of the same settings: give a new hydra.sweeper.study_name, or the study's settings"
+            )
+    kept = {key: value for key, value in (stored or {}).items() if _under(key, searched)}
+    study.set_user_attr("settings", {**kept, **settings})
+    study.set_user_attr("searched", sorted(searched_before | searched))
+
+
+def _settings(config: DictConfig) -> dict[str, Any]:
+    """The settings of a sweep's `config` that a trial's value may depend on, by dotted key, resolved: without
+    `_NOT_COMPARED`, and without those that interpolate a path of this machine (`${paths.data_dir}/prepared`)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    settings: dict[str, Any] = {}
+
+    def add(raw: dict, prefix: str) -> None:
+        for key, value in raw.items():
+            name = f"{prefix}{key}"
+            if _under(name, _NOT_COMPARED) or (isinstance(value, str) and ("${paths." in value or "${hydra:" in value)):
+                continue
+            if isinstance(value, dict):
+                add(value, f"{name}.")
+                continue
+            try:
+                resolved = OmegaConf.select(config, name)
+            except OmegaConfBaseException:  # left to the trial to report
+                resolved = value
+            is_node = OmegaConf.is_config(resolved)  # a list
+            settings[name] = OmegaConf.to_container(resolved, resolve=True) if is_node else resolved
+
+    add(OmegaConf.to_container(config, resolve=False), "")
+    return settings
+
+
+def _text(settings: dict[str, Any], key: str) -> str:
+    """The value of `key` in `settings` as an override gives it, or `unset`."""
+    return override_text(settings[key]) if key in settings else "unset"
+
+
+def _under(key: str, prefixes: Any) -> bool:
+    """Whether `key` is one of `prefixes`, or a key inside one (`model.layers` inside `model`)."""
+    return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
 
 
 def _remember_asked_trials(impl: Any) -> list[optuna.trial.Trial]:
