@@ -386,6 +386,53 @@ def test_a_sweep_refused_after_a_job_ran_is_kept(tmp_path, monkeypatch):
     assert sorted(path.name for path in sweep_dir.iterdir()) == ["0", "multirun.yaml"]
 
 
+@pytest.mark.parametrize(
+    "given,refusal",
+    [
+        (["model.lr=0.01,0.02", "model.lr=0.001"], "model.lr=0.001 would replace the sweep model.lr=0.01,0.02"),
+        (["hparams_search=optuna", "model.lr=choice(0.01,0.02)", "model.lr=0.001"],
+         "model.lr=0.001 would replace the sweep model.lr=choice(0.01,0.02)"),  # fmt: skip
+        (["hparams_search=optuna", "hydra.sweeper.params={model.lr:'choice(0.01,0.02)'}", "model.lr=0.001"],
+         "hydra.sweeper.params={model.lr:'choice(0.01,0.02)'} and model.lr=0.001 both give model.lr on the command "
+         "line"),  # fmt: skip
+    ],
+    ids=["grid", "search", "search-space"],
+)
+def test_a_sweep_that_a_value_of_its_key_would_replace_is_refused(tmp_path, data_dir, given, refusal):
+    # Hydra's sweeper kept the last of the two, Optuna's the plain value: either way a sweep of one value.
+    sweep_dir = tmp_path / "sweep"
+    trials = ["hydra.sweeper.n_trials=1"] if "hparams_search=optuna" in given else []
+    result = run_script(
+        "train.py", "-m", *given, *trials, *TINY, *BUILTIN_SMALL, "train=false", f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"error: {refusal}: give one of them"
+    assert not sweep_dir.exists()
+
+
+def test_a_search_on_the_command_line_wins_over_a_value_before_it_and_an_entry_of_the_search_space_of_a_config():
+    # The plugin let the value win wherever it came from: a search of model.lr that never varied it.
+    from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+
+    from wavenet.sweeper import _let_the_command_line_win
+
+    impl = OptunaSweeperImpl(
+        sampler=None, direction="minimize", storage=None, study_name="wavenet", n_trials=1, n_jobs=1,
+        max_failure_rate=0.0, search_space=None, custom_search_space=None,
+        params=OmegaConf.create({"model.lr": 1e-3, "model.layers": "choice(4, 6)", "data.chunk_length": "choice(1,2)"}),
+    )  # fmt: skip
+    impl.config = OmegaConf.create({"hydra": {"overrides": {"hydra": []}}})  # no hydra.sweeper.params= on it
+    # As tests.conftest.TINY and a sweep after it give data.chunk_length.
+    given = ["model=tiny", "data.chunk_length=256", "model.lr=choice(0.01,0.02)", "data.chunk_length=choice(256,512)"]
+    arguments = _let_the_command_line_win(impl, given)
+    searched, fixed = create_params_from_overrides([*impl._parse_sweeper_params_config(), *arguments])
+    assert {name: list(distribution.choices) for name, distribution in searched.items()} == {
+        "model.layers": [4, 6], "model.lr": [0.01, 0.02], "data.chunk_length": [256, 512]
+    }  # fmt: skip
+    assert fixed == {"model": "tiny"}
+
+
 def test_wandb_sweep_trials_are_train_py_overrides(tmp_path):
     sweep = yaml.safe_load((REPO / "conf" / "wandb_sweep.yaml").read_text())
     train_cfg = yaml.safe_load((REPO / "conf" / "train.yaml").read_text())

@@ -259,6 +259,22 @@ def _remove_made_folders(folder: Path) -> None:
             break
 
 
+class SweptOnce(Callback):
+    """Hydra callback refusing a sweep whose command line gives a key again after a sweep of it
+    (`model.lr=choice(1e-3,3e-3) model.lr=1e-3`): the sweep would be dropped without a word, as Hydra keeps the last
+    value of a key. A sweep after a value of its key (`model=tiny model=tiny,small`, a command line extended)
+    replaces it, as any later value does."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        swept: dict[str, str] = {}  # key -> its sweep, as typed
+        for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+            key = override.key_or_group
+            if key in swept:
+                exit_with_error(f"{override.input_line} would replace the sweep {swept[key]}: give one of them")
+            if override.is_sweep_override():
+                swept[key] = override.input_line
+
+
 class SweepSummary(Callback):
     """Hydra callback that ends a multirun with a list of its jobs, their values and the best.
 

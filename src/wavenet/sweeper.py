@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
@@ -69,6 +70,7 @@ class OptunaSweeper(PluginOptunaSweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         impl = self.sweeper
+        arguments = _let_the_command_line_win(impl, arguments)
         if impl.storage is not None:
             self._continue_study(impl, arguments)
         sweep_dir = Path(impl.config.hydra.sweep.dir)
@@ -121,6 +123,34 @@ class OptunaSweeper(PluginOptunaSweeper):
             impl.sampler = instantiate(sampler, seed=seed)
             continued = counted(trials, "trial")
             log.info("Continuing study %s after its %s, with sampler seed %d", study.study_name, continued, seed)
+
+
+def _let_the_command_line_win(impl: Any, arguments: list[str]) -> list[str]:
+    """Returns the last override of each key in `arguments`, and drops the entries of the config's search space
+    (`hydra.sweeper.params`) for the keys they give: the command line wins over a config, and its last value of a
+    key over earlier ones, as everywhere else in Hydra. Refuses a key that the command line gives both as an entry
+    of the search space and on its own (`wavenet.config.SweptOnce` refuses a sweep followed by another value).
+
+    The plugin let a fixed value win over a search wherever each came from: `model.lr=choice(1e-3,3e-3)` lost to a
+    `model.lr: 1e-3` entry of a config, and to `model.lr=1e-3` before it on the command line.
+    """
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(arguments)
+    last = {override.key_or_group: index for index, override in enumerate(parsed)}
+    given = {override.key_or_group: override.input_line for override in parsed}
+    entries: dict[str, str] = {}  # given on the command line: key -> the override that gives it
+    for override in parser.parse_overrides(list(impl.config.hydra.overrides.hydra)):
+        key = override.key_or_group
+        if key == "hydra.sweeper.params" and isinstance(override.value(), dict):
+            entries.update(dict.fromkeys(map(str, override.value()), override.input_line))
+        elif key.startswith("hydra.sweeper.params."):
+            entries[key.removeprefix("hydra.sweeper.params.")] = override.input_line
+    twice = sorted(entries.keys() & given.keys())
+    if twice:
+        key = twice[0]
+        exit_with_error(f"{entries[key]} and {given[key]} both give {key} on the command line: give one of them")
+    impl.params = {key: value for key, value in (impl.params or {}).items() if key not in given}
+    return [arguments[index] for index in sorted(last.values())]
 
 
 # What a trial's value does not depend on: where things are written, how a run is logged and shown, how many
