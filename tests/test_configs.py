@@ -192,6 +192,15 @@ THE_SETTING_MEANT = [
     ("train.py", ["logger=wandb", "logger.wandb.entity=me"],  # WandbLogger takes **kwargs, for wandb.init
      ("logger.wandb.entity is not in the config: if lightning.pytorch.loggers.WandbLogger takes entity, add it with "
       "+logger.wandb.entity=me")),
+    # The search space's keys hold dots: Hydra said "did you mean" the key typed, that it swept its own config, or
+    # (without a search space) failed an assertion, with a traceback.
+    *[
+        ("train.py", ["-m", *search, f"hydra.sweeper.params.model.lr={value}"],
+         (f"hydra.sweeper.params.model.lr: an override reads the dots of the search space's model.lr as nested "
+          f"settings; give model.lr={value}, which replaces the search space's entry"))
+        for search, value in [(["hparams_search=optuna"], "0.1"), (["hparams_search=optuna"], "choice(0.1,0.2)"),
+                              ([], "0.1")]
+    ],
 ]  # fmt: skip
 
 

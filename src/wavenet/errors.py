@@ -67,9 +67,17 @@ def report_config_errors_in_one_line() -> None:
             except (ConfigCompositionException, OverrideParseException) as error:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                exit_with_error(_unknown_key_line(error) or _unquoted_value_line(error) or config_error_line(error))
-            except ValueError as error:
-                line = _group_value_error_line(error)
+                exit_with_error(
+                    _search_space_line(error)
+                    or _unknown_key_line(error)
+                    or _unquoted_value_line(error)
+                    or config_error_line(error)
+                )
+            except (ValueError, AssertionError) as error:
+                # An AssertionError: OmegaConf's, at a search-space key set where there is no search space.
+                line = _search_space_line(error) or (
+                    _group_value_error_line(error) if isinstance(error, ValueError) else None
+                )
                 if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 exit_with_error(line)
@@ -137,6 +145,28 @@ def _unquoted_value_line(error: Exception) -> str | None:
         ways.append(f"quote it: {quoted}")
     return f"{override}: Hydra's override grammar takes ~ only quoted: " + (
         " or ".join(ways) or f"write the folder {value.split('/')[0]} stands for"
+    )
+
+
+_SEARCH_SPACE = "hydra.sweeper.params."
+
+
+def _search_space_line(error: Exception) -> str | None:
+    """One line for an override of an entry of a search space by its key (`hydra.sweeper.params.model.lr=0.1`);
+    None for any other error.
+
+    The entries' keys hold dots (`model.lr`), which an override reads as nested settings: Hydra answered that
+    `hydra.sweeper.params.model` is no setting, and took a sweep of it for one over its own config.
+    """
+    swept = re.search(r"Sweeping over Hydra's configuration is not supported : '(.*)'$", str(error).strip())
+    override = swept[1] if swept else getattr(_local_of_raising_frames(error, "override"), "input_line", None)
+    if not isinstance(override, str) or not override.lstrip("+~").startswith(_SEARCH_SPACE) or "=" not in override:
+        return None
+    key, value = override.lstrip("+~").split("=", 1)
+    searched = key.removeprefix(_SEARCH_SPACE)
+    return (
+        f"{key}: an override reads the dots of the search space's {searched} as nested settings; give "
+        f"{searched}={value}, which replaces the search space's entry"
     )
 
 
