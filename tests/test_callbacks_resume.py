@@ -105,11 +105,13 @@ def test_a_stop_says_how_to_resume_and_a_requeued_job_that_the_same_command_does
     chain, elsewhere = tmp_path / "chain", tmp_path / "runs"
     chain.mkdir()
     stopped = chain / "2026-02-03_08-00-00" / "checkpoints"
-    compose_config("train", ["model=tiny", f"ckpt_path={chain}", "init_from=base.ckpt"], stopped.parent)
-    # Its ckpt_path folder holds the checkpoint, and it finds it there again: the same command resumes.
+    run_dir = f"hydra.run.dir={chain}/${{now:%H-%M-%S}}"
+    compose_config("train", ["model=tiny", f"ckpt_path={chain}", "init_from=base.ckpt", run_dir], stopped.parent)
+    # Its ckpt_path folder holds the checkpoint, and it finds it there again: the same command resumes, its run
+    # folder in the chain's again (as typed: resolved, it would be this run's).
     assert InterruptCheckpoint(str(stopped)).resume_advice == (
         f"resume with the same command, whose ckpt_path={chain} finds this checkpoint: python train.py model=tiny "
-        f"ckpt_path={chain} init_from=base.ckpt"
+        f"ckpt_path={chain} init_from=base.ckpt '{run_dir}'"
     )
     # A run folder resumed by a run written elsewhere: the same command would resume from it again.
     compose_config("train", ["model=tiny", f"ckpt_path={chain}"], elsewhere)

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.model_summary import ModelSummary, get_formatte
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 from rich import get_console
 from rich.progress import TaskID
 from rich.table import Table
@@ -430,12 +431,16 @@ def _resume_advice(path: Path) -> str:
     advice = f"resume with ckpt_path={path}"
     if not HydraConfig.initialized():  # a Trainer of one's own
         return advice
-    overrides = list(HydraConfig.get().overrides.task)
+    # As typed, not resolved: `${now:...}` would give this run's time.
+    overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
     given = [setting.split("=", 1)[1] for setting in overrides if setting.split("=", 1)[0].lstrip("+") == "ckpt_path"]
     folder = Path(given[-1]).expanduser() if given else None
     if folder is not None and folder.is_dir() and path.resolve().is_relative_to(folder.resolve()):
+        # Its run folder inside the chain's too (`hydra.run.dir=<folder>/${now:...}`); hydra.mode is Hydra's own.
+        typed = OmegaConf.to_container(HydraConfig.get().overrides.hydra, resolve=False)
+        hydra_overrides = [setting for setting in typed if not setting.startswith("hydra.mode=")]
         return f"resume with the same command, whose ckpt_path={folder} finds this checkpoint: " + shlex.join(
-            ["python", sys.argv[0], *overrides]
+            ["python", sys.argv[0], *overrides, *hydra_overrides]
         )
     # init_from too: the resumed run has its weights already.
     kept = [setting for setting in overrides if setting.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "init_from")]
