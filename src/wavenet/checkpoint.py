@@ -103,7 +103,7 @@ def latest_resumable(folder: Path) -> tuple[Path, int] | None:
         try:
             checkpoint = read_checkpoint(path, map_location="cpu", mmap=True)
         except UserError as error:
-            unreadable.append(f"{error}")
+            unreadable.append(str(error))
             continue
         if checkpoint.get("optimizer_states"):
             candidates.append((int(checkpoint.get("global_step", 0)), path.stat().st_mtime, path))
