@@ -259,6 +259,19 @@ def test_files_go_to_a_new_shard_past_the_shard_size(tmp_path: Path, monkeypatch
         np.testing.assert_array_equal(shard_samples(manifest, file.relative), expected)
 
 
+def test_a_cut_off_mp3_is_left_out_rather_than_padded_with_silence(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    write(root / "whole.wav", chirp(0.5, RATE, seed=1), RATE)
+    full = write(tmp_path / "full.mp3", chirp(2.0, RATE, seed=2), RATE)
+    # An interrupted download: its Xing header still gives the whole length, 3/4 of which is gone.
+    (root / "cut.mp3").write_bytes(full.read_bytes()[: full.stat().st_size // 4])
+    manifest = Manifest.load(prepare_corpus(root, "folder", ["wav", "mp3"], SETTINGS, tmp_path / "cache", 1))
+    assert [file.relative for file in manifest.files] == ["whole.wav"]
+    [(path, reason)] = manifest.skipped
+    assert path == "cut.mp3"
+    assert re.fullmatch(r"unreadable \(truncated: it decodes to [\d,]+ of the 32,000 samples its header gives\)", reason)
+
+
 def test_a_corpus_of_one_unusable_file_is_told_so_in_the_singular(tmp_path: Path) -> None:
     root = tmp_path / "bad"
     write(root / "silent.wav", np.zeros((800, 1), np.float32), RATE)

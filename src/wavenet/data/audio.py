@@ -35,6 +35,11 @@ _ROLLOFF = 0.99
 
 # The reason `UnreadableAudioError` gives for a file of no bytes (preparation reports those as empty).
 EMPTY_FILE = "empty file (0 bytes)"
+# Frames a read may come up short of what the header promised before the file counts as truncated: libsndfile's
+# Ogg Vorbis seeking can land up to one lapped block late (issue #885), and Vorbis's largest block is 8,192 frames.
+# A cut-off MP3 (a partial download or copy) keeps the length its Xing header gives: read as it was, the missing
+# seconds became silence that training took for audio.
+_READ_SLACK = 8192
 # Largest magnitude taken as audio. Integer formats decode within [-1, 1]; a float file may overshoot a little
 # (clipped masters, resampling ringing) but not by this much: beyond, it holds integer values saved as float.
 _MAX_PEAK = 2.0
@@ -46,6 +51,10 @@ def peak_problem(peak: float) -> str | None:
     if peak <= _MAX_PEAK:
         return None
     return f"samples reach {peak:.6g}, far outside audio's [-1, 1] (float samples in integer units?)"
+
+
+class _TruncatedError(Exception):
+    """A file decodes to far fewer frames than its header gives."""
 
 
 class UnreadableAudioError(UserError):
@@ -129,6 +138,8 @@ def read_audio(
                 audio[max(total - start, 0) :] = 0.0
     except (sf.SoundFileError, OSError) as error:
         raise UnreadableAudioError(path, _reason(path, error)) from error
+    except _TruncatedError as error:
+        raise UnreadableAudioError(path, str(error)) from error
     return torch.from_numpy(audio)
 
 
@@ -139,7 +150,11 @@ def _read_source(file: sf.SoundFile, start: int, frames: int) -> np.ndarray:
     if end > begin:
         file.seek(begin)
         data = file.read(end - begin, dtype="float32", always_2d=True).mean(axis=1)
-        # A compressed file can decode fewer frames than its header promised: the rest stays silent.
+        if end - begin - len(data) > _READ_SLACK:
+            raise _TruncatedError(
+                f"truncated: it decodes to {begin + len(data):,} of the {file.frames:,} samples its header gives"
+            )
+        # A seek that landed a little late leaves the last few frames of the region silent.
         audio[begin - start : begin - start + len(data)] = data
     return audio
 

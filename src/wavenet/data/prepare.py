@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 # Part of every cache key: bump it whenever the bytes preparation writes for the same input change.
 # 2: float files in integer units and files of one value throughout are left out (version 1 kept them).
-PREPARE_VERSION = 2
+# 3: truncated files are left out (version 2 padded them with silence to the length their header gives).
+PREPARE_VERSION = 3
 MANIFEST = "manifest.json"
 # A shard is closed once the next file would take it past this size (a longer file gets a shard of its
 # own): small enough to copy and checksum piecemeal, large enough that a corpus has few of them.
