@@ -223,6 +223,26 @@ def test_an_unchanged_corpus_reuses_its_cache_and_any_change_makes_a_new_one(tmp
     assert prepare(root).directory != added.directory
 
 
+def test_files_changed_while_they_were_prepared_are_trained_on_as_they_were_listed(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="wavenet.data")
+    root = tmp_path / "corpus"
+    for n in range(3):
+        write(root / f"{n}.wav", chirp(0.5, RATE, seed=n), RATE)
+    module = AudioFolderDataModule(
+        root, RECEPTIVE_FIELD, extensions=["wav"], chunk_length=64, cache_dir=tmp_path / "cache", prepare_workers=1
+    )
+    module.prepare_data()
+    write(root / "3.wav", chirp(0.5, RATE, seed=3), RATE)  # a copy still running when preparation began
+    module.setup("fit")  # the whole preparation was thrown away by an error naming prepare_data_per_node
+    assert module.manifest is not None and module.manifest.directory == module.prepared
+    assert [file.relative for file in module.manifest.files] == ["0.wav", "1.wav", "2.wav"]
+    assert "changed while they were prepared" in caplog.text
+    # A process that did not prepare them (another rank) names the change among the causes.
+    other = AudioFolderDataModule(root, RECEPTIVE_FIELD, extensions=["wav"], cache_dir=tmp_path / "cache")
+    with pytest.raises(UserError, match="its files changed since they were prepared"):
+        other.setup("fit")
+
+
 def test_parallel_preparation_writes_the_same_bytes_as_serial(tmp_path: Path, monkeypatch, caplog) -> None:
     caplog.set_level(logging.INFO, logger="wavenet.data")
     root = nested(tmp_path / "music")  # small, but a number of workers set is kept

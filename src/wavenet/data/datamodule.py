@@ -255,13 +255,14 @@ class AudioFolderDataModule(ChunkDataModule):
         self.cache_dir = default_data_dir() / "prepared" if cache_dir is None else Path(cache_dir).expanduser()
         self.prepare_workers = prepare_workers
         self.manifest: Manifest | None = None
+        self.prepared: Path | None = None  # the folder this process's `prepare_data` prepared or found
         self.train_files: list[PreparedFile] = []
         self.val_files: list[PreparedFile] = []
         self.train_set: RandomChunks[PreparedFile] | None = None
 
     def prepare_data(self) -> None:
         """Prepares the corpus unless it is cached already (Lightning runs this on one process per node)."""
-        prepare_corpus(
+        self.prepared = prepare_corpus(
             self.root, self.layout, self.extensions, self.settings, self.cache_dir, self.prepare_workers
         )
 
@@ -276,10 +277,20 @@ class AudioFolderDataModule(ChunkDataModule):
         if self.train_set is not None:
             return
         folder, _, _ = prepared_folder(self.root, self.layout, self.extensions, self.settings, self.cache_dir)
+        if self.prepared is not None and folder != self.prepared:
+            # Files were added, changed or removed while they were prepared (a copy still running, hours into
+            # preparing a large corpus): what was prepared is trained on, rather than thrown away by an error.
+            _log(
+                logging.WARNING,
+                f"The files under {self.root} changed while they were prepared: training on them as they were "
+                "listed when preparation began; the next run prepares them as they are then",
+            )
+            folder = self.prepared
         if not (folder / MANIFEST).is_file():
             raise UserError(
-                f"the prepared data of {self.root} is not in {folder}: prepare_data() makes it (the Trainer "
-                "calls it on one process per node; with a cache that is not shared between nodes, keep "
+                f"the prepared data of {self.root} is not in {folder}: its files changed since they were prepared "
+                "(run again to prepare them as they are), or prepare_data() did not run (the Trainer calls it on "
+                "one process per node; with a cache that is not shared between nodes, keep "
                 "trainer.prepare_data_per_node true)"
             )
         self.manifest = manifest = Manifest.load(folder, self.root)
