@@ -396,10 +396,22 @@ def test_links_are_followed_and_a_file_reached_twice_is_prepared_once(tmp_path: 
     (root / "b" / "link.wav").symlink_to(root / "a" / "one.wav")  # the same audio, under another name
     (root / "linked").symlink_to(elsewhere, target_is_directory=True)  # a folder kept elsewhere
     (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # a link back up must not loop
+    # A file of a git-annex or DataLad dataset whose content was never fetched, and a loop of links: named, not
+    # passed over (a corpus of nothing but such links was "no audio files found").
     (root / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    (root / "loop1.wav").symlink_to(root / "loop2.wav")
+    (root / "loop2.wav").symlink_to(root / "loop1.wav")
     manifest = prepare(root)
     assert [file.relative for file in manifest.files] == ["a/one.wav", "linked/two.wav"]
-    assert manifest.skipped == [("b/link.wav", "same file as a/one.wav")]
+    assert manifest.skipped == [
+        ("b/link.wav", "same file as a/one.wav"),
+        ("dangling.wav", f"link to {tmp_path / 'gone.wav'}, which cannot be opened (No such file or directory)"),
+        ("loop1.wav", f"link to {root / 'loop2.wav'}, which cannot be opened (Too many levels of symbolic links)"),
+        ("loop2.wav", f"link to {root / 'loop1.wav'}, which cannot be opened (Too many levels of symbolic links)"),
+    ]
+    (root / "a" / "one.wav").unlink(), (root / "linked" / "two.wav").unlink()
+    with pytest.raises(UserError, match=r"all 4 files were left out: b/link.wav: link to .*one.wav, which cannot"):
+        prepare(root)
 
 
 def run_without_root_override(script: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -517,6 +529,8 @@ def test_vctk_names_speaker_folders_that_cannot_be_listed_and_second_paths_as_th
     recordings = root / "wav48_silence_trimmed"
     locked = recordings / "p226"
     (recordings / "p227" / "p227_003_mic1.flac").symlink_to(recordings / "p225" / "p225_001_mic1.flac")
+    (recordings / "p227" / "p227_004_mic1.flac").symlink_to(tmp_path / "never-fetched.flac")
+    (recordings / "p227" / "p227_004_mic2.flac").symlink_to(tmp_path / "never-fetched.flac")  # not a recording read
     scandir = os.scandir
 
     def refusing_scandir(path: str | os.PathLike[str] = ".") -> object:  # chmod 000 does not stop root
@@ -532,6 +546,10 @@ def test_vctk_names_speaker_folders_that_cannot_be_listed_and_second_paths_as_th
     assert manifest.skipped == [
         ("wav48_silence_trimmed/p226/", "folder cannot be listed (Permission denied)"),
         ("wav48_silence_trimmed/p227/p227_003_mic1.flac", "same file as wav48_silence_trimmed/p225/p225_001_mic1.flac"),
+        (
+            "wav48_silence_trimmed/p227/p227_004_mic1.flac",
+            f"link to {tmp_path / 'never-fetched.flac'}, which cannot be opened (No such file or directory)",
+        ),
     ]
 
 

@@ -233,6 +233,7 @@ class AudioFiles(NamedTuple):
     paths: list[Path]  # sorted, each file once
     duplicates: list[tuple[Path, Path]]  # (path, the listed path of the same file): links, hard or symbolic
     unreadable_folders: list[tuple[Path, str]]  # (folder, why it could not be listed)
+    broken: list[tuple[Path, str]]  # (path, why it cannot be opened): a link to nothing, a loop of links
 
 
 def scan_audio_files(root: str | Path, extensions: Iterable[str]) -> AudioFiles:
@@ -242,7 +243,9 @@ def scan_audio_files(root: str | Path, extensions: Iterable[str]) -> AudioFiles:
     (names starting with a dot) under `root` are passed over. A file reached by two
     paths (a link to another file of the corpus) is listed once, under the first path in sorted order, as
     training on it twice would weigh it double, or score validation on training audio. A folder reached
-    twice (a link to a parent) is walked once.
+    twice (a link to a parent) is walked once. A link to nothing is listed as broken, not passed over: a
+    dataset whose content was never fetched (git-annex, DataLad) is such links, and a corpus missing some of
+    its files must say so.
 
     Raises:
         UserError: If `root` itself cannot be listed.
@@ -271,11 +274,13 @@ def scan_audio_files(root: str | Path, extensions: Iterable[str]) -> AudioFiles:
         ]
     if unreadable and unreadable[0][0] == root:
         raise UserError(f"cannot list data root {root}: {unreadable[0][1]}")
-    paths, duplicates, first_path = [], [], {}
+    paths, duplicates, broken, first_path = [], [], [], {}
     for path in sorted(found):
         try:
             stat = path.stat()
-        except OSError:  # a dangling link: nothing to read
+        except OSError as error:
+            what = f"link to {os.readlink(path)}, which cannot be opened" if path.is_symlink() else "cannot be opened"
+            broken.append((path, f"{what} ({error.strerror or error})"))
             continue
         if not S_ISREG(stat.st_mode):
             continue
@@ -284,7 +289,7 @@ def scan_audio_files(root: str | Path, extensions: Iterable[str]) -> AudioFiles:
             paths.append(path)
         else:
             duplicates.append((path, first))
-    return AudioFiles(paths, duplicates, sorted(unreadable))
+    return AudioFiles(paths, duplicates, sorted(unreadable), broken)
 
 
 def find_audio_files(root: str | Path, extensions: Iterable[str]) -> list[Path]:

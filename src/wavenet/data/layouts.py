@@ -32,13 +32,13 @@ class Source:
 def folder_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
     """Every file under `root` with one of `extensions`, recursively; no speakers.
 
-    A second path to the same file, and a folder that cannot be listed, are sources with a problem, so
-    that the warning of left-out files names them.
+    A second path to the same file, a link to nothing and a folder that cannot be listed are sources with a
+    problem, so that the warning of left-out files names them.
     """
     from wavenet.data.audio import scan_audio_files  # with torch: train.py checks a root before loading it
 
     found = scan_audio_files(root, extensions)
-    if not found.paths:
+    if not found.paths and not found.broken:
         unlisted = found.unreadable_folders
         note = f"; {len(unlisted)} folder(s) in it cannot be listed ({unlisted[0][1]})" if unlisted else ""
         raise UserError(f"no audio files ({', '.join(extensions)}) found under data root {root}{note}")
@@ -48,6 +48,7 @@ def folder_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
 
     sources = [Source(relative(path), None) for path in found.paths]
     sources += [Source(relative(path), None, f"same file as {relative(first)}") for path, first in found.duplicates]
+    sources += [Source(relative(path), None, reason) for path, reason in found.broken]
     sources += [
         Source(f"{relative(folder)}/", None, f"folder cannot be listed ({reason})")
         for folder, reason in found.unreadable_folders
@@ -61,7 +62,8 @@ def vctk_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
     The speaker is the folder a file sits in (`p225`, ...). Release 0.92 has two microphones per
     utterance; mic1 is the one the 0.80 recordings were made with, and taking both would count every
     utterance twice. `extensions` is not used: the release fixes the format. As in `folder_sources`, a
-    second path to a recording, and a speaker folder that cannot be listed, are sources with a problem.
+    second path to a recording, a link to nothing and a speaker folder that cannot be listed are sources with a
+    problem.
     """
     if (root / "wav48_silence_trimmed").is_dir():
         folder, pattern = root / "wav48_silence_trimmed", "*_mic1.flac"
@@ -94,6 +96,7 @@ def vctk_sources(root: Path, extensions: Sequence[str]) -> list[Source]:
         first = taken.setdefault(scan_first[path], path)
         problem = None if first == path else f"same file as {relative(first)}"
         sources.append(Source(relative(path), path.parent.name, problem))
+    sources += [Source(relative(path), path.parent.name, reason) for path, reason in found.broken if recording(path)]
     if not sources:
         note = f"; {len(unlisted)} speaker folder(s) cannot be listed ({unlisted[0][1]})" if unlisted else ""
         raise UserError(f"no VCTK recordings ({folder.name}/<speaker>/{pattern}) found under data root {root}{note}")
