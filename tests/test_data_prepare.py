@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
+from omegaconf import OmegaConf
 
 import wavenet.data.prepare as prepare_module
 from tests.test_data import RATE, RECEPTIVE_FIELD, chirp, write
@@ -290,6 +292,18 @@ def test_a_cut_off_mp3_is_left_out_rather_than_padded_with_silence(tmp_path: Pat
     [(path, reason)] = manifest.skipped
     assert path == "cut.mp3"
     assert re.fullmatch(r"unreadable \(truncated: it decodes to [\d,]+ of the 32,000 samples its header gives\)", reason)
+
+
+def test_the_folder_layout_reads_aiff_and_opus_by_default(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    for name, audio_format, subtype in [("a.wav", "WAV", None), ("b.aiff", "AIFF", None), ("c.AIF", "AIFF", None),
+                                        ("d.opus", "OGG", "OPUS"), ("e.ogg", "OGG", "VORBIS")]:  # fmt: skip
+        root.mkdir(exist_ok=True)
+        sf.write(str(root / name), chirp(0.3, RATE), RATE, format=audio_format, subtype=subtype)
+    extensions = list(OmegaConf.load(Path(__file__).parents[1] / "conf" / "data" / "folder.yaml").extensions)
+    assert extensions == list(AudioFolderDataModule(root, RECEPTIVE_FIELD).extensions)  # data=folder and the API
+    manifest = Manifest.load(prepare_corpus(root, "folder", extensions, SETTINGS, tmp_path / "cache", 1))
+    assert [file.relative for file in manifest.files] == ["a.wav", "b.aiff", "c.AIF", "d.opus", "e.ogg"]
 
 
 def test_a_corpus_of_one_unusable_file_is_told_so_in_the_singular(tmp_path: Path) -> None:

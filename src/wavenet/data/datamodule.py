@@ -224,7 +224,7 @@ class AudioFolderDataModule(ChunkDataModule):
         root: str | Path,
         receptive_field: int,
         layout: str = "folder",
-        extensions: Sequence[str] = ("wav", "flac", "ogg", "mp3"),
+        extensions: Sequence[str] = ("wav", "flac", "ogg", "mp3", "aiff", "aif", "opus"),
         sample_rate: int = 16000,
         quantization_channels: int = 256,
         trim_db: float | None = None,
