@@ -257,6 +257,25 @@ def test_parallel_preparation_writes_the_same_bytes_as_serial(tmp_path: Path, mo
     assert serial.files == parallel.files and serial.skipped == parallel.skipped
 
 
+def test_preparation_in_one_process_decodes_on_one_torch_thread(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "corpus"
+    for n in range(2):
+        write(root / f"{n}.wav", chirp(0.3, RATE, seed=n), RATE)
+    threads = []
+    encode = prepare_module.encode_file
+    monkeypatch.setattr(
+        prepare_module, "encode_file", lambda *args: threads.append(torch.get_num_threads()) or encode(*args)
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's default on a machine of 2 cores, which busy cores made 10 times slower
+    try:
+        prepare(root)
+        assert threads == [1, 1]  # as in a pool's workers
+        assert torch.get_num_threads() == 2  # and the run's own setting after it
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_default_is_a_pool_where_decoding_outlasts_its_start(tmp_path: Path, monkeypatch, caplog) -> None:
     caplog.set_level(logging.INFO, logger="wavenet.data")
     root = nested(tmp_path / "music")
