@@ -148,6 +148,9 @@ def test_a_config_hydra_cannot_compose_is_one_line(tmp_path, script, override, e
         ("generate.py", "ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt",
          ("ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt: <time> looks like a placeholder: replace it "
           "with the value it stands for")),
+        ("train.py", "data.root=/data/café/日本",
+         "data.root=/data/café/日本: Hydra's override grammar takes letters outside ASCII only quoted: "
+         "\"data.root='/data/café/日本'\""),
         ("train.py", "data.root=a&b",
          ("data.root=a&b: LexerNoViableAltException: data.root=a&b; ^; See "
           "https://hydra.cc/docs/1.3/advanced/override_grammar/basic for details")),
@@ -168,6 +171,11 @@ def test_both_ways_to_give_a_home_folder_that_the_error_advises_reach_it(tmp_pat
         cfg = compose_config("train", ["data=folder", f"data.root={root}"], tmp_path / "run")
         with pytest.raises(UserError, match=f"data root {tmp_path}/wavs does not exist"):
             check_settings(cfg)
+
+
+def test_a_path_outside_ascii_quoted_as_the_error_advises_is_the_data_root(tmp_path):
+    cfg = compose_config("train", ["data=folder", "data.root='/data/café/日本'"], tmp_path / "run")
+    assert cfg.data.root == "/data/café/日本"
 
 
 THE_SETTING_MEANT = [

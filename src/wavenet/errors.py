@@ -122,7 +122,7 @@ def _hydra_release() -> str:
 def _unquoted_value_line(error: Exception) -> str | None:
     """One line, with what to type instead, for an override whose value has a character that Hydra's grammar takes
     only quoted: `~` (`data.root=~/wavs`, which the shell does not expand after `=`), `<` or `>` (a placeholder
-    such as `<time>` copied as it is); None for any other error."""
+    such as `<time>` copied as it is), a letter outside ASCII (`data.root=/data/café`); None for any other error."""
     override = getattr(error, "override", None)
     if not isinstance(override, str) or not str(error).startswith("LexerNoViableAltException"):
         return None
@@ -136,7 +136,10 @@ def _unquoted_value_line(error: Exception) -> str | None:
     if "<" in value or ">" in value:
         return f"{override}: Hydra's override grammar takes < and > only quoted: {quoted}"
     if "~" not in value:
-        return None
+        if value.isascii():
+            return None
+        # A corpus under /data/café or /data/日本語: Hydra's own message names no character, nor that quotes take it.
+        return f"{override}: Hydra's override grammar takes letters outside ASCII only quoted: {quoted}"
     if not value.startswith("~"):  # in a name, where it stays as it is once quoted
         return f"{override}: Hydra's override grammar takes ~ only quoted: {quoted}"
     # Quoted, Hydra gives `~` as it is: a path setting of this project's expands it, a folder of Hydra's does not.
