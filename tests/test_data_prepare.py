@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,30 @@ def test_preparation_in_one_process_decodes_on_one_torch_thread(tmp_path: Path, 
         assert torch.get_num_threads() == 2  # and the run's own setting after it
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_pool_is_handed_a_few_files_ahead_of_the_one_written_not_the_whole_corpus(
+    tmp_path: Path, monkeypatch
+) -> None:
+    submitted = []
+
+    class Pool(Executor):  # runs each task as it is handed over, and counts them
+        def __init__(self, workers: int, **kwargs: object) -> None:
+            pass
+
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            submitted.append(args)
+            future: Future[str] = Future()
+            future.set_result(args[0][0])
+            return future
+
+    monkeypatch.setattr(prepare_module, "ProcessPoolExecutor", Pool)
+    paths = [tmp_path / f"{n}.wav" for n in range(1000)]
+    for n, result in enumerate(prepare_module._encode_all(paths, SETTINGS, workers=2)):
+        assert result == str(paths[n])  # in order
+        # Not all 1,000 at once: a future of bookkeeping a file, and every result a long file held up, in memory.
+        assert len(submitted) <= n + 1 + 2 * prepare_module._AHEAD_PER_WORKER
+    assert len(submitted) == 1000
 
 
 def test_the_default_is_a_pool_where_decoding_outlasts_its_start(tmp_path: Path, monkeypatch, caplog) -> None:

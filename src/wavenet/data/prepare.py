@@ -18,9 +18,11 @@ Layout of a prepared folder:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -76,6 +78,10 @@ POOL_MIN_BYTES = 256 << 20
 _DECODING_COST = {".flac": 2, ".mp3": 15, ".ogg": 15, ".opus": 15}
 # Left-out files an error about a corpus with none usable names; the line would get unreadable past that.
 _LISTED_IN_ERROR = 5
+# Files handed to a pool ahead of the one whose result is written next, per worker. `ProcessPoolExecutor.map` hands
+# over all at once: about 1.2 KB of bookkeeping per file (1.2 GB for a million), and the results of every file that a
+# long one ahead of them held up, kept until it was done. Enough that the other workers go on while a long file decodes.
+_AHEAD_PER_WORKER = 16
 
 
 def default_data_dir() -> Path:
@@ -441,17 +447,25 @@ def _encode_all(paths: list[Path], settings: PrepareSettings, workers: int) -> I
         initargs=(os.getpid(),),
     )
     try:
-        # The workers start here, with Ctrl-C, SIGTERM and SIGHUP blocked (the forkserver, started now too, keeps the
-        # mask, and so does every worker it forks) until `leave_stops_to` takes them: a job's signal that came while
-        # a worker was still starting (importing torch, a second or two) killed it, and broke the pool.
+        # Results come back in order, so the shards are the same bytes whatever the number of workers. One file per
+        # task: a stopped preparation ends once its workers have done the few files handed to them.
+        queued = iter(jobs)
+        # The workers start with the first tasks (one for each, so they all start here), with Ctrl-C, SIGTERM and
+        # SIGHUP blocked (the forkserver, started now too, keeps the mask, and so does every worker it forks) until
+        # `leave_stops_to` takes them: a job's signal that came while a worker was still starting (importing torch,
+        # a second or two) killed it, and broke the pool.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         try:
-            # Results come back in order, so the shards are the same bytes whatever the number of workers. One file
-            # per task: a stopped preparation ends once its workers have done the few files handed to them.
-            results = pool.map(_encode_job, jobs, chunksize=1)
+            ahead = min(workers, len(jobs)) * _AHEAD_PER_WORKER
+            pending = collections.deque(pool.submit(_encode_job, job) for job in itertools.islice(queued, ahead))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        yield from results
+        while pending:
+            result = pending.popleft().result()
+            job = next(queued, None)
+            if job is not None:
+                pending.append(pool.submit(_encode_job, job))
+            yield result
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
