@@ -4,6 +4,7 @@ import logging
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -74,6 +75,26 @@ def test_checkpoint_loads_without_hydra(tmp_path):
     assert loaded.hparams.sample_rate == 22050 and loaded.hparams.lr == 3e-3
     module.eval(), loaded.eval()
     torch.testing.assert_close(loaded(batch[0]), module(batch[0]))
+
+
+def test_numpy_hyperparameters_are_saved_as_python_numbers_so_the_checkpoint_loads(tmp_path):
+    # A sweep's values come from numpy (np.arange, np.logspace); torch.load(weights_only=True) refuses their types.
+    module = WaveNetModule(
+        **{**TINY, "layers": np.int64(6)},
+        sample_rate=np.int64(22050),
+        lr=np.logspace(-3, -2, 3)[1],
+        warmup_steps=np.int64(5),
+        min_lr_ratio=np.float32(0.5),
+        betas=np.array([0.9, 0.99]),
+    )
+    trainer = fit(module, sine_batch(module.receptive_field), max_steps=1, limit_val_batches=0)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    for loaded in (WaveNetModule.load_from_checkpoint(path), WaveNetModule.load_for_generation(path)):
+        assert loaded.hparams.layers == 6 and type(loaded.hparams.layers) is int
+        assert loaded.hparams.sample_rate == 22050 and type(loaded.hparams.sample_rate) is int
+        assert loaded.hparams.lr == pytest.approx(10**-2.5) and type(loaded.hparams.lr) is float
+        assert loaded.hparams.betas == [0.9, 0.99]
 
 
 def test_learning_rate_warms_up_then_decays():

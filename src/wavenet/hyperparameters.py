@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 
 
@@ -16,7 +17,8 @@ def check_network(settings: Mapping[str, object]) -> None:
     ):
         for name in names:
             value = settings.get(name, least)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            # numbers.Integral, not int: numpy's integers (a sweep over np.arange) are integers too.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
     layers, stacks = settings.get("layers", 1), settings.get("stacks", 1)
     if layers % stacks:
@@ -52,6 +54,19 @@ def check_training(settings: Mapping[str, object]) -> None:
 
 def _finite(name: str, value: object) -> float:
     """`value`, or ValueError naming `name` if it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return value
+
+
+def as_primitives(settings: Mapping[str, object]) -> dict[str, object]:
+    """`settings` with numpy's scalars and arrays (an `np.logspace` of learning rates) as Python's ints, floats
+    and lists, and the same inside lists and tuples; everything else as it is."""
+    return {name: _primitive(value) for name, value in settings.items()}
+
+
+def _primitive(value: object) -> object:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_primitive(item) for item in value)
+    tolist = getattr(value, "tolist", None)  # numpy's scalars and arrays: their values as Python's types
+    return tolist() if callable(tolist) else value

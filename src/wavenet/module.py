@@ -16,7 +16,7 @@ from torch import Tensor
 
 from wavenet.checkpoint import load_wavenet, read_checkpoint, read_for_generation
 from wavenet.errors import UserError, first_line
-from wavenet.hyperparameters import check_training
+from wavenet.hyperparameters import as_primitives, check_training
 from wavenet.models.wavenet import WaveNet
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,12 @@ class WaveNetModule(L.LightningModule):
         checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
-        check_training(
-            {
-                "lr": lr, "weight_decay": weight_decay, "betas": betas, "warmup_steps": warmup_steps, "decay": decay,
-                "min_lr_ratio": min_lr_ratio, "compile": compile,
-            }
-        )  # fmt: skip
         self.save_hyperparameters()
+        # As Python's types: a numpy scalar (an np.logspace of learning rates) is a number like any other, but a
+        # checkpoint holding one is refused by torch.load(weights_only=True): by load_from_checkpoint,
+        # load_for_generation and generate.py.
+        self.hparams.update(as_primitives(self.hparams))
+        check_training(self.hparams)
         self.model = WaveNet(
             layers=layers,
             stacks=stacks,
