@@ -126,6 +126,10 @@ def test_learning_rate_warms_up_then_decays():
         (dict(min_lr_ratio=-1.0), "min_lr_ratio must be between 0 and 1"),
         (dict(betas=(2.0, 0.9)), "betas must be two numbers"),
         (dict(betas=(0.9,)), "betas must be two numbers"),
+        # Saved for generation, which refused the checkpoint: after the training, not before it.
+        (dict(sample_rate=16000.0), "sample_rate must be a positive integer"),
+        (dict(sample_rate="16k"), "sample_rate must be a positive integer"),
+        (dict(sample_rate=0), "sample_rate must be a positive integer"),
     ],
 )
 def test_optimiser_settings_that_would_train_on_garbage_are_rejected(setting, message):

@@ -74,6 +74,11 @@ class WaveNetModule(L.LightningModule):
         # load_for_generation and generate.py.
         self.hparams.update(as_primitives(self.hparams))
         check_training(self.hparams)
+        sample_rate = self.hparams.sample_rate
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
+            # Checked here, not in check_training: train.py checks data.sample_rate, where its value is set. Kept for
+            # generation, which refused a checkpoint whose rate is not (16000.0 too), once the training was done.
+            raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
         self.model = WaveNet(
             layers=layers,
             stacks=stacks,
