@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from wavenet import WaveNetModule, mu_law_encode
+from wavenet import WaveNetModule, mu_law_decode, mu_law_encode
 
 TINY = dict(layers=6, stacks=2, residual_channels=16, dilation_channels=16, skip_channels=32)
 
@@ -63,6 +63,40 @@ def test_loss_ignores_targets_without_full_receptive_field():
     assert module._nll((inputs, targets)) == module._nll((inputs, scrambled))
     scrambled[:, module.receptive_field - 1] = 0
     assert module._nll((inputs, targets)) != module._nll((inputs, scrambled))
+
+
+@pytest.mark.parametrize(
+    "mistake, error, message",
+    [
+        (lambda i, t: (mu_law_decode(i), mu_law_decode(t)), TypeError, "inputs of torch.float32: encode audio with"),
+        (lambda i, t: (i, t.float()), TypeError, "targets of torch.float32"),
+        (lambda i, t: (i, t[:, 1:]), ValueError, r"got inputs \(4, \d+\) and targets \(4, \d+\)"),
+        (lambda i, t: (i[:, None], t), ValueError, r"got inputs \(4, 1, \d+\)"),
+        (lambda i, t: (i, i), ValueError, "targets equal to the inputs"),
+        (lambda i, t: (i, t + 200), ValueError, r"classes must be in \[0, 256\), got values from \d+ to \d+"),
+        (lambda i, t: (i[:, :10], t[:, :10]), ValueError, r"T=10, and T must be at least the receptive field \(15\)"),
+        (lambda i, t: i, TypeError, r"must be \(inputs, targets\).*got a tensor \(4, \d+\)"),
+    ],
+)
+def test_a_batch_that_is_no_shifted_mu_law_classes_is_one_error_saying_so(mistake, error, message):
+    # The user's own DataLoader: these failed deep in torch ("Expected target size [4, 66], got [4, 65]"), or, for
+    # targets not shifted, trained the model to copy its input.
+    module = WaveNetModule(**TINY)
+    with pytest.raises(error, match=message):
+        module._nll(mistake(*sine_batch(module.receptive_field)), check_values=True)
+
+
+def test_a_window_of_silence_is_no_mistake_and_integer_classes_of_any_width_train():
+    module = WaveNetModule(**TINY)
+    silence = torch.full((2, module.receptive_field + 8), module.model.silence_class)
+    assert module._nll((silence, silence), check_values=True) > 0
+    inputs, targets = sine_batch(module.receptive_field)
+    expected = module._nll((inputs, targets))
+    for dtype in (torch.uint8, torch.int16, torch.int32):  # uint8: as mu-law classes are stored
+        assert module._nll((inputs.to(dtype), targets.to(dtype)), check_values=True) == expected
+    fit(module, (inputs.to(torch.uint8), targets.to(torch.uint8)), max_steps=1, limit_val_batches=1)
+    with pytest.raises(ValueError, match="targets equal to the inputs"):  # the steps check their first batch
+        fit(WaveNetModule(**TINY), (inputs, inputs), max_steps=1, limit_val_batches=0)
 
 
 def test_checkpoint_loads_without_hydra(tmp_path):

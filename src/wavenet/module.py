@@ -30,6 +30,12 @@ class WaveNetModule(L.LightningModule):
     Every argument is a primitive and is saved with `save_hyperparameters()`, so
     `WaveNetModule.load_from_checkpoint(path)` rebuilds the model without Hydra or the training config.
 
+    Batches, from the data modules or your own DataLoader: `(inputs, targets)`, (B, T) integer mu-law classes each
+    (`mu_law_encode`; int64, or uint8 as they are stored), the targets the inputs shifted by one step (`window[:-1]`
+    and `window[1:]` of T + 1 samples), T at least `receptive_field`. The loss (`train/loss`, `val/loss`, in nats per
+    sample; `val/bits_per_sample`) scores the last T - receptive_field + 1 targets, those whose whole receptive
+    field is real audio.
+
     Args:
         layers, stacks, residual_channels, dilation_channels, skip_channels, kernel_size,
             quantization_channels, bias: the network's shape; see `WaveNet`.
@@ -126,9 +132,11 @@ class WaveNetModule(L.LightningModule):
 
     @property
     def receptive_field(self) -> int:
+        """Number of input samples that an output depends on; see `WaveNet.receptive_field`."""
         return self.model.receptive_field
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, T) int64 mu-law classes -> (B, Q, T) logits, output t predicting sample t + 1; see `WaveNet.forward`."""
         return self.model(x)
 
     def configure_model(self) -> None:
@@ -156,14 +164,53 @@ class WaveNetModule(L.LightningModule):
                 "model.compile=true: the first training and validation steps compile the network (a minute or more)"
             )
 
-    def _nll(self, batch: Batch) -> Tensor:
-        """Mean cross-entropy (nats/sample) over the targets that see a full receptive field of real input."""
-        inputs, targets = batch  # (B, T) each, targets = inputs shifted by one step
+    def _nll(self, batch: Batch, check_values: bool = False) -> Tensor:
+        """Mean cross-entropy (nats/sample) over the targets that see a full receptive field of real input.
+
+        Args:
+            batch: (inputs, targets), (B, T) integer mu-law classes each, targets = inputs shifted by one step.
+            check_values: Whether to check the classes too (one pass over them, and a GPU sync).
+        """
+        inputs, targets = self._checked(batch, check_values)
         logits = self.model(inputs, causal_pad=False)  # (B, Q, T - receptive_field + 1)
         return F.cross_entropy(logits.float(), targets[:, self.receptive_field - 1 :])
 
+    def _checked(self, batch: Batch, check_values: bool) -> Batch:
+        """The batch as int64 classes, after a TypeError or ValueError saying what is wrong with it. Batches come
+        from the user's DataLoader, where a mistake failed deep in torch ("Expected target size [4, 66], got [4,
+        65]", "expected scalar type Long but found Int"), or, for targets not shifted, trained the model to copy
+        its input."""
+        expected = "a batch must be (inputs, targets), (B, T) mu-law classes each, targets = inputs shifted by one step"
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(x, Tensor) for x in batch)):
+            raise TypeError(f"{expected}; got {_describe(batch)}")
+        inputs, targets = batch
+        for name, x in (("inputs", inputs), ("targets", targets)):
+            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+                raise TypeError(f"{expected}; got {name} of {x.dtype}: encode audio with wavenet.mu_law_encode")
+        if inputs.dim() != 2 or inputs.shape != targets.shape:
+            raise ValueError(f"{expected}; got inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)}")
+        if inputs.shape[1] < self.receptive_field:
+            raise ValueError(
+                f"{expected}; got T={inputs.shape[1]}, and T must be at least the receptive field "
+                f"({self.receptive_field}): the loss scores the last T - {self.receptive_field - 1} targets"
+            )
+        if check_values:
+            levels = self.model.quantization_channels
+            low, high = min(inputs.min(), targets.min()).item(), max(inputs.max(), targets.max()).item()
+            if low < 0 or high >= levels:
+                raise ValueError(f"{expected}; classes must be in [0, {levels}), got values from {low} to {high}")
+            # Equal unshifted but not shifted: a window of silence is both, and fine.
+            if torch.equal(inputs, targets) and not torch.equal(inputs[:, 1:], targets[:, :-1]):
+                raise ValueError(
+                    f"{expected}; got targets equal to the inputs (inputs = window[:-1], targets = window[1:]): the "
+                    "model sees each input, and would learn to copy it"
+                )
+        # int64 for the embedding and the loss: uint8, as mu-law classes are stored, is 8x less to move per batch.
+        return inputs.long(), targets.long()
+
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        loss = self._nll(batch)
+        # The classes are checked in each epoch's first batch only: a pass over them, and a GPU sync.
+        loss = self._nll(batch, check_values=batch_idx == 0)
         # This rank's loss, for the progress bar at every step; the loggers get the mean over ranks, from
         # on_train_batch_end, which knows which steps they get.
         self.log("train/loss", loss, prog_bar=True, logger=False)
@@ -199,7 +246,7 @@ class WaveNetModule(L.LightningModule):
         )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        loss = self._nll(batch)
+        loss = self._nll(batch, check_values=batch_idx == 0)
         # Every validation batch has the same number of targets, so the mean of batch means is exact.
         self.log("val/loss", loss, sync_dist=True)
         self.log("val/bits_per_sample", loss / math.log(2), prog_bar=True, sync_dist=True)
@@ -229,6 +276,15 @@ class WaveNetModule(L.LightningModule):
             total_steps = hp.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, hp, int(total_steps)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _describe(batch: object) -> str:
+    """`a tuple of 3`, `a Tensor (4, 72)`, for an error about a batch of the wrong structure."""
+    if isinstance(batch, Tensor):
+        return f"a tensor {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)}: " + ", ".join(type(x).__name__ for x in batch)
+    return type(batch).__name__
 
 
 def lr_factor(hparams: Mapping[str, Any], total_steps: int, step: int) -> float:
