@@ -131,6 +131,21 @@ def test_numpy_hyperparameters_are_saved_as_python_numbers_so_the_checkpoint_loa
         assert loaded.hparams.betas == [0.9, 0.99]
 
 
+def test_trainer_test_and_predict_take_the_batches_fit_does():
+    module = WaveNetModule(**TINY)
+    inputs, targets = sine_batch(module.receptive_field)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (tested,) = trainer.test(module, loader, verbose=False)
+    with torch.no_grad():
+        loss = module._nll((inputs, targets)).item()
+    assert tested["test/loss"] == pytest.approx(loss, rel=1e-5)
+    assert tested["test/bits_per_sample"] == pytest.approx(loss / math.log(2), rel=1e-5)
+    for batches in (loader, DataLoader(inputs, batch_size=2)):  # (inputs, targets), or the inputs alone
+        logits = torch.cat(trainer.predict(module, batches))
+        torch.testing.assert_close(logits, module.eval()(inputs))
+
+
 def test_learning_rate_warms_up_then_decays():
     module = WaveNetModule(**TINY, lr=1e-2, warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
     lrs = []

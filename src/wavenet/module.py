@@ -246,10 +246,22 @@ class WaveNetModule(L.LightningModule):
         )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate("val", batch, batch_idx)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """`trainer.test`: `test/loss` and `test/bits_per_sample`, as validation's."""
+        self._evaluate("test", batch, batch_idx)
+
+    def _evaluate(self, stage: str, batch: Batch, batch_idx: int) -> None:
         loss = self._nll(batch, check_values=batch_idx == 0)
         # Every validation batch has the same number of targets, so the mean of batch means is exact.
-        self.log("val/loss", loss, sync_dist=True)
-        self.log("val/bits_per_sample", loss / math.log(2), prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/loss", loss, sync_dist=True)
+        self.log(f"{stage}/bits_per_sample", loss / math.log(2), prog_bar=True, sync_dist=True)
+
+    def predict_step(self, batch: Tensor | Batch, batch_idx: int) -> Tensor:
+        """`trainer.predict`: (B, Q, T) logits, as `forward`'s, of a batch of (B, T) mu-law classes, or of the inputs
+        of an (inputs, targets) batch such as training's, so that its loaders serve here too."""
+        return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
     def configure_optimizers(self):  # noqa: ANN201 (Lightning's union of return types)
         hp = self.hparams
