@@ -1,5 +1,9 @@
 """The network's contract: shapes, causality, receptive field, and mu-law coding."""
 
+import ast
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +238,20 @@ def test_efficient_layers_equal_the_papers_network(name, bias, checkpointed):
     paper_wavenet(model, x)[..., model.receptive_field - 1 :].square().mean().backward()
     for got, want in zip(efficient, [parameter.grad for parameter in model.parameters()], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_type_checkers_see_the_public_names_as_what_they_are():
+    # The names load on first use (a module `__getattr__`), which type checkers and editors take for `Any`: no
+    # completion of `WaveNetModule(...)`'s arguments. They read imports under TYPE_CHECKING, and a package's hints
+    # only where it holds py.typed (PEP 561), installed with it.
+    import wavenet
+
+    package = Path(wavenet.__file__).parent
+    imported = {}
+    for node in ast.walk(ast.parse((package / "__init__.py").read_text())):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            imported |= {alias.name: statement.module for statement in node.body for alias in statement.names}
+    assert imported == wavenet._EXPORTS
+    assert (package / "py.typed").is_file()
+    pyproject = (package.parents[1] / "pyproject.toml").read_text()  # tomllib is Python 3.11's, and 3.10 is supported
+    assert re.search(r'^wavenet = \[.*"py\.typed"', pyproject, re.MULTILINE), "py.typed is not in the package data"
