@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 from tests.conftest import run_script, save_checkpoint
-from wavenet.data.mulaw import mu_law_decode
+from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.generation import IncrementalWaveNet, generate
 from wavenet.models.wavenet import WaveNet
 from wavenet.module import WaveNetModule
@@ -184,6 +184,17 @@ def test_a_lightning_module_generates_like_its_network():
 def test_bad_primes_are_refused(prime):
     with pytest.raises(ValueError, match="prime"):
         generate(random_wavenet(), 10, batch_size=2, prime=prime)
+
+
+def test_a_prime_of_audio_says_how_to_encode_it_and_integer_classes_of_any_width_prime():
+    model = random_wavenet()
+    audio = 0.5 * torch.sin(torch.arange(40) / 3)
+    with pytest.raises(ValueError, match=rf"float32 audio: encode it with wavenet.mu_law_encode\(prime, {LEVELS}\)"):
+        generate(model, 10, prime=audio)
+    classes = mu_law_encode(audio, LEVELS)
+    expected = generate(model, 10, temperature=0.0, prime=classes)
+    for dtype in (torch.uint8, torch.int32):  # uint8: as mu-law classes are stored
+        assert torch.equal(generate(model, 10, temperature=0.0, prime=classes.to(dtype)), expected)
 
 
 BAD_ARGUMENTS = {

@@ -111,7 +111,7 @@ def test_too_short_input_is_an_error():
 @pytest.mark.parametrize(
     ("x", "error", "message"),
     [
-        (torch.zeros(1, 20), TypeError, "int64 mu-law classes, got torch.float32 tensor"),
+        (torch.zeros(1, 20), TypeError, "int64 mu-law classes, got torch.float32 tensor: audio. encode it with wavenet"),
         (torch.zeros(1, 20, dtype=torch.uint8), TypeError, "got torch.uint8 tensor"),
         (torch.zeros(1, 20, dtype=torch.bool), TypeError, "got torch.bool tensor"),
         ([[1, 2, 3]], TypeError, "got list"),

@@ -391,8 +391,8 @@ def generate(
         num_samples: Samples to generate per stream.
         batch_size: Number of independent streams B.
         temperature: Softmax temperature; 0 picks the most likely class (greedy), 1 samples the model.
-        prime: (T,) or (B, T) mu-law classes, T >= 1, that the generated samples continue: a (T,) prime is
-            shared by all streams. Only its last `receptive_field` samples matter; a shorter one is
+        prime: (T,) or (B, T) mu-law classes (any integer dtype), T >= 1, that the generated samples continue: a
+            (T,) prime is shared by all streams. Only its last `receptive_field` samples matter; a shorter one is
             preceded by silence. None starts from silence.
         generator: Random source on the model's device; seed it for reproducible output on that device.
         progress: Called with the number of new samples per stream, every 64 steps or fewer.
@@ -603,15 +603,20 @@ def _check_prime(prime: Tensor | None, model: WaveNet, batch_size: int) -> Tenso
     """The prime, checked; one sample of silence when None."""
     if prime is None:
         return torch.full((1,), model.silence_class, dtype=torch.long)
-    if prime.dtype != torch.long or prime.dim() not in (1, 2) or prime.shape[-1] < 1:
+    if prime.is_floating_point():  # the recording itself, the likeliest mistake: say how to make its classes
         raise ValueError(
-            f"prime must be int64 classes, (T,) or (B, T) with T >= 1, got {prime.dtype} {tuple(prime.shape)}"
+            f"prime must be mu-law classes, got {prime.dtype} audio: encode it with "
+            f"wavenet.mu_law_encode(prime, {model.quantization_channels})"
+        )
+    if prime.is_complex() or prime.dtype == torch.bool or prime.dim() not in (1, 2) or prime.shape[-1] < 1:
+        raise ValueError(
+            f"prime must be integer classes, (T,) or (B, T) with T >= 1, got {prime.dtype} {tuple(prime.shape)}"
         )
     if prime.dim() == 2 and prime.shape[0] != batch_size:
         raise ValueError(f"prime has {prime.shape[0]} streams, batch_size is {batch_size}")
     if prime.min() < 0 or prime.max() >= model.quantization_channels:
         raise ValueError(f"prime classes must be in [0, {model.quantization_channels})")
-    return prime
+    return prime.long()  # uint8, as mu-law classes are stored, or int32, as `WaveNet` takes them
 
 
 def _bias(conv: nn.Conv1d) -> Tensor:

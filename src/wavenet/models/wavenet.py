@@ -168,7 +168,9 @@ class WaveNet(nn.Module):
         # Dtype and rank only, free; a check of the values would sync with the GPU at every forward.
         if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32):
             kind = f"{x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
-            raise TypeError(f"WaveNet expects x as (B, T) int64 mu-law classes, got {kind}")
+            audio = isinstance(x, Tensor) and x.is_floating_point()
+            hint = ": audio? encode it with wavenet.mu_law_encode" if audio else ""
+            raise TypeError(f"WaveNet expects x as (B, T) int64 mu-law classes, got {kind}{hint}")
         if x.dim() != 2:
             raise ValueError(f"WaveNet expects x as (B, T) mu-law classes, got shape {tuple(x.shape)}")
         steps = x.shape[1]
