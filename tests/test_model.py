@@ -148,6 +148,11 @@ def test_mu_law_matches_torchaudio(channels):
     torch.testing.assert_close(mu_law_decode(classes, channels), AF.mu_law_decoding(classes, channels))
 
 
+def test_mu_law_decodes_within_full_scale_for_every_number_of_levels():
+    levels = range(2, 1100)
+    assert max(mu_law_decode(torch.arange(q), q).abs().max().item() for q in levels) <= 1.0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mu_law_codes_half_precision_audio_as_float32(dtype):
     # Every value the dtype has in [-1, 1]: in bfloat16 torchaudio's own rounding put 1.0 in class 256.
