@@ -14,6 +14,7 @@ import struct
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import pytest
@@ -404,61 +405,54 @@ def test_learning_rates_are_logged_once_per_step_under_gradient_accumulation(tmp
     assert steps == [0, 1, 2, 3]  # Lightning's monitor logged each twice
 
 
-class SlowFirstBatch(L.Callback):
-    """One second more in the first training batch, as compiling or starting workers takes; the time at the end of
-    each batch, in `ends`."""
+class Slowed(L.Callback):
+    """A second more in the first training batch (as compiling or starting workers takes), or in each validation;
+    the time at the end of each training batch, in `ends`."""
 
-    def __init__(self) -> None:
+    def __init__(self, where: str) -> None:
+        self.where = where  # "first batch" or "validation"
         self.ends: list[float] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        if trainer.global_step == 0:
+        if self.where == "first batch" and trainer.global_step == 0:
+            time.sleep(1.0)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.where == "validation":
             time.sleep(1.0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         self.ends.append(time.perf_counter())
 
 
-@pytest.mark.filterwarnings("ignore:The number of training batches")
-def test_samples_per_sec_leaves_out_the_first_batch(tmp_path):
+def logged_rates(tmp_path: Path, slow: Slowed, **settings: Any) -> tuple[dict[int, float], int]:
+    """`train/samples_per_sec` by step, of a tiny run with `slow` and the trainer `settings`; and a batch's samples."""
     L.seed_everything(0)
     module = WaveNetModule(**TINY_MODULE)
     batch = sine_batch(module.receptive_field)
-    logger, slow = CSVLogger(tmp_path, name="", version=""), SlowFirstBatch()
-    fit(module, batch, max_steps=3, log_every_n_steps=3, limit_val_batches=0, logger=logger,
-        callbacks=[TrainingMonitor(), slow])  # fmt: skip
+    fit(module, batch, logger=CSVLogger(tmp_path, name="", version=""), callbacks=[TrainingMonitor(), slow],
+        **settings)  # fmt: skip
     with (tmp_path / "metrics.csv").open() as file:
-        (rate,) = [float(row["train/samples_per_sec"]) for row in csv.DictReader(file) if row["train/samples_per_sec"]]
-    per_batch = batch[0].shape[0] * (batch[0].shape[1] - module.receptive_field + 1)
+        rates = {int(row["step"]): float(row["train/samples_per_sec"]) for row in csv.DictReader(file)
+                 if row["train/samples_per_sec"]}  # fmt: skip
+    return rates, batch[0].shape[0] * (batch[0].shape[1] - module.receptive_field + 1)
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+def test_samples_per_sec_leaves_out_the_first_batch(tmp_path):
+    slow = Slowed("first batch")
+    rates, per_batch = logged_rates(tmp_path, slow, max_steps=3, log_every_n_steps=3, limit_val_batches=0)
+    (rate,) = rates.values()
     # Batches 2 and 3, from the end of the first: its second of sleep left out.
     assert rate == pytest.approx(2 * per_batch / (slow.ends[2] - slow.ends[0]), rel=0.05)
 
 
-class SlowValidation(L.Callback):
-    """A second more in each validation; the time at the end of each training batch, in `ends`."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        time.sleep(1.0)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        self.ends.append(time.perf_counter())
-
-
 @pytest.mark.filterwarnings("ignore:The number of training batches")
 def test_samples_per_sec_after_a_validation_is_measured_over_training_alone(tmp_path):
-    L.seed_everything(0)
-    module = WaveNetModule(**TINY_MODULE)
-    batch = sine_batch(module.receptive_field)
-    logger, slow = CSVLogger(tmp_path, name="", version=""), SlowValidation()
-    fit(module, batch, max_steps=4, log_every_n_steps=1, val_check_interval=2, num_sanity_val_steps=0,
-        logger=logger, callbacks=[TrainingMonitor(), slow])  # fmt: skip
-    with (tmp_path / "metrics.csv").open() as file:
-        rates = {int(row["step"]): float(row["train/samples_per_sec"]) for row in csv.DictReader(file)
-                 if row["train/samples_per_sec"]}  # fmt: skip
-    per_batch = batch[0].shape[0] * (batch[0].shape[1] - module.receptive_field + 1)
+    slow = Slowed("validation")
+    rates, per_batch = logged_rates(
+        tmp_path, slow, max_steps=4, log_every_n_steps=1, val_check_interval=2, num_sanity_val_steps=0
+    )
     # Step 2 follows the validation after step 1: its own rate (the loggers had step 1's again), without the
     # validation's second of sleep, which would make it a fraction of the others.
     assert rates[2] != rates[1]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,6 +261,16 @@ def _in_a_terminal(
     return process, leader
 
 
+@contextlib.contextmanager
+def _killed_at_the_end(process: subprocess.Popen) -> Iterator[None]:
+    """Kills what is left of `process`'s group (a rank, a worker) when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def _hang_up(process: subprocess.Popen, leader: int) -> None:
     """Hangs up the terminal, as a dropped ssh session or a closed terminal window does."""
     # The kernel sends SIGHUP to the session's leader as its terminal hangs up, here the run itself; a login
@@ -276,12 +287,9 @@ def test_a_hangup_of_the_terminal_saves_and_says_so_in_the_log(tmp_path, data_di
     # to say goes to its log file alone.
     run_dir = tmp_path / "run"
     process, leader = _in_a_terminal(run_dir, data_dir, *strategy)
-    try:
+    with _killed_at_the_end(process):
         _hang_up(process, leader)
         status = process.wait(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
     logged = (run_dir / "train.log").read_text()
     assert status == 128 + signal.SIGHUP, f"status {status}\n{logged[-3000:]}"
     interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
@@ -296,7 +304,7 @@ def test_a_run_that_ignores_hangups_carries_on_past_its_gone_terminal(tmp_path, 
     # that hung up raised OSError (EIO) into training, which ended with status 1 and nothing saved.
     run_dir = tmp_path / "run"
     process, leader = _in_a_terminal(run_dir, data_dir, hangups=False)
-    try:
+    with _killed_at_the_end(process):
         validated = (run_dir / "train.log").read_text().count("Validated at step")
         _hang_up(process, leader)
         deadline = time.monotonic() + 60
@@ -305,9 +313,6 @@ def test_a_run_that_ignores_hangups_carries_on_past_its_gone_terminal(tmp_path, 
             time.sleep(0.1)
         os.killpg(process.pid, signal.SIGTERM)
         status = process.wait(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
     logged = (run_dir / "train.log").read_text()
     assert status == 128 + signal.SIGTERM, f"status {status}\n{logged[-3000:]}"
     assert "SIGHUP" not in logged
@@ -336,7 +341,7 @@ def test_a_stop_ends_every_ddp_rank_after_the_same_step_and_saves(tmp_path, data
     process = start_script("train.py", *tiny, *BUILTIN_SMALL, *strategy, "data.num_workers=1",
                            "trainer.max_steps=100000", "trainer.val_check_interval=10", f"paths.data_dir={data_dir}",
                            f"hydra.run.dir={run_dir}", env=STOP_ENV)  # fmt: skip
-    try:
+    with _killed_at_the_end(process):  # a rank left waiting in a collective
         wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
         time.sleep(0.5)
         if to_whom == "every process":
@@ -344,9 +349,6 @@ def test_a_stop_ends_every_ddp_rank_after_the_same_step_and_saves(tmp_path, data
         else:
             process.send_signal(stop)
         stdout, stderr = process.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # a rank left waiting in a collective
     assert process.returncode == 128 + stop, f"{stdout[-2000:]}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "Terminating process" not in stdout + stderr  # torch's warning as it ends the other spawned rank
@@ -515,7 +517,7 @@ def test_a_sigterm_while_data_is_prepared_stops_the_run_and_keeps_nothing_half_m
     process = start_script("train.py", *tiny, *BUILTIN_SMALL, *settings, workers,
                            f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}", env=env)
     prepared = tmp_path / "data" / "prepared"
-    try:
+    with _killed_at_the_end(process):  # a rank left behind
         deadline = time.monotonic() + 120
         while not list(prepared.glob("*.partial-*")):
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -526,9 +528,6 @@ def test_a_sigterm_while_data_is_prepared_stops_the_run_and_keeps_nothing_half_m
         else:
             process.send_signal(stop)
         stdout, stderr = process.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # a rank left behind
     assert process.returncode == 128 + stop, f"{stdout[-2000:]}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "Stopped before training started: nothing to save" in stdout + stderr
