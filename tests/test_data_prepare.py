@@ -316,6 +316,26 @@ def test_the_default_is_a_pool_where_decoding_outlasts_its_start(tmp_path: Path,
     assert "in 1 process" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "files,expected",
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, 1.5 CPUs: a second process for the half
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),  # no quota
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files: not in a container, or not Linux
+    ],
+)
+def test_a_containers_cpu_quota_bounds_the_processes_as_its_cpus_do(tmp_path: Path, monkeypatch, files, expected):
+    # A pod limited to a few CPUs sees all of its node's: a pool of one process per CPU, each importing torch.
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert prepare_module.available_cpus(tmp_path) == (expected or 64)
+
+
 def test_files_go_to_a_new_shard_past_the_shard_size(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(prepare_module, "SHARD_BYTES", 10000)
     manifest = prepare(nested(tmp_path / "music"))

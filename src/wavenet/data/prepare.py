@@ -276,9 +276,32 @@ def prepare_corpus(
     return folder
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on: a container or `taskset` can allow fewer than the machine has."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: those it may run on (a container's or a SLURM job's cpuset, `taskset`), or fewer
+    where its container's CPU quota allows less time (Kubernetes' `limits.cpu`, `docker run --cpus`): a pod limited
+    to 4 CPUs on a node of 64 sees all 64, and a process per CPU there, each importing torch, is slower than 4 and
+    may not fit its memory limit."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cpu_quota(cgroup_root)
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def _cpu_quota(cgroup_root: Path) -> float | None:
+    """The CPUs' worth of time that the quota of this process's container allows (cgroup v2's `cpu.max`, v1's
+    `cpu.cfs_quota_us` over `cpu.cfs_period_us`, as mounted in a container); None without a quota."""
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup_root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        allowed = int(quota) / int(period)  # "max" (v2) is no number: no quota
+    except (ValueError, ZeroDivisionError):
+        return None
+    return allowed if allowed > 0 else None  # v1 says -1 for none
 
 
 class _Lines:
