@@ -17,7 +17,8 @@ from rich.console import Console
 from tests.conftest import compose_config, run_script, save_checkpoint
 from wavenet.errors import Terminated, UserError
 from wavenet.module import WaveNetModule
-from wavenet.tasks.generate import run
+from wavenet.data.audio import read_audio
+from wavenet.tasks.generate import _read_prime, run
 
 SAMPLE_RATE = 8000
 
@@ -150,6 +151,27 @@ def test_generate_script_answers_a_wrong_type_in_one_line(tmp_path, checkpoint, 
     key = override.split("=")[0]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and f"error: {key} must be" in result.stderr
+
+
+def test_only_the_last_receptive_field_of_a_prime_is_read(tmp_path, checkpoint):
+    # A prime of hours was decoded whole (4 GB of memory for 40 minutes of 48 kHz stereo), though only its last
+    # receptive field is used: what comes before it is not read, not even integer values saved as float.
+    rate = 11025
+    wave = 0.5 * np.sin(2 * np.pi * 220 * np.arange(5 * rate) / rate)
+    audio = np.stack([wave, 0.25 * wave], axis=1)
+    audio[:rate] = 1000.0
+    path = tmp_path / "long.wav"
+    sf.write(path, audio, rate, subtype="FLOAT")
+    tail = _read_prime(path, SAMPLE_RATE, 100)
+    np.testing.assert_allclose(tail, read_audio(path, SAMPLE_RATE)[-100:], atol=1e-5)
+    # Seeking in Ogg lands late in the last page (here by 2,000 of these 2,047 samples): it is read whole.
+    noise = np.cumsum(np.random.default_rng(0).normal(size=20 * 16000))
+    ogg = tmp_path / "long.ogg"
+    sf.write(ogg, 0.3 * noise / np.abs(noise).max(), 16000, format="OGG", subtype="VORBIS", compression_level=0.9)
+    np.testing.assert_allclose(_read_prime(ogg, 16000, 2047), read_audio(ogg, 16000)[-2047:], atol=1e-5)
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=50", f"prime={path}"]
+    (wav,) = run(compose_config("generate", overrides, tmp_path / "run"))
+    assert sf.info(wav).frames == 50
 
 
 def test_use_ema_true_insists_on_ema_weights_and_auto_takes_the_training_ones(tmp_path, checkpoint):
