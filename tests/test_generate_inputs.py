@@ -144,6 +144,24 @@ def test_samples_past_a_cgroup_memory_limit_are_refused_before_the_checkpoint_is
         run(compose_config("generate", overrides, tmp_path / "run"))
 
 
+def test_streams_whose_state_does_not_fit_in_memory_are_refused_before_generating(tmp_path, monkeypatch):
+    # Each stream keeps a receptive field of residual channels (0.5 MB for `small`): 60,000 streams of `small`, 5 MB
+    # of samples, passed the check, then failed to allocate 31 GB with a traceback (or were killed by the OOM killer).
+    def generate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("generation started with more state than memory")
+
+    module = WaveNetModule(
+        layers=20, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=8, sample_rate=SAMPLE_RATE
+    )  # a receptive field of 2,047 samples: 65,472 bytes of state a stream
+    checkpoint = save_checkpoint(module, tmp_path / "deep.ckpt")
+    monkeypatch.setattr("wavenet.tasks.generate.generate", generate)
+    monkeypatch.setattr("wavenet.tasks.generate.cgroup_memory_limit", lambda: 10**9)
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=10", "batch_size=20000"]  # 1.6 MB of samples
+    state = r"takes 1.3 GB \(8 bytes a sample, and 65,472 bytes of state a file\), more than the cgroup memory limit"
+    with pytest.raises(UserError, match=state):
+        run(compose_config("generate", overrides, tmp_path / "run"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override", ["ckpt_path=null", "prime=[1,2]"])
 def test_generate_script_answers_a_wrong_type_in_one_line(tmp_path, checkpoint, override):

@@ -31,6 +31,7 @@ from wavenet.data.audio import (
 from wavenet.data.mulaw import mu_law_decode, mu_law_encode
 from wavenet.errors import Terminated, UserError, check_can_write_in, counted
 from wavenet.generation import generate, resolve_method
+from wavenet.models.wavenet import WaveNet
 from wavenet.process import stop_signal
 from wavenet.signals import Handling
 from wavenet.tasks.generate_settings import PRECISION_DTYPES, check_settings
@@ -66,6 +67,8 @@ def run(cfg: DictConfig) -> list[Path]:
         _check_prime_header(prime_path)
     model, hparams = load_wavenet(ckpt_path, use_ema=cfg.use_ema, device=device)
     model = model.to(dtype)
+    # Again with each stream's state, which only the network gives: `small`'s is 0.5 MB a stream, 65,000 samples.
+    _check_memory(num_samples, batch_size, device, _state_bytes(model))
     parameters = sum(parameter.numel() for parameter in model.parameters())
     method = resolve_method(str(cfg.method), device, dtype, batch_size, parameters)
     sample_rate = hparams["sample_rate"]
@@ -248,24 +251,35 @@ def _device(name: object) -> torch.device:
     return device
 
 
-def _check_memory(num_samples: int, batch_size: int, device: torch.device) -> None:
+def _check_memory(num_samples: int, batch_size: int, device: torch.device, state_bytes: int = 0) -> None:
     """Refuses samples that cannot fit in memory, which would fail only once the checkpoint is loaded (or, past
-    a container's or a job's limit, be killed partway, the samples lost).
+    a container's or a job's limit, be killed partway, the samples lost); with `state_bytes`, each stream's state
+    (`_state_bytes`) on the device too, which the checkpoint's network sets.
 
     The bound is the memory there is, not what is free: a run it lets through may still not fit beside
     other processes, but none it refuses could run.
     """
     classes = 8 * batch_size * num_samples  # (B, N) int64 classes: on the device, and copied to the host to write
+    state = state_bytes * batch_size
     host = classes + 8 * num_samples  # and one stream's float32 audio at a time, decoded then clipped to write
-    sizes = [(host, *_host_memory())]
+    sizes = [(host + state * (device.type == "cpu"), *_host_memory())]
     if device.type == "cuda":
-        sizes.append((classes, torch.cuda.get_device_properties(device).total_memory, f"the memory of {device}"))
+        memory = torch.cuda.get_device_properties(device).total_memory
+        sizes.append((classes + state, memory, f"the memory of {device}"))
+    per_stream = f", and {state_bytes:,} bytes of state a file" if state_bytes else ""
     for needed, memory, where in sizes:
         if memory is not None and needed > memory:
             raise UserError(
                 f"num_samples={num_samples:,} x batch_size={batch_size:,} takes {needed / 1e9:,.1f} GB (8 bytes a "
-                f"sample), more than {where} ({memory / 1e9:,.1f} GB): generate fewer or shorter files"
+                f"sample{per_stream}), more than {where} ({memory / 1e9:,.1f} GB): generate fewer or shorter files"
             )
+
+
+def _state_bytes(model: WaveNet) -> int:
+    """Bytes of one stream's state as it generates: every layer's ring buffer of past inputs, a receptive field of
+    residual channels in all, which dwarfs the rest (`wavenet.generation.IncrementalWaveNet`)."""
+    weight = model.embedding.weight
+    return (model.receptive_field - 1) * weight.shape[1] * weight.element_size()
 
 
 def _host_memory() -> tuple[int | None, str]:
