@@ -481,6 +481,11 @@ def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], s
     saved = torch.load(checkpoint, weights_only=False)
     saved["hyper_parameters"]["sample_rate"] = 0
     torch.save(saved, no_rate)
+    # A setting of the network that differs from its weights': an older checkpoint without the setting, say.
+    misfit = tmp_path / "misfit.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["hyper_parameters"]["residual_channels"] *= 2
+    torch.save(saved, misfit)
     loud = tmp_path / "integer_units.wav"  # int16 values saved as float: mu-law would make it a square wave
     sf.write(loud, np.linspace(-3000, 3000, 800, dtype=np.float32), SAMPLE_RATE, subtype="FLOAT")
     return {
@@ -499,6 +504,12 @@ def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], s
         "loud prime": ([f"prime={loud}"], f"prime file {loud}: samples reach 3000, far outside audio's [-1, 1]"),
         "diverged checkpoint": ([f"ckpt_path={diverged}"], f"checkpoint {diverged}: its "),
         "rateless checkpoint": ([f"ckpt_path={no_rate}"], f"cannot load the model of checkpoint {no_rate}: it has no"),
+        # Torch's first line alone named no mismatch: "RuntimeError: Error(s) in loading state_dict for WaveNet:".
+        "misfit checkpoint": (
+            [f"ckpt_path={misfit}"],
+            f"cannot load the model of checkpoint {misfit}: its weights do not fit the network its hyperparameters "
+            "give: size mismatch for embedding.weight: copying a param with shape torch.Size([256, ",
+        ),
     }
 
 
@@ -506,7 +517,7 @@ def bad_inputs(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], s
     "case",
     ["nan temperature", "inf temperature", "text num_samples", "fractional batch", "text seed", "use_ema no",
      "folder checkpoint", "text checkpoint", "cut checkpoint", "folder prime", "nan prime", "loud prime",
-     "diverged checkpoint", "rateless checkpoint"],
+     "diverged checkpoint", "rateless checkpoint", "misfit checkpoint"],
 )  # fmt: skip
 def test_generate_task_refuses_bad_input_naming_the_key_or_file(tmp_path, checkpoint, case):
     from tests.conftest import compose_config

@@ -164,6 +164,20 @@ def read_for_generation(
     return dict(checkpoint["hyper_parameters"]), weights
 
 
+def load_problem(error: Exception) -> str:
+    """Why a checkpoint's hyperparameters or weights do not fit this version's network, in one line.
+
+    `load_state_dict` names each mismatch on a line of its own, under a first line that names none ("Error(s) in
+    loading state_dict for WaveNet:"), which was all the error said: the first mismatch, and how many more.
+    """
+    heading, *problems = [line.strip() for line in str(error).strip().splitlines()] or [""]
+    if not isinstance(error, RuntimeError) or not heading.startswith("Error(s) in loading state_dict") or not problems:
+        return first_line(error)
+    first = problems[0] if len(problems[0]) <= 300 else problems[0][:300] + "..."  # a list of every key, perhaps
+    more = f" (and {counted(len(problems) - 1, 'more mismatch', 'more mismatches')})" if len(problems) > 1 else ""
+    return f"its weights do not fit the network its hyperparameters give: {first}{more}"
+
+
 def load_wavenet(
     path: str | Path, use_ema: bool | str = "auto", device: str | torch.device = "cpu"
 ) -> tuple[WaveNet, dict[str, Any]]:
@@ -185,7 +199,7 @@ def load_wavenet(
         model.load_state_dict({key.removeprefix(_PREFIX): value for key, value in weights.items()})
     except (TypeError, ValueError, RuntimeError) as error:
         # Hyperparameters or weights that do not fit this version's WaveNet.
-        raise UserError(f"cannot load the model of checkpoint {path}: {first_line(error)}") from error
+        raise UserError(f"cannot load the model of checkpoint {path}: {load_problem(error)}") from error
     sample_rate = hparams.get("sample_rate")
     if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate < 1:
         raise UserError(f"cannot load the model of checkpoint {path}: it has no sample_rate (got {sample_rate!r})")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wavenet.checkpoint import load_wavenet, read_checkpoint, read_for_generation
-from wavenet.errors import UserError, first_line
+from wavenet.checkpoint import load_problem, load_wavenet, read_checkpoint, read_for_generation
+from wavenet.errors import UserError
 from wavenet.hyperparameters import as_primitives, check_training
 from wavenet.models.wavenet import WaveNet
 
@@ -127,7 +127,7 @@ class WaveNetModule(L.LightningModule):
             module.load_state_dict(weights)
         except (TypeError, ValueError, RuntimeError) as error:
             # Hyperparameters or weights that do not fit this version's WaveNetModule.
-            raise UserError(f"cannot load the model of checkpoint {path}: {first_line(error)}") from error
+            raise UserError(f"cannot load the model of checkpoint {path}: {load_problem(error)}") from error
         return module.to(device).eval()
 
     @property
