@@ -219,6 +219,28 @@ def test_progress_is_logged_per_file_and_in_all_where_the_output_is_no_terminal(
     assert [line for line in lines if line.startswith("Wrote 3 file(s) to ")]
 
 
+def test_a_disk_that_fills_while_the_files_are_written_leaves_no_file_cut_off(tmp_path, checkpoint, monkeypatch):
+    # Another process may fill the disk after the free space was checked. The file being written was left cut off,
+    # and the error was libsndfile's "System error.".
+    from wavenet.tasks import generate
+
+    original, written = generate.write_wav, []
+
+    def write_wav(path: Path, audio: object, sample_rate: int) -> None:
+        if written:
+            path.write_bytes(b"RIFF")
+            monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
+            raise RuntimeError("Error opening file: System error.")
+        original(path, audio, sample_rate)
+        written.append(path)
+
+    monkeypatch.setattr(generate, "write_wav", write_wav)
+    overrides = [f"ckpt_path={checkpoint}", "device=cpu", "num_samples=100", "batch_size=3"]
+    with pytest.raises(UserError, match=r"sample_001.wav: no space left on the device; wrote 1 of 3 file\(s\)$"):
+        run(compose_config("generate", overrides, tmp_path / "run"))
+    assert sorted(path.name for path in (tmp_path / "run").glob("*.wav")) == ["sample_000.wav"]
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sighup"])
 def test_an_interrupted_run_writes_the_samples_made_so_far(tmp_path, checkpoint, monkeypatch, caplog, stop):
     # A SIGTERM is how a scheduler preempts a batch job: by default it ended the run with nothing written. A SIGHUP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -196,7 +197,16 @@ def _write_wavs(output_dir: Path, classes: torch.Tensor, levels: int, sample_rat
             writing = None
             paths.append(path)
     except (OSError, RuntimeError) as error:  # soundfile reports a failed write (a full disk) as RuntimeError
-        raise UserError(f"cannot write {writing or output_dir}: {error}") from None
+        if writing is None:
+            raise UserError(f"cannot write {output_dir}: {error}") from None
+        with contextlib.suppress(OSError):
+            writing.unlink(missing_ok=True)  # cut off in the middle: a player would take it for a whole, short file
+        # libsndfile says only "System error." for a full disk.
+        full = shutil.disk_usage(output_dir).free < _WAV_HEADER_BYTES + 2 * classes.shape[1]
+        raise UserError(
+            f"cannot write {writing}: {'no space left on the device' if full else error}; wrote "
+            f"{len(paths)} of {len(classes)} file(s)"
+        ) from None
     except KeyboardInterrupt:
         if writing is not None:
             writing.unlink(missing_ok=True)  # cut off in the middle
