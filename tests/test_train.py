@@ -804,9 +804,14 @@ def test_a_run_folder_holding_a_run_is_refused_before_anything_is_written(tmp_pa
     result = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'a_file' / 'run'}")
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"error: cannot create hydra.run.dir={tmp_path / 'a_file' / 'run'}: Not a directory; set paths.log_dir to a "
-        "writable folder"
+        f"error: cannot create hydra.run.dir={tmp_path / 'a_file' / 'run'}: Not a directory; give a writable "
+        "hydra.run.dir"
     )
+    # The default run folder is under paths.log_dir, which is then what to mend.
+    result = run_script("train.py", *TINY, f"paths.log_dir={tmp_path / 'a_file'}")
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: cannot create hydra.run.dir={tmp_path / 'a_file'}/train/runs/")
+    assert result.stderr.strip().endswith(": Not a directory; set paths.log_dir to a writable folder")
 
 
 def test_a_run_refused_before_writing_leaves_nothing_so_the_mended_command_runs_in_its_folder(tmp_path, data_dir):

@@ -147,10 +147,10 @@ class FreshRunFolder(Callback):
         try:  # what Hydra does next, failing with a traceback for a folder that cannot be made
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            exit_with_error(
-                f"cannot create hydra.run.dir={folder}: {error.strerror or error}; set paths.log_dir to a writable "
-                "folder"
-            )
+            given = any(setting.startswith("hydra.run.dir=") for setting in config.hydra.overrides.hydra)
+            # The default folder is under paths.log_dir: one given on the command line is not.
+            mend = "give a writable hydra.run.dir" if given else "set paths.log_dir to a writable folder"
+            exit_with_error(f"cannot create hydra.run.dir={folder}: {error.strerror or error}; {mend}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.sweep.dir)
