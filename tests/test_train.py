@@ -157,6 +157,23 @@ def test_a_requeued_job_resumes_from_the_furthest_checkpoint_of_its_folder(tmp_p
     assert torch.load(runs[2] / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
 
 
+def test_a_requeued_job_refused_at_max_steps_leaves_no_folder_in_the_chain(tmp_path, data_dir):
+    # The job after the chain's last: refused, it leaves nothing, as a refused run does (a line saying which
+    # checkpoint it found, logged before the refusal, kept its folder, with .hydra/ and train.log, in the chain's).
+    from wavenet import WaveNetModule
+
+    chain = tmp_path / "chain"
+    (chain / "done").mkdir(parents=True)
+    module = WaveNetModule(layers=6, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16)
+    save_checkpoint(module, chain / "done" / "last.ckpt", optimizer_states=[{"state": {}}], global_step=2)
+    result = run_script("train.py", *TINY, f"paths.data_dir={data_dir}", "trainer.max_steps=2",
+                        f"ckpt_path={chain}", f"hydra.run.dir={chain}/next")  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].endswith("is at step 2 and trainer.max_steps=2: nothing left to train; "
+                                                   "raise trainer.max_steps"), result.stderr[-2000:]  # fmt: skip
+    assert sorted(path.name for path in chain.iterdir()) == ["done"]
+
+
 # A stopped run died of a heap corruption that glibc found at its exit ("corrupted size vs. prev_size while
 # consolidating", status -6) once, in CI; not in 62 runs since: a crash then prints every thread's Python stack.
 STOP_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}

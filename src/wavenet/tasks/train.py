@@ -297,16 +297,16 @@ def _held_lines(logger: logging.Logger) -> Iterator[None]:
         logger.handle(record)
 
 
-def _resume_path_in(folder: Path) -> Path | None:
+def _resume_path_in(folder: Path) -> tuple[Path | None, str]:
     """The checkpoint that `ckpt_path=<folder>` resumes from: the furthest on under it; None for the first run of a
-    chain, whose folder holds none yet (`check_resume_folder` refused any other folder without checkpoints)."""
+    chain, whose folder holds none yet (`check_resume_folder` refused any other folder without checkpoints). With
+    the line that says which, to log once the run is not refused: a line in its train.log would keep the folder of
+    a refused run (the next job of a chain at trainer.max_steps) from `discard_refused_run`."""
     found = latest_resumable(folder)
     if found is None:
-        log.info("ckpt_path=%s holds no checkpoint yet: this run starts from step 0", folder)
-        return None
+        return None, f"ckpt_path={folder} holds no checkpoint yet: this run starts from step 0"
     path, step = found
-    log.info("ckpt_path=%s: resuming from %s (step %d), the furthest on of its checkpoints", folder, path, step)
-    return path
+    return path, f"ckpt_path={folder}: resuming from {path} (step {step}), the furthest on of its checkpoints"
 
 
 def _stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
@@ -338,8 +338,9 @@ def _train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = instantiate_checked(cfg.model)
     ckpt_path = cfg.get("ckpt_path")
+    found_in_folder = None
     if ckpt_path is not None and Path(str(ckpt_path)).expanduser().is_dir():
-        ckpt_path = _resume_path_in(Path(str(ckpt_path)).expanduser())
+        ckpt_path, found_in_folder = _resume_path_in(Path(str(ckpt_path)).expanduser())
     if ckpt_path is not None:
         ckpt_path = str(Path(str(ckpt_path)).expanduser())
         # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
@@ -360,6 +361,8 @@ def _train(cfg: DictConfig) -> float | None:
     with _held_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero")):
         # It logs the devices it found before it checks the debugging settings (fast_dev_run, limit_*_batches).
         trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
+    if found_in_folder is not None:
+        log.info("%s", found_in_folder)
     if init_from is not None and ckpt_path is None:  # loaded here, as it logs which weights it takes: after refusals
         init_from_checkpoint(module, init_from)
     elif init_from is not None:
