@@ -250,6 +250,26 @@ def test_a_study_continued_with_other_choices_is_refused_in_one_line_and_its_tri
     assert not (tmp_path / "second").exists()
 
 
+def test_a_study_with_completed_trials_continued_with_other_choices_leaves_no_sweep_folder(tmp_path, data_dir):
+    # Refused before any of its trials ran, the search writes no optimization_results.yaml of the earlier one's best
+    # into its folder ("stopped: true", as if it had been stopped), which then kept the folder from being taken away.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def search(folder: str, channels: str) -> subprocess.CompletedProcess:
+        return run_script(
+            "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, *BUILTIN_SMALL,
+            *FAST_TRIAL[1:], "trainer.val_check_interval=2", f"model.residual_channels={channels}",
+            f"paths.data_dir={data_dir}", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / folder}",
+        )  # fmt: skip
+
+    first = search("first", "choice(4,8)")
+    assert first.returncode == 0, first.stderr[-3000:]
+    changed = search("second", "choice(-1,4)")
+    assert changed.returncode == 1 and changed.stderr.splitlines()[-1].startswith("error:"), changed.stderr[-3000:]
+    assert "Best parameters" not in changed.stdout + changed.stderr
+    assert not (tmp_path / "second").exists()
+
+
 def test_a_study_continued_with_other_fixed_settings_is_refused_in_one_line(tmp_path, data_dir):
     # Its trials and the earlier ones were ranked as one, though trained for other numbers of steps.
     import optuna

@@ -82,9 +82,10 @@ class OptunaSweeper(PluginOptunaSweeper):
         try:
             try:
                 super().sweep(arguments)
-            except BaseException:
+            except BaseException as error:
                 _fail_unfinished(asked)
-                _save_best_so_far(asked, sweep_dir)
+                if not isinstance(error, _ChangedSearchSpace):  # refused: no trial of this search ran
+                    _save_best_so_far(asked, sweep_dir)
                 raise
         except _ChangedSearchSpace as error:
             # Refused before any trial ran, it leaves the sweep folder as it found it (discard_refused_sweep).
