@@ -172,6 +172,12 @@ def test_a_requeued_job_refused_at_max_steps_leaves_no_folder_in_the_chain(tmp_p
     assert result.stderr.splitlines()[-1].endswith("is at step 2 and trainer.max_steps=2: nothing left to train; "
                                                    "raise trainer.max_steps"), result.stderr[-2000:]  # fmt: skip
     assert sorted(path.name for path in chain.iterdir()) == ["done"]
+    # Nor does one refused once its schedule's change was found (logged then, as resuming had passed its checks).
+    result = run_script("train.py", *TINY, f"paths.data_dir={data_dir}", "trainer.max_steps=4",
+                        "model.warmup_steps=7", "trainer.devices=abc", f"ckpt_path={chain / 'done' / 'last.ckpt'}",
+                        f"hydra.run.dir={chain}/next")  # fmt: skip
+    assert result.returncode == 1 and "`devices` selected with" in result.stderr.splitlines()[-1], result.stderr[-2000:]
+    assert sorted(path.name for path in chain.iterdir()) == ["done"]
 
 
 # A stopped run died of a heap corruption that glibc found at its exit ("corrupted size vs. prev_size while

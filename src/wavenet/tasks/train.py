@@ -280,6 +280,29 @@ def _table_values(config: dict, prefix: str = "") -> dict[str, int | float | str
 
 
 @contextmanager
+def _held_records() -> Iterator[None]:
+    """Holds the records that the root logger's handlers (the console's, the run's log file's) get within it, and
+    hands them on after it, unless it raised: a refused run logs none, and its folder holds nothing of its own."""
+    held: list[tuple[logging.Handler, logging.LogRecord]] = []
+    holds = []
+    for handler in logging.getLogger().handlers:
+
+        def hold(record: logging.LogRecord, handler: logging.Handler = handler) -> bool:
+            held.append((handler, record))
+            return False
+
+        handler.addFilter(hold)
+        holds.append((handler, hold))
+    try:
+        yield
+    finally:
+        for handler, hold in holds:
+            handler.removeFilter(hold)
+    for handler, record in held:
+        handler.handle(record)
+
+
+@contextmanager
 def _held_lines(logger: logging.Logger) -> Iterator[None]:
     """Holds `logger`'s records within it and logs them after it, unless it raised: a refused setting logs none."""
     held: list[logging.LogRecord] = []
@@ -297,16 +320,16 @@ def _held_lines(logger: logging.Logger) -> Iterator[None]:
         logger.handle(record)
 
 
-def _resume_path_in(folder: Path) -> tuple[Path | None, str]:
+def _resume_path_in(folder: Path) -> Path | None:
     """The checkpoint that `ckpt_path=<folder>` resumes from: the furthest on under it; None for the first run of a
-    chain, whose folder holds none yet (`check_resume_folder` refused any other folder without checkpoints). With
-    the line that says which, to log once the run is not refused: a line in its train.log would keep the folder of
-    a refused run (the next job of a chain at trainer.max_steps) from `discard_refused_run`."""
+    chain, whose folder holds none yet (`check_resume_folder` refused any other folder without checkpoints)."""
     found = latest_resumable(folder)
     if found is None:
-        return None, f"ckpt_path={folder} holds no checkpoint yet: this run starts from step 0"
+        log.info("ckpt_path=%s holds no checkpoint yet: this run starts from step 0", folder)
+        return None
     path, step = found
-    return path, f"ckpt_path={folder}: resuming from {path} (step {step}), the furthest on of its checkpoints"
+    log.info("ckpt_path=%s: resuming from %s (step %d), the furthest on of its checkpoints", folder, path, step)
+    return path
 
 
 def _stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
@@ -334,35 +357,36 @@ def run(cfg: DictConfig) -> float | None:
 def _train(cfg: DictConfig) -> float | None:
     resolve_auto_settings(cfg)
     # Every part of the run is built before anything is written or logged, so that a setting they refuse leaves
-    # the run folder as Hydra made it, for `discard_refused_run` to take away; hence a quiet seed, said below.
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = instantiate_checked(cfg.model)
-    ckpt_path = cfg.get("ckpt_path")
-    found_in_folder = None
-    if ckpt_path is not None and Path(str(ckpt_path)).expanduser().is_dir():
-        ckpt_path, found_in_folder = _resume_path_in(Path(str(ckpt_path)).expanduser())
-    if ckpt_path is not None:
-        ckpt_path = str(Path(str(ckpt_path)).expanduser())
-        # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
-        max_steps = cfg.trainer.get("max_steps", -1) if cfg.train else -1  # train=false trains nothing
-        check_resumable(Path(ckpt_path), module.hparams, max_steps=max_steps)
-    init_from = cfg.get("init_from")
-    if init_from is not None:
-        init_from = Path(str(init_from)).expanduser()
-        if ckpt_path is None:
-            check_starting_point(init_from, module.hparams)
-    datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
-    loggers = instantiate_group(cfg.get("logger"))  # W&B's run starts when it is first logged to, not here
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    settings = {}
-    if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-        # Without ours (callbacks=none), Lightning would checkpoint into the first logger's folder.
-        settings["enable_checkpointing"] = False
-    with _held_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero")):
-        # It logs the devices it found before it checks the debugging settings (fast_dev_run, limit_*_batches).
-        trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
-    if found_in_folder is not None:
-        log.info("%s", found_in_folder)
+    # the run folder as Hydra made it, for `discard_refused_run` to take away: the lines they log (which checkpoint
+    # a folder gave, a schedule that changes on resuming) wait until all are built; the seed is said below.
+    with _held_records():
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = instantiate_checked(cfg.model)
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path is not None and Path(str(ckpt_path)).expanduser().is_dir():
+            ckpt_path = _resume_path_in(Path(str(ckpt_path)).expanduser())
+        if ckpt_path is not None:
+            ckpt_path = str(Path(str(ckpt_path)).expanduser())
+            # Before the data is prepared: a wrong path or another network is found in a second, not after hours.
+            max_steps = cfg.trainer.get("max_steps", -1) if cfg.train else -1  # train=false trains nothing
+            check_resumable(Path(ckpt_path), module.hparams, max_steps=max_steps)
+        init_from = cfg.get("init_from")
+        if init_from is not None:
+            init_from = Path(str(init_from)).expanduser()
+            if ckpt_path is None:
+                check_starting_point(init_from, module.hparams)
+        datamodule = instantiate_checked(cfg.data, receptive_field=module.receptive_field)
+        loggers = instantiate_group(cfg.get("logger"))  # W&B's run starts when it is first logged to, not here
+        callbacks = instantiate_group(cfg.get("callbacks"))
+        settings = {}
+        if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # Without ours (callbacks=none), Lightning would checkpoint into the first logger's folder.
+            settings["enable_checkpointing"] = False
+        with _held_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero")):
+            # It logs the devices it found before it checks the debugging settings (fast_dev_run, limit_*_batches).
+            trainer: L.Trainer = instantiate_checked(
+                cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings
+            )
     if init_from is not None and ckpt_path is None:  # loaded here, as it logs which weights it takes: after refusals
         init_from_checkpoint(module, init_from)
     elif init_from is not None:
