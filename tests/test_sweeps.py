@@ -475,3 +475,18 @@ def test_wandb_sweep_trials_are_train_py_overrides(tmp_path):
     for name, value in values.items():
         assert OmegaConf.select(cfg, name) == pytest.approx(value), name
     assert cfg.model.dilation_channels == cfg.model.residual_channels == 128
+
+
+@pytest.mark.parametrize("sweep", [["seed=1,2"], ["hparams_search=optuna", "hydra.sweeper.n_trials=3"]])
+def test_a_sweep_resuming_from_a_folder_is_refused_once_before_its_first_job(tmp_path, sweep):
+    # Each job refused it: a search of 20 trials printed the error 20 times (and kept 20 failed trials).
+    chain = tmp_path / "chain"
+    (chain / "run").mkdir(parents=True)
+    (chain / "run" / "last.ckpt").write_bytes(b"")
+    result = run_script("train.py", "-m", *sweep, f"ckpt_path={chain}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: ckpt_path={chain} is a folder, which resumes one chain of runs, not the jobs of a sweep: give each "
+        "job the checkpoint file to resume from"
+    ], result.stderr[-2000:]
+    assert not (tmp_path / "sweep").exists()

@@ -275,6 +275,29 @@ class SweptOnce(Callback):
                 swept[key] = override.input_line
 
 
+def refuse_folder_to_resume_in_sweep(ckpt_path: object) -> None:
+    """Raises `UserError` for a `ckpt_path` that is a folder (a requeued chain's, whose furthest checkpoint it
+    resumes from) in a sweep: every job would resume from the same checkpoint, whatever its settings."""
+    if isinstance(ckpt_path, str) and Path(ckpt_path).expanduser().is_dir():
+        raise UserError(
+            f"ckpt_path={ckpt_path} is a folder, which resumes one chain of runs, not the jobs of a sweep: give each "
+            "job the checkpoint file to resume from"
+        )
+
+
+class FolderToResumeOutsideSweeps(Callback):
+    """Hydra callback refusing a training sweep whose `ckpt_path` is a folder, once, before its first job: each job
+    refused it on its own, and an Optuna search of 20 trials said so 20 times, and kept 20 failed trials."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("task_name") != "train":
+            return
+        try:
+            refuse_folder_to_resume_in_sweep(config.get("ckpt_path"))
+        except UserError as error:
+            exit_with_error(str(error))
+
+
 class SweepSummary(Callback):
     """Hydra callback that ends a multirun with a list of its jobs, their values and the best.
 

@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from wavenet.checkpoint import check_checkpoint_file, checkpoints_under
-from wavenet.config import check_added_keys, check_required
+from wavenet.config import check_added_keys, check_required, refuse_folder_to_resume_in_sweep
 from wavenet.data.layouts import check_root
 from wavenet.data.settings import check_data_settings, check_no_root, check_synthesis_settings
 from wavenet.errors import UserError, check_can_write_in, is_integer, is_number
@@ -146,11 +146,8 @@ def check_resume_folder(folder: Path, output_dir: Path) -> None:
     Anywhere else, a folder without checkpoints is a mistyped path, which must not start a run from scratch.
     """
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        # Every job of the sweep would take the same checkpoint, whatever its settings, unasked.
-        raise UserError(
-            f"ckpt_path={folder} is a folder, which resumes one chain of runs, not the jobs of a sweep: give each "
-            "job the checkpoint file to resume from"
-        )
+        # Refused before the first job too (`FolderToResumeOutsideSweeps`), but not where a job's sweep set it.
+        refuse_folder_to_resume_in_sweep(str(folder))
     if checkpoints_under(folder) or output_dir.resolve().is_relative_to(folder.resolve()):
         return
     raise UserError(
