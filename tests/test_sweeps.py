@@ -221,21 +221,27 @@ def test_optuna_study_continued_from_storage_gets_new_trials_in_a_new_folder(tmp
     ]  # fmt: skip
 
 
+def study_storage(tmp_path: Path) -> str:
+    """Where `stored_search` keeps its study."""
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def stored_search(tmp_path: Path, data_dir: Path, folder: str, *settings: str) -> subprocess.CompletedProcess:
+    """A search of one fast trial into `tmp_path / folder`, its study kept in `study_storage(tmp_path)`."""
+    return run_script(
+        "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, *BUILTIN_SMALL, *FAST_TRIAL,
+        f"paths.data_dir={data_dir}", f"hydra.sweeper.storage={study_storage(tmp_path)}",
+        f"hydra.sweep.dir={tmp_path / folder}", *settings,
+    )  # fmt: skip
+
+
 def test_a_study_continued_with_other_choices_is_refused_in_one_line_and_its_trial_failed(tmp_path, data_dir):
     import optuna
 
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-
-    def search(folder: str, channels: str) -> subprocess.CompletedProcess:
-        return run_script(
-            "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, *BUILTIN_SMALL,
-            *FAST_TRIAL[1:], f"model.residual_channels={channels}", "train=false", f"paths.data_dir={data_dir}",
-            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / folder}",
-        )  # fmt: skip
-
-    first = search("first", "choice(4,8)")
+    storage = study_storage(tmp_path)
+    first = stored_search(tmp_path, data_dir, "first", "model.residual_channels=choice(4,8)", "train=false")
     assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr[-3000:]  # train=false: no value
-    changed = search("second", "choice(-1,4)")
+    changed = stored_search(tmp_path, data_dir, "second", "model.residual_channels=choice(-1,4)", "train=false")
     assert changed.returncode == 1 and "Traceback" not in changed.stderr, changed.stderr[-3000:]
     refusal = (
         f"error: hydra.sweeper.storage={storage}: study wavenet has model.residual_channels as choice(4, 8), not "
@@ -253,18 +259,10 @@ def test_a_study_continued_with_other_choices_is_refused_in_one_line_and_its_tri
 def test_a_study_with_completed_trials_continued_with_other_choices_leaves_no_sweep_folder(tmp_path, data_dir):
     # Refused before any of its trials ran, the search writes no optimization_results.yaml of the earlier one's best
     # into its folder ("stopped: true", as if it had been stopped), which then kept the folder from being taken away.
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-
-    def search(folder: str, channels: str) -> subprocess.CompletedProcess:
-        return run_script(
-            "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, *BUILTIN_SMALL,
-            *FAST_TRIAL[1:], "trainer.val_check_interval=2", f"model.residual_channels={channels}",
-            f"paths.data_dir={data_dir}", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / folder}",
-        )  # fmt: skip
-
-    first = search("first", "choice(4,8)")
+    interval = "trainer.val_check_interval=2"
+    first = stored_search(tmp_path, data_dir, "first", interval, "model.residual_channels=choice(4,8)")
     assert first.returncode == 0, first.stderr[-3000:]
-    changed = search("second", "choice(-1,4)")
+    changed = stored_search(tmp_path, data_dir, "second", interval, "model.residual_channels=choice(-1,4)")
     assert changed.returncode == 1 and changed.stderr.splitlines()[-1].startswith("error:"), changed.stderr[-3000:]
     assert "Best parameters" not in changed.stdout + changed.stderr
     assert not (tmp_path / "second").exists()
@@ -274,14 +272,10 @@ def test_a_study_continued_with_other_fixed_settings_is_refused_in_one_line(tmp_
     # Its trials and the earlier ones were ranked as one, though trained for other numbers of steps.
     import optuna
 
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = study_storage(tmp_path)
 
     def search(folder: str, *settings: str) -> subprocess.CompletedProcess:
-        return run_script(
-            "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, *BUILTIN_SMALL,
-            *FAST_TRIAL, "trainer.val_check_interval=2", f"paths.data_dir={data_dir}",
-            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / folder}", *settings,
-        )  # fmt: skip
+        return stored_search(tmp_path, data_dir, folder, "trainer.val_check_interval=2", *settings)
 
     first = search("first")
     assert first.returncode == 0, first.stderr[-3000:]
