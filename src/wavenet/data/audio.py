@@ -66,17 +66,29 @@ class UnreadableAudioError(UserError):
         self.reason = reason
 
 
-def audio_info(path: str | Path) -> tuple[int, int]:
-    """Returns `(frames, samplerate)` of an audio file from its header, without decoding it.
+class AudioHeader(NamedTuple):
+    frames: int
+    samplerate: int
+    format: str  # libsndfile's container, whatever the file's name: "WAV", "FLAC", "OGG", "MP3", ...
+
+
+def audio_header(path: str | Path) -> AudioHeader:
+    """The header of an audio file, read without decoding it.
 
     Raises:
         UnreadableAudioError: If the file cannot be opened as audio; the message names the file and why.
     """
     try:
         with _sound_file(path) as file:
-            return file.frames, file.samplerate
+            return AudioHeader(file.frames, file.samplerate, file.format)
     except (sf.SoundFileError, OSError) as error:
         raise UnreadableAudioError(path, _reason(path, error)) from error
+
+
+def audio_info(path: str | Path) -> tuple[int, int]:
+    """Returns `(frames, samplerate)` of an audio file from its header (see `audio_header`)."""
+    header = audio_header(path)
+    return header.frames, header.samplerate
 
 
 @contextlib.contextmanager

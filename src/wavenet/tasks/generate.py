@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import soundfile as sf
 import torch
 from omegaconf import DictConfig
 from rich import get_console
@@ -23,6 +22,7 @@ from rich.text import Text
 from wavenet.checkpoint import load_wavenet
 from wavenet.data.audio import (
     UnreadableAudioError,
+    audio_header,
     audio_info,
     peak_problem,
     read_audio,
@@ -370,12 +370,11 @@ def _read_prime(path: Path, sample_rate: int, samples: int) -> torch.Tensor:
     file took 4 GB of memory and 10 s for a WAV prime of 40 minutes at 48 kHz in stereo, and one of hours did not
     fit."""
     try:
-        with open(path, "rb") as raw, sf.SoundFile(raw) as file:  # Python opens it: a name of any encoding
-            frames, file_rate, exact = file.frames, file.samplerate, file.format not in _INEXACT_SEEKS
-    except (sf.SoundFileError, OSError) as error:
-        raise UserError(f"cannot read prime {path}: {error}") from error
-    total = resampled_length(frames, file_rate, sample_rate)
-    start = max(total - samples, 0) if exact else 0
+        header = audio_header(path)
+    except UnreadableAudioError as error:
+        raise UserError(f"cannot read prime {path}: {error.reason}") from error
+    total = resampled_length(header.frames, header.samplerate, sample_rate)
+    start = max(total - samples, 0) if header.format not in _INEXACT_SEEKS else 0
     audio = read_audio(path, sample_rate, start, total - start)[-samples:]
     if not torch.isfinite(audio).all():
         raise UserError(f"prime file {path} holds NaN or infinite samples")
