@@ -302,24 +302,6 @@ def _held_records() -> Iterator[None]:
         handler.handle(record)
 
 
-@contextmanager
-def _held_lines(logger: logging.Logger) -> Iterator[None]:
-    """Holds `logger`'s records within it and logs them after it, unless it raised: a refused setting logs none."""
-    held: list[logging.LogRecord] = []
-
-    def hold(record: logging.LogRecord) -> bool:
-        held.append(record)
-        return False
-
-    logger.addFilter(hold)
-    try:
-        yield
-    finally:
-        logger.removeFilter(hold)
-    for record in held:
-        logger.handle(record)
-
-
 def _resume_path_in(folder: Path) -> Path | None:
     """The checkpoint that `ckpt_path=<folder>` resumes from: the furthest on under it; None for the first run of a
     chain, whose folder holds none yet (`check_resume_folder` refused any other folder without checkpoints)."""
@@ -382,11 +364,8 @@ def _train(cfg: DictConfig) -> float | None:
         if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             # Without ours (callbacks=none), Lightning would checkpoint into the first logger's folder.
             settings["enable_checkpointing"] = False
-        with _held_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero")):
-            # It logs the devices it found before it checks the debugging settings (fast_dev_run, limit_*_batches).
-            trainer: L.Trainer = instantiate_checked(
-                cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings
-            )
+        # It logs the devices it found before it checks the debugging settings (fast_dev_run, limit_*_batches).
+        trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings)
     if init_from is not None and ckpt_path is None:  # loaded here, as it logs which weights it takes: after refusals
         init_from_checkpoint(module, init_from)
     elif init_from is not None:
